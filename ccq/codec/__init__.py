@@ -1,0 +1,7 @@
+"""The trellis codec: computed codes, tail-biting Viterbi, incoherence, BlockLDLQ, packing."""
+
+from .config import TrellisConfig
+from .quantizer import proxy_loss, quantize_tensor
+from .tensor import QuantizedTensor
+
+__all__ = ["QuantizedTensor", "TrellisConfig", "proxy_loss", "quantize_tensor"]

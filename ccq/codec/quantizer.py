@@ -1,0 +1,184 @@
+"""`quantize_tensor`: rotate, pick scales, search the trellis tile by tile (BlockLDLQ
+when a Hessian is given), refit the scales, and pack.
+
+The error-feedback loop is GPTQ/LDLQ with blocks of 16 input columns: with the upper
+Cholesky factor U of H^-1, a block's error E is mapped through U_bb^-1 and subtracted
+from the later columns via U_b,rest, exactly as GPTQ does one column at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .codes import code_table, get_code
+from .config import TrellisConfig
+from .hadamard import fwht, hadamard_block_size, random_signs, rotate_in
+from .tensor import FORMAT_VERSION, META_FIELDS, TILE, QuantizedTensor, matrix_to_tiles, tiles_to_matrix
+from .bitstream import states_to_words
+from .viterbi_numba import viterbi_tiles
+from .viterbi_torch import viterbi_tiles_torch
+
+
+def _pad16(n: int) -> int:
+    return -(-n // TILE) * TILE
+
+
+def _check_finite(t: torch.Tensor, what: str):
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{what} has a non-finite value ({float(t[idx])}) at index {idx}")
+
+
+class _Searcher:
+    """Runs the Viterbi search on the chosen device over [N, 256] target/weight arrays."""
+
+    def __init__(self, cfg: TrellisConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.table = code_table(cfg.code, cfg.L)
+        self.table_t = torch.from_numpy(self.table).to(device)
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        k, L = self.cfg.bits, self.cfg.L
+        if self.device.type == "cuda":
+            states, _ = viterbi_tiles_torch(x.to(self.device), w.to(self.device), self.table_t, k, L)
+            return states.cpu()
+        states, _ = viterbi_tiles(x.cpu().numpy(), w.cpu().numpy(), self.table, k, L)
+        return torch.from_numpy(states)
+
+    def values(self, states: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.table)[states.long()]
+
+
+def _rotate(w: torch.Tensor, signs_in, had_in, signs_out, had_out) -> torch.Tensor:
+    w = rotate_in(w, signs_in, had_in)
+    if signs_out is not None:
+        w = fwht((w * signs_out.to(w.dtype)[:, None]).T, had_out).T
+    return w
+
+
+def _search_scale(w: torch.Tensor, rms: torch.Tensor, cfg: TrellisConfig, search: _Searcher) -> float:
+    """Pick the factor of RMS/RMS(code) that gives the lowest MSE on a sample of tiles."""
+    tiles = matrix_to_tiles(w)
+    rms_t = matrix_to_tiles(rms[:, None].expand_as(w))
+    flat, flat_rms = tiles.reshape(-1, TILE * TILE), rms_t.reshape(-1, TILE * TILE)
+    g = torch.Generator().manual_seed(1234)
+    pick = torch.randperm(flat.shape[0], generator=g)[: cfg.scale_sample_tiles]
+    x, r = flat[pick], flat_rms[pick]
+    best, best_err = cfg.scale_grid[0], float("inf")
+    for a in cfg.scale_grid:
+        s = a * r
+        states = search(x / s, s * s)
+        err = float(((search.values(states) * s - x) ** 2).sum())
+        if err < best_err:
+            best, best_err = a, err
+    return best
+
+
+def _quantize_matrix(w: torch.Tensor, hessian: torch.Tensor | None, cfg: TrellisConfig,
+                     search: _Searcher, rot) -> tuple[torch.Tensor, torch.Tensor]:
+    """One padded [out_p, in_p] matrix -> (states [ot, it, 256] int32, scales fp16 [out_p])."""
+    out_p, in_p = w.shape
+    wr = _rotate(w.double(), *rot).float()
+    rms = wr.pow(2).mean(dim=1).sqrt().clamp_min(1e-12)
+    scale = _search_scale(wr, rms, cfg, search) * rms
+    if hessian is None:
+        tiles = matrix_to_tiles(wr / scale[:, None]).reshape(-1, TILE * TILE)
+        tw = matrix_to_tiles((scale * scale)[:, None].expand_as(wr)).reshape(-1, TILE * TILE)
+        states = search(tiles, tw).reshape(out_p // TILE, in_p // TILE, TILE * TILE)
+        codes = tiles_to_matrix(search.values(states))
+        num = (codes * wr).sum(1)
+        den = (codes * codes).sum(1)
+    else:
+        h = hessian.double()
+        h = _rotate(_rotate(h, *rot[:2], None, None).T, *rot[:2], None, None)
+        h = h + torch.eye(in_p, dtype=h.dtype) * (cfg.damp * h.diagonal().mean().clamp_min(1e-12))
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        u = torch.linalg.cholesky(hinv, upper=True)
+        work = wr.double().clone()
+        codes = torch.empty_like(wr)
+        states = torch.empty((out_p // TILE, in_p // TILE, TILE * TILE), dtype=torch.int32)
+        tw = matrix_to_tiles((scale * scale)[:, None].expand(out_p, TILE)).reshape(-1, TILE * TILE)
+        for j in range(in_p // TILE):
+            cols = slice(j * TILE, (j + 1) * TILE)
+            target = work[:, cols].float()
+            tiles = matrix_to_tiles(target / scale[:, None]).reshape(-1, TILE * TILE)
+            st = search(tiles, tw)
+            states[:, j] = st
+            codes[:, cols] = tiles_to_matrix(search.values(st)[:, None, :])
+            err = (target.double() - codes[:, cols].double() * scale[:, None].double())
+            err = torch.linalg.solve_triangular(u[cols, cols], err, upper=True, left=False)
+            work[:, j * TILE + TILE:] -= err @ u[cols, j * TILE + TILE:]
+        hc = codes.double() @ h
+        num = (hc * wr.double()).sum(1).float()
+        den = (hc * codes.double()).sum(1).float()
+    refit = torch.where(den > 0, num / den.clamp_min(1e-30), scale)
+    return states, refit.to(torch.float16)
+
+
+def quantize_tensor(weight: torch.Tensor, bits: int = 2, hessian: torch.Tensor | None = None, *,
+                    seed: int = 0, config: TrellisConfig | None = None, **options) -> QuantizedTensor:
+    """Quantize a weight [out, in] (or a stack of experts [E, out, in]) with the trellis codec.
+
+    hessian: None (data-free), [in, in], or for a stack [in, in] shared / [E, in, in] per expert.
+    options: any field of :class:`TrellisConfig` (L, code, hadamard_block, rotate_output, ...).
+    The same input, seed and options always give the same bytes.
+    """
+    cfg = config or TrellisConfig(bits=bits, **options)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() not in (2, 3):
+        raise ValueError(f"weight must be 2-D [out, in] or 3-D [experts, out, in], got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight is empty (shape {tuple(weight.shape)})")
+    _check_finite(weight, "weight")
+    stack = weight.dim() == 3
+    w3 = weight if stack else weight[None]
+    E, out, inp = w3.shape
+    if hessian is not None:
+        if not isinstance(hessian, torch.Tensor):
+            raise TypeError(f"hessian must be a torch.Tensor, got {type(hessian).__name__}")
+        ok = hessian.shape == (inp, inp) or (stack and hessian.shape == (E, inp, inp))
+        if not ok:
+            raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}: "
+                             f"expected ({inp}, {inp})" + (f" or ({E}, {inp}, {inp})" if stack else ""))
+        _check_finite(hessian, "hessian")
+    out_p, in_p = _pad16(out), _pad16(inp)
+    had_in = hadamard_block_size(in_p, cfg.hadamard_block)
+    signs_in = random_signs(in_p, seed)
+    signs_out, had_out = None, 0
+    if cfg.rotate_output:
+        had_out = hadamard_block_size(out_p, cfg.hadamard_block)
+        signs_out = random_signs(out_p, seed + 1)
+    rot = (signs_in, had_in, signs_out, had_out)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    search = _Searcher(cfg, device)
+    words, scales = [], []
+    for e in range(E):
+        w = torch.zeros(out_p, in_p, dtype=torch.float32)
+        w[:out, :inp] = w3[e].float().cpu()
+        h = None
+        if hessian is not None:
+            he = hessian[e] if hessian.dim() == 3 else hessian
+            h = torch.zeros(in_p, in_p, dtype=torch.float64)
+            h[:inp, :inp] = he.double().cpu()
+        states, sc = _quantize_matrix(w, h, cfg, search, rot)
+        words.append(torch.from_numpy(states_to_words(states.numpy(), cfg.bits)))
+        scales.append(sc)
+    meta = torch.tensor([FORMAT_VERSION, cfg.bits, cfg.L, get_code(cfg.code).code_id, had_in, had_out,
+                         E if stack else 0, out, inp], dtype=torch.int32)
+    assert len(meta) == len(META_FIELDS)
+    trellis = torch.stack(words) if stack else words[0]
+    sc = torch.stack(scales) if stack else scales[0]
+    return QuantizedTensor(trellis.contiguous(), sc.contiguous(), signs_in, signs_out, meta)
+
+
+def proxy_loss(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None = None) -> float:
+    """tr(dW H dW^T) (or the plain squared error without H), summed over experts."""
+    d = (weight.double() - approx.double()).reshape(-1, weight.shape[-2], weight.shape[-1])
+    if hessian is None:
+        return float((d * d).sum())
+    h = hessian.double()
+    eq = "eoi,ij,eoj->" if h.dim() == 2 else "eoi,eij,eoj->"
+    return float(torch.einsum(eq, d, h, d))
