@@ -15,8 +15,9 @@ class TrellisConfig:
     hadamard_block: largest input-side Hadamard block (a power of two). rotate_output: also
     rotate the output side. damp: Hessian damping, relative to its mean diagonal.
     scale_grid: factors of RMS/RMS(code) tried for the per-channel scales.
-    scale_sample_tiles: how many tiles the scale search looks at. device: "cpu", "cuda" or
-    None (CUDA when available) for the Viterbi search.
+    scale_sample_tiles: how many tiles the scale search looks at. tailbite_candidates: overlaps
+    tried per tile (1 = the two-pass approximation; each more costs one pass, CPU search only).
+    device: "cpu", "cuda" or None (CUDA when available) for the Viterbi search.
     """
 
     bits: int = 2
@@ -26,7 +27,8 @@ class TrellisConfig:
     rotate_output: bool = False
     damp: float = 0.01
     scale_grid: tuple[float, ...] = field(default=(0.80, 0.85, 0.90, 0.95, 1.0))
-    scale_sample_tiles: int = 64
+    scale_sample_tiles: int = 16
+    tailbite_candidates: int = 1
     device: str | None = None
 
     def __post_init__(self):
@@ -40,6 +42,8 @@ class TrellisConfig:
             raise ValueError(f"hadamard_block must be a power of two, got {hb!r}")
         if not self.scale_grid or min(self.scale_grid) <= 0:
             raise ValueError(f"scale_grid must hold positive factors, got {self.scale_grid!r}")
+        if self.tailbite_candidates < 1:
+            raise ValueError(f"tailbite_candidates must be >= 1, got {self.tailbite_candidates!r}")
         if self.damp < 0:
             raise ValueError(f"damp must be >= 0, got {self.damp!r}")
 

@@ -44,7 +44,8 @@ class _Searcher:
         if self.device.type == "cuda":
             states, _ = viterbi_tiles_torch(x.to(self.device), w.to(self.device), self.table_t, k, L)
             return states.cpu()
-        states, _ = viterbi_tiles(x.cpu().numpy(), w.cpu().numpy(), self.table, k, L)
+        states, _ = viterbi_tiles(x.cpu().numpy(), w.cpu().numpy(), self.table, k, L,
+                                  self.cfg.tailbite_candidates)
         return torch.from_numpy(states)
 
     def values(self, states: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,9 @@ def _search_scale(w: torch.Tensor, rms: torch.Tensor, cfg: TrellisConfig, search
     rms_t = matrix_to_tiles(rms[:, None].expand_as(w))
     flat, flat_rms = tiles.reshape(-1, TILE * TILE), rms_t.reshape(-1, TILE * TILE)
     g = torch.Generator().manual_seed(1234)
-    pick = torch.randperm(flat.shape[0], generator=g)[: cfg.scale_sample_tiles]
+    # a sample of at most 1/8 of the tiles keeps the search cheap next to the real pass
+    n = min(cfg.scale_sample_tiles, max(1, flat.shape[0] // 8))
+    pick = torch.randperm(flat.shape[0], generator=g)[:n]
     x, r = flat[pick], flat_rms[pick]
     best, best_err = cfg.scale_grid[0], float("inf")
     for a in cfg.scale_grid:

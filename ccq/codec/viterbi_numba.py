@@ -1,9 +1,12 @@
 """Tail-biting Viterbi search over the bitshift trellis, compiled with numba (CPU path).
 
 One call searches a batch of tiles in parallel (one tile per thread at a time). For each
-tile: a free pass on the sequence rotated by T/2 picks the overlap (the L-k bits shared
-by the last and first state), then a constrained pass forces the start state's high bits
-and the end state's low bits to that overlap, so the tile costs exactly T*k bits.
+tile: a free pass on the sequence rotated by T/2 proposes overlaps (the L-k bits shared by
+the last and first state: read off the best `candidates` paths at the wrap-around point),
+then one constrained pass per distinct overlap forces the start state's high bits and the
+end state's low bits to it; the cheapest constrained path wins. Every tile thus costs
+exactly T*k bits. candidates=1 is the usual two-pass approximation; more candidates get
+closer to exact tail-biting at one extra pass each.
 """
 
 from __future__ import annotations
@@ -22,11 +25,10 @@ def _kernels(k: int, L: int):
     K = 1 << k
     Q = 1 << (L - k)
     S = 1 << L
-    LOW = Q - 1
 
-    @numba.njit(cache=True, fastmath=False, nogil=True)
-    def search(x, w, code, overlap, cost, nxt, bp, out_states):
-        """Best path for one sequence; overlap < 0 means unconstrained. Returns its cost."""
+    @numba.njit(cache=True, nogil=True)
+    def forward(x, w, code, overlap, cost, nxt, bp):
+        """Viterbi costs of all end states into `cost`; back-pointers into bp. overlap < 0: free start."""
         T = x.shape[0]
         x0 = x[0]
         w0 = w[0]
@@ -42,73 +44,88 @@ def _kernels(k: int, L: int):
             wt = w[t]
             row = bp[t]
             for m in range(Q):
-                best = cost[m]
-                arg = 0
+                a = cost[m]
+                r = np.uint8(0)
                 for j in range(1, K):
-                    c = cost[m + j * Q]
-                    if c < best:
-                        best = c
-                        arg = j
-                nxt[m] = best
-                row[m] = arg
+                    c = cost[j * Q + m]
+                    r = np.uint8(j) if c < a else r
+                    a = c if c < a else a
+                nxt[m] = a
+                row[m] = r
             for m in range(Q):
                 base = nxt[m]
                 for n in range(K):
-                    s = m * K + n
-                    d = xt - code[s]
-                    cost[s] = base + wt * d * d
-        best = INF
-        end = 0
-        if overlap >= 0:
-            for j in range(K):
-                s = (j << (L - k)) | overlap
-                if cost[s] < best:
-                    best = cost[s]
-                    end = s
-        else:
-            for s in range(S):
-                if cost[s] < best:
-                    best = cost[s]
-                    end = s
+                    d = xt - code[m * K + n]
+                    cost[m * K + n] = base + wt * d * d
+
+    @numba.njit(cache=True, nogil=True)
+    def backtrace(bp, end, T, out_states):
         s = end
         out_states[T - 1] = s
         for t in range(T - 1, 0, -1):
             m = s >> k
             s = m | (np.int64(bp[t, m]) << (L - k))
             out_states[t - 1] = s
-        return best
 
     @numba.njit(cache=True, parallel=True, nogil=True)
-    def search_tiles(xs, ws, code, out_states, out_cost):
+    def search_tiles(xs, ws, code, out_states, out_cost, half, candidates):
         """Tail-biting search of every row of xs ([N, T]) with per-weight weights ws."""
         N, T = xs.shape
-        half = T // 2
         for i in numba.prange(N):
             cost = np.empty(S, np.float32)
             nxt = np.empty(Q, np.float32)
             bp = np.empty((T, Q), np.uint8)
-            rot_states = np.empty(T, np.int64)
-            xr = np.empty(T, np.float32)
-            wr = np.empty(T, np.float32)
-            for t in range(T):
-                xr[t] = xs[i, (t + half) % T]
-                wr[t] = ws[i, (t + half) % T]
-            search(xr, wr, code, -1, cost, nxt, bp, rot_states)
-            overlap = rot_states[half] >> k
-            states = np.empty(T, np.int64)
-            out_cost[i] = search(xs[i], ws[i], code, overlap, cost, nxt, bp, states)
-            for t in range(T):
-                out_states[i, t] = states[t]
+            path = np.empty(T, np.int64)
+            xr = np.empty(2 * half, np.float32)
+            wr = np.empty(2 * half, np.float32)
+            for t in range(2 * half):
+                xr[t] = xs[i, (t + T - half) % T]
+                wr[t] = ws[i, (t + T - half) % T]
+            forward(xr, wr, code, -1, cost, nxt, bp)
+            overlaps = np.full(candidates, -1, np.int64)
+            n_ov = 0
+            for c in range(candidates):  # best end states in order, distinct overlaps kept
+                end = np.argmin(cost)
+                if cost[end] == INF:
+                    break
+                cost[end] = INF
+                backtrace(bp, end, 2 * half, path)
+                ov = path[half] >> k
+                if ov not in overlaps[:n_ov]:
+                    overlaps[n_ov] = ov
+                    n_ov += 1
+            best_cost = INF
+            for c in range(n_ov):
+                ov = overlaps[c]
+                forward(xs[i], ws[i], code, ov, cost, nxt, bp)
+                best = INF
+                end = 0
+                for j in range(K):
+                    s = (j << (L - k)) | ov
+                    if cost[s] < best:
+                        best = cost[s]
+                        end = s
+                if best < best_cost or c == 0:
+                    best_cost = best
+                    backtrace(bp, end, T, path)
+                    for t in range(T):
+                        out_states[i, t] = path[t]
+            out_cost[i] = best_cost
 
     return search_tiles
 
 
-def viterbi_tiles(x: np.ndarray, w: np.ndarray, code: np.ndarray, k: int, L: int):
-    """Search N tail-biting sequences; returns (states int32 [N, T], weighted SSE float32 [N])."""
+def viterbi_tiles(x: np.ndarray, w, code: np.ndarray, k: int, L: int, candidates: int = 1,
+                  half: int | None = None):
+    """Search N tail-biting sequences; returns (states int32 [N, T], weighted SSE float32 [N]).
+
+    half: length on each side of the wrap-around point of the overlap-proposing pass
+    (default T/2, the whole sequence)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     w = np.ascontiguousarray(np.broadcast_to(w, x.shape), dtype=np.float32)
     code = np.ascontiguousarray(code, dtype=np.float32)
     states = np.empty(x.shape, np.int32)
     cost = np.empty(x.shape[0], np.float32)
-    _kernels(k, L)(x, w, code, states, cost)
+    half = x.shape[1] // 2 if half is None else min(half, x.shape[1] // 2)
+    _kernels(k, L)(x, w, code, states, cost, half, max(1, int(candidates)))
     return states, cost
