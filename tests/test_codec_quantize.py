@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ccq
+from ccq.codec import packed_nbytes
 from ccq.codec.reference import decode, decode_rotated
 
 
@@ -26,6 +27,9 @@ def test_bits_per_weight_counts_every_byte():
     qt = ccq.quantize_tensor(torch.randn(64, 96), 3, L=8)
     expected = (64 * 96 * 3 // 8 + 64 * 2 + 96 * 1 + 9 * 4) * 8 / (64 * 96)
     assert qt.bits_per_weight == pytest.approx(expected)
+    for shape, ro in (((64, 96), False), ((2, 37, 50), True)):
+        q = ccq.quantize_tensor(torch.randn(shape), 2, L=8, rotate_output=ro)
+        assert packed_nbytes(shape, 2, ro) == q.nbytes
 
 
 def test_numpy_reference_decoder_matches_torch():

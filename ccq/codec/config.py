@@ -26,7 +26,7 @@ class TrellisConfig:
     hadamard_block: int = 512
     rotate_output: bool = False
     damp: float = 0.01
-    scale_grid: tuple[float, ...] = field(default=(0.80, 0.85, 0.90, 0.95, 1.0))
+    scale_grid: tuple[float, ...] = field(default=(0.90, 0.95, 1.0, 1.05, 1.10, 1.15, 1.20))
     scale_sample_tiles: int = 16
     tailbite_candidates: int = 1
     device: str | None = None

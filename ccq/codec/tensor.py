@@ -51,6 +51,18 @@ def matrix_to_tiles(m: torch.Tensor) -> torch.Tensor:
     return m.reshape(*lead, r // TILE, c // TILE, TILE * TILE)
 
 
+def packed_nbytes(shape: tuple[int, ...], bits: int, rotate_output: bool = False) -> int:
+    """Exact bytes of the packed tensor of a weight of `shape` ([out, in] or [E, out, in]),
+    without quantizing anything (what `QuantizedTensor.nbytes` will report)."""
+    *lead, out, inp = shape
+    e = lead[0] if lead else 1
+    out_p, in_p = -(-out // TILE) * TILE, -(-inp // TILE) * TILE
+    n = e * out_p * in_p * bits // 8  # trellis words
+    n += e * out_p * 2  # fp16 scales
+    n += in_p + (out_p if rotate_output else 0)  # int8 signs
+    return n + len(META_FIELDS) * 4
+
+
 @dataclass
 class QuantizedTensor:
     """Packed weight: see docs/FORMAT.md for the meaning of every field."""
