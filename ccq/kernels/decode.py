@@ -1,0 +1,99 @@
+"""Triton trellis decode: the value of every weight from its L-bit window, in registers.
+
+`decode_block` is the building block of every kernel here: given broadcastable row and
+column indices into the padded rotated weight W' [out_pad, in_pad], it gathers the two
+16-bit words holding each weight's window, extracts the state and evaluates the computed
+code with 32-bit integer ops (the multiply wraps mod 2**32, as the format says). The
+result is the unscaled code value; callers fold ``norm * scale[row]`` in after the
+reduction, which saves one multiply per weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..codec.codes import get_code
+
+
+@triton.jit
+def decode_block(tr_ptr, rows, cols, KT, mask, BITS: tl.constexpr, L: tl.constexpr,
+                 MUL: tl.constexpr, ADD: tl.constexpr, FP16SUM: tl.constexpr):
+    """Unscaled code values of W'[rows, cols] (fp32); tr_ptr points at one [out/16, in/16, 16*BITS] stack."""
+    NW: tl.constexpr = 16 * BITS
+    NBITS: tl.constexpr = 256 * BITS
+    tile = (rows // 16) * KT + cols // 16
+    t = (rows % 16) * 16 + cols % 16
+    start = ((t + 1) * BITS - L + NBITS) % NBITS  # window of weight t: bits [end - L, end), circular
+    word = start // 16
+    off = start % 16
+    base = tr_ptr + tile.to(tl.int64) * NW
+    w0 = tl.load(base + word, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
+    w1 = tl.load(base + (word + 1) % NW, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
+    state = (((w0 << 16) | w1) >> (32 - L - off)) & ((1 << L) - 1)
+    x = state * MUL + ADD  # uint32: wraps mod 2**32
+    if FP16SUM:
+        x = (x & 0x8FFF8FFF) ^ 0x3B603B60
+        lo = (x & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        v = lo + hi
+    else:
+        v = ((x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)).to(tl.int32) - 510
+        v = v.to(tl.float32)
+    return v
+
+
+def code_params(qt) -> dict:
+    """The constexpr arguments of `decode_block` for a quantized tensor."""
+    code = get_code(qt.code)
+    return dict(BITS=qt.bits, L=qt.L, MUL=code.mul, ADD=code.add, FP16SUM=code.kind == "fp16sum")
+
+
+def code_norm(qt) -> float:
+    return float(torch.tensor(get_code(qt.code).norm, dtype=torch.float32))
+
+
+@triton.jit
+def _dequant_kernel(tr_ptr, sc_ptr, out_ptr, N, K, KT, NORM, tr_estride, sc_estride, out_estride,
+                    BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+                    FP16SUM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    e = tl.program_id(2).to(tl.int64)
+    rows = pid_n * BN + tl.arange(0, BN)
+    cols = pid_k * BK + tl.arange(0, BK)
+    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    v = decode_block(tr_ptr + e * tr_estride, rows[:, None], cols[None, :], KT, mask, BITS, L, MUL, ADD, FP16SUM)
+    sc = tl.load(sc_ptr + e * sc_estride + rows, mask=rows < N, other=0).to(tl.float32)
+    w = v * (sc * NORM)[:, None]
+    tl.store(out_ptr + e * out_estride + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rotated_weight(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W' = scales * code(states) ([*E, out_pad, in_pad]), decoded by the Triton kernel."""
+    tr = qt.trellis.contiguous()
+    lead = tr.shape[:-3]
+    ot, it = tr.shape[-3], tr.shape[-2]
+    N, K = ot * 16, it * 16
+    E = 1
+    for d in lead:
+        E *= d
+    out = torch.empty(*lead, N, K, dtype=dtype, device=tr.device)
+    BN, BK = 32, 64
+    grid = (triton.cdiv(N, BN), triton.cdiv(K, BK), E)
+    _dequant_kernel[grid](tr, qt.scales.contiguous(), out, N, K, it, code_norm(qt), ot * it * 16 * qt.bits, N,
+                          N * K, BN=BN, BK=BK, **code_params(qt))
+    return out
+
+
+def dequantize(qt, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Triton twin of `reference.dequantize`: decode W', then undo the rotations."""
+    from .hadamard import transform
+
+    w = rotated_weight(qt)
+    if qt.signs_out is not None:
+        w = transform(w.transpose(-1, -2), qt.signs_out, qt.had_out, sign_after=True).transpose(-1, -2)
+    w = transform(w, qt.signs_in, qt.had_in, sign_after=True)
+    out, inp = qt.shape[-2:]
+    return w[..., :out, :inp].to(dtype).contiguous()
