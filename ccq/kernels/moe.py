@@ -36,17 +36,19 @@ def align(top_k_index: torch.Tensor, num_experts: int, block_m: int):
     key = torch.where(valid, flat, torch.full_like(flat, num_experts))
     order = torch.argsort(key, stable=True)
     key_sorted = key[order]
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    # scatter_add rather than bincount / boolean indexing: no host sync, CUDA-graph safe
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)
     pad_start = pad_end - padded
     cnt_start = torch.cumsum(counts, 0) - counts
     n_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
-    ids = torch.full((n_blocks * block_m,), n, dtype=torch.int32, device=dev)
-    ok = key_sorted < num_experts
     e_sorted = key_sorted.clamp(max=num_experts - 1)
     pos = pad_start[e_sorted] + torch.arange(n, device=dev) - cnt_start[e_sorted]
-    ids[pos[ok]] = order[ok].to(torch.int32)
+    pos = torch.where(key_sorted < num_experts, pos, n_blocks * block_m)  # dropped slots -> spare last entry
+    ids = torch.full((n_blocks * block_m + 1,), n, dtype=torch.int32, device=dev)
+    ids = ids.scatter_(0, pos, order.to(torch.int32))[:-1]
     e_of_block = torch.searchsorted(pad_end, torch.arange(n_blocks, device=dev) * block_m, right=True)
     expert_ids = torch.where(e_of_block < num_experts, e_of_block, -1).to(torch.int32)
     return ids, expert_ids
