@@ -1,7 +1,8 @@
 """Triton trellis decode: the value of every weight from its L-bit window, in registers.
 
-`decode_block` is the building block of every kernel here: given broadcastable row and
-column indices into the padded rotated weight W' [out_pad, in_pad], it gathers the two
+`window_offsets` + `decode_at` (or both at once, `decode_block`) are the building blocks of
+every kernel here: given broadcastable row and column indices into the padded rotated
+weight W' [out_pad, in_pad], they gather the two
 16-bit words holding each weight's window, extracts the state and evaluates the computed
 code with 32-bit integer ops (the multiply wraps mod 2**32, as the format says). The
 result is the unscaled code value; callers fold ``norm * scale[row]`` in after the
@@ -18,20 +19,28 @@ from ..codec.codes import get_code
 
 
 @triton.jit
-def decode_block(tr_ptr, rows, cols, KT, mask, BITS: tl.constexpr, L: tl.constexpr,
-                 MUL: tl.constexpr, ADD: tl.constexpr, FP16SUM: tl.constexpr):
-    """Unscaled code values of W'[rows, cols] (fp32); tr_ptr points at one [out/16, in/16, 16*BITS] stack."""
+def window_offsets(rows, cols, KT, BITS: tl.constexpr, L: tl.constexpr):
+    """Word offsets and shift of the window of W'[rows, cols] (cols inside one K block).
+
+    Computed once per kernel: moving the block by k0 columns (a multiple of 16) only moves
+    every tile by k0/16 tiles, i.e. adds (k0/16)*16*BITS words to both offsets.
+    """
     NW: tl.constexpr = 16 * BITS
     NBITS: tl.constexpr = 256 * BITS
-    tile = (rows // 16) * KT + cols // 16
+    tile = ((rows // 16) * KT + cols // 16) * NW
     t = (rows % 16) * 16 + cols % 16
     start = ((t + 1) * BITS - L + NBITS) % NBITS  # window of weight t: bits [end - L, end), circular
     word = start // 16
-    off = start % 16
-    base = tr_ptr + tile.to(tl.int64) * NW
-    w0 = tl.load(base + word, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
-    w1 = tl.load(base + (word + 1) % NW, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
-    state = (((w0 << 16) | w1) >> (32 - L - off)) & ((1 << L) - 1)
+    return tile + word, tile + (word + 1) % NW, (32 - L - start % 16).to(tl.uint32)
+
+
+@triton.jit
+def decode_at(tr_ptr, off0, off1, shift, mask, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+              FP16SUM: tl.constexpr):
+    """Unscaled code values (fp32) of the weights whose windows `window_offsets` located."""
+    w0 = tl.load(tr_ptr + off0, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
+    w1 = tl.load(tr_ptr + off1, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
+    state = (((w0 << 16) | w1) >> shift) & ((1 << L) - 1)
     x = state * MUL + ADD  # uint32: wraps mod 2**32
     if FP16SUM:
         x = (x & 0x8FFF8FFF) ^ 0x3B603B60
@@ -39,9 +48,17 @@ def decode_block(tr_ptr, rows, cols, KT, mask, BITS: tl.constexpr, L: tl.constex
         hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         v = lo + hi
     else:
-        v = ((x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)).to(tl.int32) - 510
-        v = v.to(tl.float32)
+        y = (x & 0x00FF00FF) + ((x >> 8) & 0x00FF00FF)  # byte pairs summed in two 16-bit lanes
+        v = (((y + (y >> 16)) & 0xFFFF).to(tl.int32) - 510).to(tl.float32)
     return v
+
+
+@triton.jit
+def decode_block(tr_ptr, rows, cols, KT, mask, BITS: tl.constexpr, L: tl.constexpr,
+                 MUL: tl.constexpr, ADD: tl.constexpr, FP16SUM: tl.constexpr):
+    """Unscaled code values of W'[rows, cols] (fp32); tr_ptr points at one [out/16, in/16, 16*BITS] stack."""
+    off0, off1, shift = window_offsets(rows, cols, KT, BITS, L)
+    return decode_at(tr_ptr, off0, off1, shift, mask, L, MUL, ADD, FP16SUM)
 
 
 def code_params(qt) -> dict:

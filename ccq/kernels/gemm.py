@@ -1,6 +1,6 @@
 """Fused trellis-decode GEMV / GEMM: y = x' @ W'^T without materialising W'.
 
-Two kernels share `decode_block`:
+Two kernels share the decode of `decode.py` (window offsets computed once, outside the K loop):
 - `_gemv_kernel` (a few rows, batch-1 decode): CUDA-core FMAs, the K loop split over a second
   grid axis (fp32 atomics) so that even a short output dim fills the GPU.
 - `_gemm_kernel` (everything else, and the MoE): tensor-core `tl.dot` on blocks of BM rows. A
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import code_norm, code_params, decode_block
+from .decode import code_norm, code_params, decode_at, window_offsets
 
 GEMV_MAX_ROWS = 4
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -30,11 +30,12 @@ def _gemv_kernel(x_ptr, x_stride, tr_ptr, sc_ptr, y_ptr, y_stride, M, N, K, KT, 
     rows = pid_n * BN + tl.arange(0, BN)
     m = tl.arange(0, BM)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    off0, off1, shift = window_offsets(rows[:, None], tl.arange(0, BK)[None, :], KT, BITS, L)
     for k0 in range(k_lo, k_lo + K_PER_SPLIT, BK):
         cols = k0 + tl.arange(0, BK)
         kmask = cols < K
-        w = decode_block(tr_ptr, rows[:, None], cols[None, :], KT, (rows[:, None] < N) & kmask[None, :],
-                         BITS, L, MUL, ADD, FP16SUM)
+        tr = tr_ptr + (k0 // 16) * (16 * BITS)
+        w = decode_at(tr, off0, off1, shift, (rows[:, None] < N) & kmask[None, :], L, MUL, ADD, FP16SUM)
         x = tl.load(x_ptr + m[:, None] * x_stride + cols[None, :], mask=(m[:, None] < M) & kmask[None, :],
                     other=0).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
@@ -81,18 +82,21 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
     nmask = n < N
     tr = tr_ptr + e * tr_estride
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    off0, off1, shift = window_offsets(n[None, :], tl.arange(0, BK)[:, None], KT, BITS, L)
     if SWIGLU:
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+        up0, up1, up_shift = window_offsets(GATE_OFF + n[None, :], tl.arange(0, BK)[:, None], KT, BITS, L)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         kmask = cols < K
         a = tl.load(a_ptr + a_rows.to(tl.int64)[:, None] * a_stride + cols[None, :],
                     mask=valid[:, None] & kmask[None, :], other=0).to(DOT)
         wmask = kmask[:, None] & nmask[None, :]
-        w = decode_block(tr, n[None, :], cols[:, None], KT, wmask, BITS, L, MUL, ADD, FP16SUM)
+        tr_k = tr + (k0 // 16) * (16 * BITS)
+        w = decode_at(tr_k, off0, off1, shift, wmask, L, MUL, ADD, FP16SUM)
         acc = tl.dot(a, w.to(DOT), acc)
         if SWIGLU:
-            wu = decode_block(tr, GATE_OFF + n[None, :], cols[:, None], KT, wmask, BITS, L, MUL, ADD, FP16SUM)
+            wu = decode_at(tr_k, up0, up1, up_shift, wmask, L, MUL, ADD, FP16SUM)
             acc_up = tl.dot(a, wu.to(DOT), acc_up)
     sc_base = sc_ptr + e * sc_estride
     y = acc * (tl.load(sc_base + n, mask=nmask, other=0).to(tl.float32) * NORM)[None, :]
