@@ -49,7 +49,9 @@ def decode_at(tr_ptr, off0, off1, shift, mask, L: tl.constexpr, MUL: tl.constexp
         v = lo + hi
     else:
         y = (x & 0x00FF00FF) + ((x >> 8) & 0x00FF00FF)  # byte pairs summed in two 16-bit lanes
-        v = (((y + (y >> 16)) & 0xFFFF).to(tl.int32) - 510).to(tl.float32)
+        y = (y + (y >> 16)) & 0xFFFF  # byte sum, 0..1020
+        # int -> float without a conversion instruction: 2**23 + y as fp32 bits, minus 2**23 + 510
+        v = (y | 0x4B000000).to(tl.float32, bitcast=True) - 8389118.0
     return v
 
 
