@@ -143,3 +143,15 @@ def test_qmoe_fp16_and_no_tokens():
     close(got, reference.qmoe(x.float(), idx, w, gate_up, down), 2e-2)
     empty = kernels.qmoe(x[:0], idx[:0], w[:0], gate_up, down)
     assert empty.shape == (0, 32)
+
+
+@pytest.mark.parametrize("bits,code", [(2, "mcg"), (4, "mul1")])
+def test_gemv_split_k_atomics(bits, code):
+    """The K-split GEMV (fp32 atomics into a zeroed output) sums to the unsplit result."""
+    from ccq.kernels.gemm import gemv
+
+    qt = random_qt((24, 400), bits, 16, code, False, seed=bits)  # 4 K blocks of 128, last one partial
+    xr = torch.randn(2, 400, device=DEV)
+    want = xr @ qt.rotated_weight().T
+    for split in (1, 3, 8):
+        close(gemv(xr, qt, split_k=split), want, 1e-5)

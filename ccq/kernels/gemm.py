@@ -117,15 +117,21 @@ def dot_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def gemv(xr: torch.Tensor, qt) -> torch.Tensor:
-    """y [M, out_pad] fp32 = xr [M, in_pad] @ W'^T for M <= GEMV_MAX_ROWS (2-D qt)."""
+def gemv(xr: torch.Tensor, qt, split_k: int | None = None) -> torch.Tensor:
+    """y [M, out_pad] fp32 = xr [M, in_pad] @ W'^T for M <= GEMV_MAX_ROWS (2-D qt).
+
+    split_k: K slices summed with atomics; by default enough for ~8 programs per SM.
+    """
     M, K = xr.shape
     ot, KT = qt.trellis.shape[0], qt.trellis.shape[1]
     N = ot * 16
     BN, BK = 16, 128
     n_blocks = triton.cdiv(N, BN)
     k_blocks = triton.cdiv(K, BK)
-    split = max(1, min(k_blocks, 256 // n_blocks)) if xr.is_cuda else 1
+    if split_k is None:
+        target = torch.cuda.get_device_properties(xr.device).multi_processor_count * 8 if xr.is_cuda else 1
+        split_k = target // n_blocks
+    split = max(1, min(k_blocks, split_k))
     k_per = triton.cdiv(k_blocks, split) * BK
     split = triton.cdiv(K, k_per)
     y = (torch.zeros if split > 1 else torch.empty)(M, N, dtype=torch.float32, device=xr.device)
