@@ -63,12 +63,15 @@ def test_dequantize_matches_reference(bits, L, code, rot):
 
 @pytest.mark.parametrize("bits,L,code,rot", CASES)
 @pytest.mark.parametrize("rows", [1, 3, 7, 33])
-def test_qlinear_fp32_matches_reference(bits, L, code, rot, rows):
-    """GEMV (rows <= 4) and tensor-core GEMM paths, padded in and out dims, with bias."""
+@pytest.mark.parametrize("decode", ["gather", "runs"])
+def test_qlinear_fp32_matches_reference(bits, L, code, rot, rows, decode):
+    """GEMV (rows <= 4) and tensor-core GEMM paths, both decodes, padded in and out dims, with bias."""
+    from ccq.kernels.gemm import qlinear
+
     x = torch.randn(rows, 70, device=DEV)[:, :68]  # in = 68 < in_pad = 80, strided rows
     qt = random_qt((40, 68), bits, L, code, rot, seed=rows)
     bias = torch.randn(40, device=DEV)
-    got = kernels.qlinear(x, qt, bias)
+    got = qlinear(x, qt, bias, decode=decode)
     assert got.shape == (rows, 40) and got.dtype == x.dtype
     close(got, reference.qlinear(x, qt, bias), 1e-5)
 
@@ -116,8 +119,11 @@ MOE_CASES = [(2, 16, "mul1", False, F.silu), (3, 12, "mcg", True, F.silu), (4, 1
 
 @pytest.mark.parametrize("bits,L,code,rot,act", MOE_CASES)
 @pytest.mark.parametrize("tokens", [1, 7])
-def test_qmoe_matches_reference(bits, L, code, rot, act, tokens):
+@pytest.mark.parametrize("decode", ["gather", "runs"])
+def test_qmoe_matches_reference(bits, L, code, rot, act, tokens, decode):
     """Odd token counts, an expert with no tokens, an out-of-range slot, padded I and H."""
+    from ccq.kernels.moe import qmoe
+
     E, H, inter, K = 4, 40, 24, 2
     g = torch.Generator().manual_seed(tokens)
     gate_up = random_qt((E, 2 * inter, H), bits, L, code, rot, seed=1)
@@ -127,7 +133,7 @@ def test_qmoe_matches_reference(bits, L, code, rot, act, tokens):
     idx[-1, -1] = E  # skipped slot; expert 1 never chosen
     idx = idx.to(DEV)
     w = torch.rand(tokens, K, generator=g).to(DEV)
-    got = kernels.qmoe(x, idx, w, gate_up, down, act)
+    got = qmoe(x, idx, w, gate_up, down, act, decode=decode)
     assert got.shape == (tokens, H)
     close(got, reference.qmoe(x, idx, w, gate_up, down, act), 1e-5)
 
@@ -154,4 +160,7 @@ def test_gemv_split_k_atomics(bits, code):
     xr = torch.randn(2, 400, device=DEV)
     want = xr @ qt.rotated_weight().T
     for split in (1, 3, 8):
-        close(gemv(xr, qt, split_k=split), want, 1e-5)
+        for decode in ("gather", "runs"):
+            close(gemv(xr, qt, split_k=split, decode=decode), want, 1e-5)
+    with pytest.raises(ValueError, match="decode must be 'gather' or 'runs', got 'lut'"):
+        gemv(xr, qt, decode="lut")

@@ -35,12 +35,8 @@ def window_offsets(rows, cols, KT, BITS: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit
-def decode_at(tr_ptr, off0, off1, shift, mask, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
-              FP16SUM: tl.constexpr):
-    """Unscaled code values (fp32) of the weights whose windows `window_offsets` located."""
-    w0 = tl.load(tr_ptr + off0, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
-    w1 = tl.load(tr_ptr + off1, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
-    state = (((w0 << 16) | w1) >> shift) & ((1 << L) - 1)
+def code_value(state, MUL: tl.constexpr, ADD: tl.constexpr, FP16SUM: tl.constexpr):
+    """Unscaled value (fp32) of uint32 states under a computed code."""
     x = state * MUL + ADD  # uint32: wraps mod 2**32
     if FP16SUM:
         x = (x & 0x8FFF8FFF) ^ 0x3B603B60
@@ -53,6 +49,56 @@ def decode_at(tr_ptr, off0, off1, shift, mask, L: tl.constexpr, MUL: tl.constexp
         # int -> float without a conversion instruction: 2**23 + y as fp32 bits, minus 2**23 + 510
         v = (y | 0x4B000000).to(tl.float32, bitcast=True) - 8389118.0
     return v
+
+
+@triton.jit
+def decode_at(tr_ptr, off0, off1, shift, mask, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+              FP16SUM: tl.constexpr):
+    """Unscaled code values (fp32) of the weights whose windows `window_offsets` located."""
+    w0 = tl.load(tr_ptr + off0, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
+    w1 = tl.load(tr_ptr + off1, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
+    state = (((w0 << 16) | w1) >> shift) & ((1 << L) - 1)
+    return code_value(state, MUL, ADD, FP16SUM)
+
+
+@triton.jit
+def run_offsets(rows, KT, J: tl.constexpr, BITS: tl.constexpr):
+    """Offsets [BN, J, Q] of the words holding row `rows`' 16-weight run in each of J tiles.
+
+    Tile row r's new bits are words r*BITS .. r*BITS+BITS-1 and its history the word before
+    (circularly), so q = 0..BITS covers every window of the run; Q pads BITS+1 to a power of two.
+    """
+    NW: tl.constexpr = 16 * BITS
+    Q: tl.constexpr = 4 if BITS < 4 else 8
+    q = tl.arange(0, Q)
+    word = ((rows % 16)[:, None, None] * BITS - 1 + q[None, None, :] + NW) % NW
+    tile = ((rows // 16)[:, None, None] * KT + tl.arange(0, J)[None, :, None]) * NW
+    return tile + word
+
+
+@triton.jit
+def decode_runs(tr_ptr, offs, mask, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr,
+                ADD: tl.constexpr, FP16SUM: tl.constexpr):
+    """Unscaled code values [BN, J*16] from `run_offsets`: each run's BITS+1 words are loaded once
+    and joined into a 64-bit string; the 16 windows are cut out of it with shifts (no per-weight gathers).
+
+    mask: [BN, J, 1] (row and tile in range). The string A holds words 0..3 (bits [0, 64));
+    at 4 bits the last four windows end past bit 64 and are cut from B, words 1..4.
+    """
+    BN: tl.constexpr = offs.shape[0]
+    J: tl.constexpr = offs.shape[1]
+    Q: tl.constexpr = offs.shape[2]
+    q = tl.arange(0, Q)[None, None, :]
+    w = tl.load(tr_ptr + offs, mask=mask & (q <= BITS), other=0).to(tl.uint16).to(tl.uint64)
+    a = tl.sum(tl.where(q < 4, w << (16 * (3 - tl.minimum(q, 3))).to(tl.uint64), 0), axis=2)
+    end = 16 + BITS * (tl.arange(0, 16) + 1)[None, None, :]  # window c: string bits [end - L, end)
+    state = a[:, :, None] >> (64 - tl.minimum(end, 64)).to(tl.uint64)
+    if BITS == 4:
+        b = tl.sum(tl.where((q >= 1) & (q <= 4), w << (16 * (4 - tl.minimum(tl.maximum(q, 1), 4))).to(tl.uint64),
+                            0), axis=2)
+        state = tl.where(end <= 64, state, b[:, :, None] >> (80 - tl.maximum(end, 64)).to(tl.uint64))
+    state = (state & ((1 << L) - 1)).to(tl.uint32)
+    return code_value(tl.reshape(state, (BN, J * 16)), MUL, ADD, FP16SUM)
 
 
 @triton.jit

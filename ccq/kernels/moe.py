@@ -55,8 +55,8 @@ def align(top_k_index: torch.Tensor, num_experts: int, block_m: int):
 
 
 def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up, down,
-         act=F.silu, block_m: int = 16) -> torch.Tensor:
-    """Triton twin of `reference.qmoe` (same contract)."""
+         act=F.silu, block_m: int = 16, decode: str | None = None) -> torch.Tensor:
+    """Triton twin of `reference.qmoe` (same contract); decode: see `gemm.DECODE`."""
     T, K = top_k_index.shape
     E = gate_up.shape[0]
     H_out, inter = down.shape[-2], down.shape[-1]
@@ -70,12 +70,13 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     if fuse:
         h = torch.zeros(rows, inter, dtype=torch.float32, device=hidden.device)
         gemm(xr, gate_up.trellis, gate_up.scales, gate_up, n_out=inter, out=h, block_m=block_m,
-             expert_ids=expert_ids, ids=ids, n_valid=T * K, top_k=K, gather_a=True, gate_off=inter)
+             expert_ids=expert_ids, ids=ids, n_valid=T * K, top_k=K, gather_a=True, gate_off=inter,
+             decode=decode)
     else:
         gu_pad = gate_up.trellis.shape[-3] * 16
         gu = torch.zeros(rows, gu_pad, dtype=torch.float32, device=hidden.device)
         gemm(xr, gate_up.trellis, gate_up.scales, gate_up, n_out=gu_pad, out=gu, block_m=block_m,
-             expert_ids=expert_ids, ids=ids, n_valid=T * K, top_k=K, gather_a=True)
+             expert_ids=expert_ids, ids=ids, n_valid=T * K, top_k=K, gather_a=True, decode=decode)
         if gate_up.signs_out is not None:
             gu = transform(gu, gate_up.signs_out, gate_up.had_out, sign_after=True)
         h = act(gu[:, :inter]) * gu[:, inter:2 * inter]
@@ -83,7 +84,7 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     h_pad = down.trellis.shape[-3] * 16
     y = torch.zeros(T * K, h_pad, dtype=torch.float32, device=hidden.device)
     gemm(hr, down.trellis, down.scales, down, n_out=h_pad, out=y, block_m=block_m, expert_ids=expert_ids,
-         ids=ids, n_valid=T * K, top_k=K, scatter_y=True)
+         ids=ids, n_valid=T * K, top_k=K, scatter_y=True, decode=decode)
     if down.signs_out is not None:
         y = transform(y, down.signs_out, down.had_out, sign_after=True)
     y = y[:, :H_out].view(T, K, H_out) * top_k_weights.float()[..., None]
