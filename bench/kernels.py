@@ -5,7 +5,8 @@
 Needs a CUDA GPU. Times (medians, CUDA graphs where the code allows it, so launch overhead
 does not hide the kernels):
 - dense: fused decode GEMV/GEMM (`ccq.kernels.qlinear`, with its Hadamard transforms, and the
-  bare decode-matmul) vs cuBLAS bf16 `x @ W.T`, for the ERNIE expert and attention shapes;
+  bare decode-matmul with each decode variant) vs cuBLAS bf16 `x @ W.T`, for the ERNIE expert
+  and attention shapes;
 - MoE: one 28B routed-expert layer (64 experts, top-6) via `ccq.kernels.qmoe` vs transformers'
   bf16 experts with its `grouped_mm` implementation (torch grouped GEMM, the fused baseline)
   and with its eager per-expert loop.
@@ -20,6 +21,7 @@ import argparse
 import json
 import re
 import sys
+from itertools import product
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,6 +44,7 @@ DENSE_SHAPES = [
     ("424B gate_up", 8192, 2 * 3584),
 ]
 MOE = dict(experts=64, top_k=6, hidden=2560, inter=1536)
+DECODES = ("gather", "runs")  # the two decode variants of ccq.kernels.gemm, both timed
 DEVICE = "cuda"
 
 
@@ -79,18 +82,19 @@ def check(bits_list) -> list[dict]:
     for bits in bits_list:
         for code in ("mul1", "mcg"):
             qt = random_packed((200, 520), bits, code)
-            for batch in (1, 37):
+            for batch, decode in product((1, 37), DECODES):
                 x = torch.randn(batch, 520, device=DEVICE)
                 want = reference.qlinear(x, qt)
-                err = (gemm.qlinear(x, qt) - want).abs().max().item() / want.abs().max().item()
-                rows.append(dict(kind="qlinear", bits=bits, code=code, batch=batch, rel_err=err))
+                err = (gemm.qlinear(x, qt, decode=decode) - want).abs().max().item() / want.abs().max().item()
+                rows.append(dict(kind="qlinear", bits=bits, code=code, batch=batch, decode=decode, rel_err=err))
             gu, dn = random_packed((8, 96, 160), bits, code), random_packed((8, 160, 48), bits, code)
             x = torch.randn(11, 160, device=DEVICE)
             idx = torch.rand(11, 8, device=DEVICE).topk(3).indices
             w = torch.rand(11, 3, device=DEVICE)
             want = reference.qmoe(x, idx, w, gu, dn)
-            err = (moe.qmoe(x, idx, w, gu, dn) - want).abs().max().item() / want.abs().max().item()
-            rows.append(dict(kind="qmoe", bits=bits, code=code, batch=11, rel_err=err))
+            for decode in DECODES:
+                err = (moe.qmoe(x, idx, w, gu, dn, decode=decode) - want).abs().max().item() / want.abs().max().item()
+                rows.append(dict(kind="qmoe", bits=bits, code=code, batch=11, decode=decode, rel_err=err))
     bad = [r for r in rows if not r["rel_err"] < 2e-2]
     if bad:
         raise SystemExit(f"Triton kernels disagree with the torch reference on this GPU: {bad}")
@@ -114,11 +118,13 @@ def bench_dense(bits_list, batches) -> list[dict]:
                 small = batch <= gemm.GEMV_MAX_ROWS
                 xr = transform(x, qt.signs_in, qt.had_in, torch.float32 if small else torch.bfloat16)
                 t_full, how = timer(lambda: gemm.qlinear(x, qt))
-                t_kern, _ = timer(lambda: gemm.matmul(xr, qt))
+                kern = {d: timer(lambda: gemm.matmul(xr, qt, decode=d))[0] for d in DECODES}
+                best = min(kern, key=kern.get)
                 wbytes = qt.trellis.numel() * 2 + qt.scales.numel() * 2
-                rows.append(dict(base, bits=bits, ccq_ms=t_full, ccq_kernel_ms=t_kern, ccq_timer=how,
-                                 weight_bytes=wbytes, ccq_kernel_GBps=wbytes / t_kern / 1e6,
-                                 speedup=t16 / t_full, speedup_kernel=t16 / t_kern))
+                rows.append(dict(base, bits=bits, ccq_ms=t_full, ccq_decode=gemm.DECODE, ccq_timer=how,
+                                 **{f"ccq_kernel_ms_{d}": t for d, t in kern.items()}, best_decode=best,
+                                 weight_bytes=wbytes, ccq_kernel_GBps=wbytes / kern[best] / 1e6,
+                                 speedup=t16 / t_full, speedup_kernel=t16 / kern[best]))
         del w16, packed
         torch.cuda.empty_cache()
     return rows
@@ -155,25 +161,30 @@ def bench_moe(bits_list, token_counts) -> list[dict]:
                     bf16_grouped_GBps=2 * hit * per_expert / t_grp / 1e6, transformers_loop_ms=t_loop,
                     transformers_loop_timer=how_loop)
         for bits, (gu, dn) in packed.items():
-            t, how = timer(lambda: moe.qmoe(x, idx, wts, gu, dn))
+            times = {d: timer(lambda: moe.qmoe(x, idx, wts, gu, dn, decode=d)) for d in DECODES}
+            best = min(times, key=lambda d: times[d][0])
+            t, how = times[best]
             wbytes = hit * (gu.trellis[0].numel() + dn.trellis[0].numel()) * 2
-            rows.append(dict(base, bits=bits, ccq_ms=t, ccq_timer=how, ccq_GBps=wbytes / t / 1e6,
+            rows.append(dict(base, bits=bits, **{f"ccq_ms_{d}": times[d][0] for d in DECODES}, best_decode=best,
+                             ccq_ms=t, ccq_timer=how, ccq_GBps=wbytes / t / 1e6,
                              speedup_vs_grouped=t_grp / t, speedup_vs_loop=t_loop / t))
     return rows
 
 
 def print_tables(dense, moe_rows):
     print(f"\n{'shape':<20}{'in':>6}{'out':>6}{'batch':>6}{'bits':>5}{'bf16 ms':>10}{'ccq ms':>10}"
-          f"{'kernel ms':>10}{'x bf16':>8}{'x kern':>8}{'GB/s':>8}")
+          f"{'gather ms':>10}{'runs ms':>10}{'x bf16':>8}{'x kern':>8}{'GB/s':>8}")
     for r in dense:
         print(f"{r['shape']:<20}{r['in_features']:>6}{r['out_features']:>6}{r['batch']:>6}{r['bits']:>5}"
-              f"{r['bf16_ms']:>10.4f}{r['ccq_ms']:>10.4f}{r['ccq_kernel_ms']:>10.4f}{r['speedup']:>8.2f}"
-              f"{r['speedup_kernel']:>8.2f}{r['ccq_kernel_GBps']:>8.0f}")
-    print(f"\n{'MoE tokens':<12}{'bits':>5}{'grouped ms':>12}{'loop ms':>10}{'ccq ms':>10}{'x grouped':>10}"
-          f"{'x loop':>8}{'GB/s':>8}")
+              f"{r['bf16_ms']:>10.4f}{r['ccq_ms']:>10.4f}{r['ccq_kernel_ms_gather']:>10.4f}"
+              f"{r['ccq_kernel_ms_runs']:>10.4f}{r['speedup']:>8.2f}{r['speedup_kernel']:>8.2f}"
+              f"{r['ccq_kernel_GBps']:>8.0f}")
+    print(f"\n{'MoE tokens':<12}{'bits':>5}{'grouped ms':>12}{'loop ms':>10}{'gather ms':>10}{'runs ms':>10}"
+          f"{'x grouped':>10}{'x loop':>8}{'GB/s':>8}")
     for r in moe_rows:
         print(f"{r['tokens']:<12}{r['bits']:>5}{r['bf16_grouped_ms']:>12.4f}{r['transformers_loop_ms']:>10.4f}"
-              f"{r['ccq_ms']:>10.4f}{r['speedup_vs_grouped']:>10.2f}{r['speedup_vs_loop']:>8.2f}{r['ccq_GBps']:>8.0f}")
+              f"{r['ccq_ms_gather']:>10.4f}{r['ccq_ms_runs']:>10.4f}{r['speedup_vs_grouped']:>10.2f}"
+              f"{r['speedup_vs_loop']:>8.2f}{r['ccq_GBps']:>8.0f}")
 
 
 def main(argv=None) -> int:
