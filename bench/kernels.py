@@ -7,7 +7,7 @@ does not hide the kernels):
 - dense: fused decode GEMV/GEMM (`ccq.kernels.qlinear`, with its Hadamard transforms, and the
   bare decode-matmul with each decode variant) vs cuBLAS bf16 `x @ W.T`, for the ERNIE expert
   and attention shapes;
-- MoE: one 28B routed-expert layer (64 experts, top-6) via `ccq.kernels.qmoe` vs transformers'
+- MoE: one 28B routed-expert layer (64 experts, top-6) via `ccq.kernels.qmoe` (each decode) vs transformers'
   bf16 experts with its `grouped_mm` implementation (torch grouped GEMM, the fused baseline)
   and with its eager per-expert loop.
 Before timing it checks the Triton results against the torch reference on the GPU.

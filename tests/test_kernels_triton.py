@@ -85,6 +85,11 @@ def test_qlinear_half_inputs(dtype):
     close(got, reference.qlinear(x.float(), qt), 2e-2)
 
 
+def test_qlinear_no_rows():
+    qt = random_qt((40, 72), 3, 16, "mul1", True)
+    assert kernels.qlinear(torch.randn(2, 0, 72, device=DEV), qt).shape == (2, 0, 40)
+
+
 @pytest.mark.parametrize("block", [1, 2, 16, 512])
 @pytest.mark.parametrize("sign_after", [False, True])
 def test_hadamard_matches_reference(block, sign_after):

@@ -196,6 +196,8 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
 def matmul(xr: torch.Tensor, qt, decode: str | None = None) -> torch.Tensor:
     """y [M, out_pad] fp32 = xr [M, in_pad] @ W'^T for a 2-D quantized weight."""
     M = xr.shape[0]
+    if M == 0:
+        return torch.zeros(0, qt.trellis.shape[0] * 16, dtype=torch.float32, device=xr.device)
     if M <= GEMV_MAX_ROWS:
         return gemv(xr.float().contiguous(), qt, decode=decode)
     N = qt.trellis.shape[0] * 16
