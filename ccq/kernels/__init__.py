@@ -1,11 +1,13 @@
 """Quantized compute: dequantize, linear and fused MoE, dispatched to Triton or torch.
 
 `CCQ_BACKEND=torch|triton` forces a backend; by default Triton runs on CUDA tensors and
-the torch reference everywhere else.
+the torch reference everywhere else. The Triton modules are imported on first use, so
+`TRITON_INTERPRET=1` set before the first call runs them on the CPU.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -23,16 +25,37 @@ def backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+def _triton(module: str, device: torch.device):
+    """The Triton kernel module, or a one-line error when Triton cannot run on `device`."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
+        raise RuntimeError(f"the triton backend needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
+                           "to run the kernels in Triton's interpreter, or CCQ_BACKEND=torch")
+    try:
+        return importlib.import_module(f".{module}", __name__)
+    except ImportError as e:
+        raise RuntimeError(f"the triton backend is unavailable ({e}); use CCQ_BACKEND=torch") from e
+
+
 def dequantize(qt, dtype=torch.bfloat16):
-    return reference.dequantize(qt, dtype)
+    """Full reconstruction of a QuantizedTensor in the original basis, as `dtype`."""
+    dev = qt.trellis.device
+    if backend(dev) == "torch":
+        return reference.dequantize(qt, dtype)
+    return _triton("decode", dev).dequantize(qt, dtype)
 
 
 def qlinear(x, qt, bias=None):
-    return reference.qlinear(x, qt, bias)
+    """y = x @ W^T (+ bias) for a 2-D QuantizedTensor W."""
+    if backend(x.device) == "torch":
+        return reference.qlinear(x, qt, bias)
+    return _triton("gemm", x.device).qlinear(x, qt, bias)
 
 
 def qmoe(hidden, top_k_index, top_k_weights, gate_up, down, act=torch.nn.functional.silu):
-    return reference.qmoe(hidden, top_k_index, top_k_weights, gate_up, down, act)
+    """Routed experts of a MoE layer on packed expert stacks (see `reference.qmoe`)."""
+    if backend(hidden.device) == "torch":
+        return reference.qmoe(hidden, top_k_index, top_k_weights, gate_up, down, act)
+    return _triton("moe", hidden.device).qmoe(hidden, top_k_index, top_k_weights, gate_up, down, act)
 
 
 __all__ = ["backend", "dequantize", "qlinear", "qmoe"]

@@ -1,0 +1,164 @@
+"""Triton trellis decode: the value of every weight from its L-bit window, in registers.
+
+`window_offsets` + `decode_at` (or both at once, `decode_block`) are the building blocks of
+every kernel here: given broadcastable row and column indices into the padded rotated
+weight W' [out_pad, in_pad], they gather the two
+16-bit words holding each weight's window, extracts the state and evaluates the computed
+code with 32-bit integer ops (the multiply wraps mod 2**32, as the format says). The
+result is the unscaled code value; callers fold ``norm * scale[row]`` in after the
+reduction, which saves one multiply per weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..codec.codes import get_code
+
+
+@triton.jit
+def window_offsets(rows, cols, KT, BITS: tl.constexpr, L: tl.constexpr):
+    """Word offsets and shift of the window of W'[rows, cols] (cols inside one K block).
+
+    Computed once per kernel: moving the block by k0 columns (a multiple of 16) only moves
+    every tile by k0/16 tiles, i.e. adds (k0/16)*16*BITS words to both offsets.
+    """
+    NW: tl.constexpr = 16 * BITS
+    NBITS: tl.constexpr = 256 * BITS
+    tile = ((rows // 16) * KT + cols // 16) * NW
+    t = (rows % 16) * 16 + cols % 16
+    start = ((t + 1) * BITS - L + NBITS) % NBITS  # window of weight t: bits [end - L, end), circular
+    word = start // 16
+    return tile + word, tile + (word + 1) % NW, (32 - L - start % 16).to(tl.uint32)
+
+
+@triton.jit
+def code_value(state, MUL: tl.constexpr, ADD: tl.constexpr, FP16SUM: tl.constexpr):
+    """Unscaled value (fp32) of uint32 states under a computed code."""
+    x = state * MUL + ADD  # uint32: wraps mod 2**32
+    if FP16SUM:
+        x = (x & 0x8FFF8FFF) ^ 0x3B603B60
+        lo = (x & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        v = lo + hi
+    else:
+        y = (x & 0x00FF00FF) + ((x >> 8) & 0x00FF00FF)  # byte pairs summed in two 16-bit lanes
+        y = (y + (y >> 16)) & 0xFFFF  # byte sum, 0..1020
+        # int -> float without a conversion instruction: 2**23 + y as fp32 bits, minus 2**23 + 510
+        v = (y | 0x4B000000).to(tl.float32, bitcast=True) - 8389118.0
+    return v
+
+
+@triton.jit
+def decode_at(tr_ptr, off0, off1, shift, mask, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+              FP16SUM: tl.constexpr):
+    """Unscaled code values (fp32) of the weights whose windows `window_offsets` located."""
+    w0 = tl.load(tr_ptr + off0, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
+    w1 = tl.load(tr_ptr + off1, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
+    state = (((w0 << 16) | w1) >> shift) & ((1 << L) - 1)
+    return code_value(state, MUL, ADD, FP16SUM)
+
+
+@triton.jit
+def run_offsets(rows, KT, J: tl.constexpr, BITS: tl.constexpr):
+    """Offsets [BN, J, Q] of the words holding row `rows`' 16-weight run in each of J tiles.
+
+    Tile row r's new bits are words r*BITS .. r*BITS+BITS-1 and its history the word before
+    (circularly), so q = 0..BITS covers every window of the run; Q pads BITS+1 to a power of two.
+    """
+    NW: tl.constexpr = 16 * BITS
+    Q: tl.constexpr = 4 if BITS < 4 else 8
+    q = tl.arange(0, Q)
+    word = ((rows % 16)[:, None, None] * BITS - 1 + q[None, None, :] + NW) % NW
+    tile = ((rows // 16)[:, None, None] * KT + tl.arange(0, J)[None, :, None]) * NW
+    return tile + word
+
+
+@triton.jit
+def decode_runs(tr_ptr, offs, mask, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr,
+                ADD: tl.constexpr, FP16SUM: tl.constexpr):
+    """Unscaled code values [BN, J*16] from `run_offsets`: each run's BITS+1 words are loaded once
+    and joined into a 64-bit string; the 16 windows are cut out of it with shifts (no per-weight gathers).
+
+    mask: [BN, J, 1] (row and tile in range). The string A holds words 0..3 (bits [0, 64));
+    at 4 bits the last four windows end past bit 64 and are cut from B, words 1..4.
+    """
+    BN: tl.constexpr = offs.shape[0]
+    J: tl.constexpr = offs.shape[1]
+    Q: tl.constexpr = offs.shape[2]
+    q = tl.arange(0, Q)[None, None, :]
+    w = tl.load(tr_ptr + offs, mask=mask & (q <= BITS), other=0).to(tl.uint16).to(tl.uint64)
+    a = tl.sum(tl.where(q < 4, w << (16 * (3 - tl.minimum(q, 3))).to(tl.uint64), 0), axis=2)
+    end = 16 + BITS * (tl.arange(0, 16) + 1)[None, None, :]  # window c: string bits [end - L, end)
+    state = a[:, :, None] >> (64 - tl.minimum(end, 64)).to(tl.uint64)
+    if BITS == 4:
+        b = tl.sum(tl.where((q >= 1) & (q <= 4), w << (16 * (4 - tl.minimum(tl.maximum(q, 1), 4))).to(tl.uint64),
+                            0), axis=2)
+        state = tl.where(end <= 64, state, b[:, :, None] >> (80 - tl.maximum(end, 64)).to(tl.uint64))
+    state = (state & ((1 << L) - 1)).to(tl.uint32)
+    return code_value(tl.reshape(state, (BN, J * 16)), MUL, ADD, FP16SUM)
+
+
+@triton.jit
+def decode_block(tr_ptr, rows, cols, KT, mask, BITS: tl.constexpr, L: tl.constexpr,
+                 MUL: tl.constexpr, ADD: tl.constexpr, FP16SUM: tl.constexpr):
+    """Unscaled code values of W'[rows, cols] (fp32); tr_ptr points at one [out/16, in/16, 16*BITS] stack."""
+    off0, off1, shift = window_offsets(rows, cols, KT, BITS, L)
+    return decode_at(tr_ptr, off0, off1, shift, mask, L, MUL, ADD, FP16SUM)
+
+
+def code_params(qt) -> dict:
+    """The constexpr arguments of `decode_block` for a quantized tensor."""
+    code = get_code(qt.code)
+    return dict(BITS=qt.bits, L=qt.L, MUL=code.mul, ADD=code.add, FP16SUM=code.kind == "fp16sum")
+
+
+def code_norm(qt) -> float:
+    return float(torch.tensor(get_code(qt.code).norm, dtype=torch.float32))
+
+
+@triton.jit
+def _dequant_kernel(tr_ptr, sc_ptr, out_ptr, N, K, KT, NORM, tr_estride, sc_estride, out_estride,
+                    BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+                    FP16SUM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    e = tl.program_id(2).to(tl.int64)
+    rows = pid_n * BN + tl.arange(0, BN)
+    cols = pid_k * BK + tl.arange(0, BK)
+    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    v = decode_block(tr_ptr + e * tr_estride, rows[:, None], cols[None, :], KT, mask, BITS, L, MUL, ADD, FP16SUM)
+    sc = tl.load(sc_ptr + e * sc_estride + rows, mask=rows < N, other=0).to(tl.float32)
+    w = v * (sc * NORM)[:, None]
+    tl.store(out_ptr + e * out_estride + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rotated_weight(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W' = scales * code(states) ([*E, out_pad, in_pad]), decoded by the Triton kernel."""
+    tr = qt.trellis.contiguous()
+    lead = tr.shape[:-3]
+    ot, it = tr.shape[-3], tr.shape[-2]
+    N, K = ot * 16, it * 16
+    E = 1
+    for d in lead:
+        E *= d
+    out = torch.empty(*lead, N, K, dtype=dtype, device=tr.device)
+    BN, BK = 32, 64
+    grid = (triton.cdiv(N, BN), triton.cdiv(K, BK), E)
+    _dequant_kernel[grid](tr, qt.scales.contiguous(), out, N, K, it, code_norm(qt), ot * it * 16 * qt.bits, N,
+                          N * K, BN=BN, BK=BK, **code_params(qt))
+    return out
+
+
+def dequantize(qt, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Triton twin of `reference.dequantize`: decode W', then undo the rotations."""
+    from .hadamard import transform
+
+    w = rotated_weight(qt)
+    if qt.signs_out is not None:
+        w = transform(w.transpose(-1, -2), qt.signs_out, qt.had_out, sign_after=True).transpose(-1, -2)
+    w = transform(w, qt.signs_in, qt.had_in, sign_after=True)
+    out, inp = qt.shape[-2:]
+    return w[..., :out, :inp].to(dtype).contiguous()

@@ -1,0 +1,58 @@
+"""Triton block Hadamard transform with a sign vector: the activation side of incoherence processing.
+
+One program transforms one block of B features of BR rows in registers: log2(B) butterfly
+stages, each viewing the block as [BR, B/2h, 2, h] and replacing the pair (a, b) by (a+b, a-b).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCALE,
+                     B: tl.constexpr, LOGB: tl.constexpr, BR: tl.constexpr, SIGN_AFTER: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * B + tl.arange(0, B)
+    rmask = rows[:, None] < n_rows
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r64 * x_stride + cols[None, :], mask=rmask & (cols[None, :] < n_in), other=0)
+    x = x.to(tl.float32)
+    s = tl.load(s_ptr + cols).to(tl.float32)[None, :]
+    if not SIGN_AFTER:
+        x = x * s
+    pair = tl.arange(0, 2)
+    sign = (1 - 2 * pair).to(tl.float32)
+    for st in tl.static_range(LOGB):
+        H: tl.constexpr = 1 << st
+        x4 = tl.reshape(x, (BR, B // (2 * H), 2, H))
+        a = tl.sum(x4, axis=2)
+        d = tl.sum(x4 * sign[None, None, :, None], axis=2)
+        x4 = tl.where((pair == 0)[None, None, :, None], a[:, :, None, :], d[:, :, None, :])
+        x = tl.reshape(x4, (BR, B))
+    x = x * SCALE
+    if SIGN_AFTER:
+        x = x * s
+    tl.store(y_ptr + r64 * y_stride + cols[None, :], x.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+def transform(x: torch.Tensor, signs: torch.Tensor, block: int, out_dtype: torch.dtype = torch.float32,
+              sign_after: bool = False) -> torch.Tensor:
+    """x [..., n] (n <= len(signs), zero padded) -> H (s * x) or, with sign_after, s * (H x); [..., len(signs)]."""
+    n_pad = signs.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(rows, n_pad, dtype=out_dtype, device=x.device)
+    if rows:
+        br = max(1, min(triton.next_power_of_2(rows), 4096 // block, 16))
+        _hadamard_kernel[(triton.cdiv(rows, br), n_pad // block)](
+            x2, signs, y, rows, x2.shape[1], x2.stride(0), n_pad, block ** -0.5,
+            B=block, LOGB=int(math.log2(block)), BR=br, SIGN_AFTER=sign_after)
+    return y.reshape(*lead, n_pad)

@@ -1,0 +1,171 @@
+"""Every Triton kernel against the torch reference, on the CPU through Triton's interpreter.
+
+Packed tensors are random trellis words (every bit pattern is a valid tail-biting stream),
+so the tests cover all bit widths, both code kinds, small and full L and padded shapes
+without running the Viterbi search.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' first import
+pytest.importorskip("triton")
+
+from ccq import kernels  # noqa: E402
+from ccq.codec.codes import get_code  # noqa: E402
+from ccq.codec.hadamard import hadamard_block_size, random_signs, transform_activations  # noqa: E402
+from ccq.codec.tensor import FORMAT_VERSION, QuantizedTensor  # noqa: E402
+from ccq.kernels import reference  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("CCQ_BACKEND", "triton")
+
+
+def random_qt(shape, bits, L=16, code="mul1", rotate_output=False, seed=0, hadamard_block=512):
+    """A QuantizedTensor with random codes, the layout `quantize_tensor` writes."""
+    g = torch.Generator().manual_seed(seed)
+    *lead, out, inp = shape
+    op, ip = -(-out // 16) * 16, -(-inp // 16) * 16
+    words = torch.randint(-32768, 32768, (*lead, op // 16, ip // 16, 16 * bits), generator=g, dtype=torch.int32)
+    scales = (torch.rand(*lead, op, generator=g) * 0.05 + 0.01).half()
+    had_in = hadamard_block_size(ip, hadamard_block)
+    had_out = hadamard_block_size(op, hadamard_block) if rotate_output else 0
+    meta = torch.tensor([FORMAT_VERSION, bits, L, get_code(code).code_id, had_in, had_out,
+                         lead[0] if lead else 0, out, inp], dtype=torch.int32)
+    signs_out = random_signs(op, seed + 2) if rotate_output else None
+    return QuantizedTensor(words.to(torch.int16), scales, random_signs(ip, seed + 1), signs_out, meta).to(DEV)
+
+
+def close(got, want, rtol):
+    got, want = got.float(), want.float()
+    err = (got - want).abs().max().item()
+    assert err <= rtol * want.abs().max().item() + 1e-6, f"max error {err} vs scale {want.abs().max().item()}"
+
+
+# (bits, L, code, rotate_output): every bit width, both code kinds, full and small L
+CASES = [(2, 16, "mul1", False), (2, 12, "mcg", True), (3, 16, "mcg", False), (3, 10, "1mad", True),
+         (4, 16, "3inst", True), (4, 8, "mul1", False)]
+
+
+@pytest.mark.parametrize("bits,L,code,rot", CASES)
+def test_dequantize_matches_reference(bits, L, code, rot):
+    qt = random_qt((2, 40, 72), bits, L, code, rot, seed=bits)  # padded on both sides
+    close(kernels.dequantize(qt, torch.float32), reference.dequantize(qt, torch.float32), 1e-5)
+
+
+@pytest.mark.parametrize("bits,L,code,rot", CASES)
+@pytest.mark.parametrize("rows", [1, 3, 7, 33])
+@pytest.mark.parametrize("decode", ["gather", "runs"])
+def test_qlinear_fp32_matches_reference(bits, L, code, rot, rows, decode):
+    """GEMV (rows <= 4) and tensor-core GEMM paths, both decodes, padded in and out dims, with bias."""
+    from ccq.kernels.gemm import qlinear
+
+    x = torch.randn(rows, 70, device=DEV)[:, :68]  # in = 68 < in_pad = 80, strided rows
+    qt = random_qt((40, 68), bits, L, code, rot, seed=rows)
+    bias = torch.randn(40, device=DEV)
+    got = qlinear(x, qt, bias, decode=decode)
+    assert got.shape == (rows, 40) and got.dtype == x.dtype
+    close(got, reference.qlinear(x, qt, bias), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_qlinear_half_inputs(dtype):
+    qt = random_qt((48, 96), 2, 16, "mcg", False, seed=5)
+    x = torch.randn(2, 5, 96, device=DEV).to(dtype)  # leading dims, 10 rows: GEMM path
+    got = kernels.qlinear(x, qt)
+    assert got.shape == (2, 5, 48) and got.dtype == dtype
+    close(got, reference.qlinear(x.float(), qt), 2e-2)
+
+
+def test_qlinear_no_rows():
+    qt = random_qt((40, 72), 3, 16, "mul1", True)
+    assert kernels.qlinear(torch.randn(2, 0, 72, device=DEV), qt).shape == (2, 0, 40)
+
+
+@pytest.mark.parametrize("block", [1, 2, 16, 512])
+@pytest.mark.parametrize("sign_after", [False, True])
+def test_hadamard_matches_reference(block, sign_after):
+    from ccq.kernels.hadamard import transform
+
+    n = 1024 if block == 512 else 48
+    s = random_signs(n, 3).to(DEV)
+    x = torch.randn(5, n - 3, device=DEV)  # zero padded to n by the kernel
+    xp = F.pad(x, (0, 3))
+    want = transform_activations(xp, s, block) if not sign_after else \
+        transform_activations(xp, torch.ones_like(s), block) * s
+    close(transform(x, s, block, sign_after=sign_after), want, 1e-5)
+
+
+def test_align_sorts_and_pads_by_expert():
+    from ccq.kernels.moe import align
+
+    idx = torch.tensor([[2, 0], [2, 9], [0, 2]], device=DEV)  # expert 1 unused, 9 dropped
+    ids, expert_ids = align(idx, 4, 4)
+    n = idx.numel()
+    blocks = ids.view(-1, 4)
+    used = expert_ids >= 0
+    assert expert_ids[used].tolist() == [0, 2]
+    assert sorted(blocks[0][blocks[0] < n].tolist()) == [1, 4]  # flat slots routed to expert 0
+    assert sorted(blocks[1][blocks[1] < n].tolist()) == [0, 2, 5]
+    assert (blocks[~used] == n).all()
+
+
+MOE_CASES = [(2, 16, "mul1", False, F.silu), (3, 12, "mcg", True, F.silu), (4, 16, "mcg", False, F.silu),
+             (2, 8, "3inst", False, F.gelu)]
+
+
+@pytest.mark.parametrize("bits,L,code,rot,act", MOE_CASES)
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("decode", ["gather", "runs"])
+def test_qmoe_matches_reference(bits, L, code, rot, act, tokens, decode):
+    """Odd token counts, an expert with no tokens, an out-of-range slot, padded I and H."""
+    from ccq.kernels.moe import qmoe
+
+    E, H, inter, K = 4, 40, 24, 2
+    g = torch.Generator().manual_seed(tokens)
+    gate_up = random_qt((E, 2 * inter, H), bits, L, code, rot, seed=1)
+    down = random_qt((E, H, inter), bits, L, code, rot, seed=2)
+    x = torch.randn(tokens, H, generator=g).to(DEV)
+    idx = torch.tensor([0, 2, 3, 0, 2, 3, 3, 0, 2, 0, 0, 3, 2, 2])[: tokens * K].view(tokens, K)
+    idx[-1, -1] = E  # skipped slot; expert 1 never chosen
+    idx = idx.to(DEV)
+    w = torch.rand(tokens, K, generator=g).to(DEV)
+    got = qmoe(x, idx, w, gate_up, down, act, decode=decode)
+    assert got.shape == (tokens, H)
+    close(got, reference.qmoe(x, idx, w, gate_up, down, act), 1e-5)
+
+
+def test_qmoe_fp16_and_no_tokens():
+    gate_up = random_qt((3, 32, 32), 2, 16, "mul1", False, seed=3)
+    down = random_qt((3, 32, 16), 2, 16, "mul1", False, seed=4)
+    x = torch.randn(5, 32, device=DEV).half()
+    idx = torch.tensor([[0, 2], [2, 0], [0, 0], [2, 2], [0, 2]], device=DEV)
+    w = torch.rand(5, 2, device=DEV)
+    got = kernels.qmoe(x, idx, w, gate_up, down)
+    assert got.dtype == torch.float16
+    close(got, reference.qmoe(x.float(), idx, w, gate_up, down), 2e-2)
+    empty = kernels.qmoe(x[:0], idx[:0], w[:0], gate_up, down)
+    assert empty.shape == (0, 32)
+
+
+@pytest.mark.parametrize("bits,code", [(2, "mcg"), (4, "mul1")])
+def test_gemv_split_k_atomics(bits, code):
+    """The K-split GEMV (fp32 atomics into a zeroed output) sums to the unsplit result."""
+    from ccq.kernels.gemm import gemv
+
+    qt = random_qt((24, 400), bits, 16, code, False, seed=bits)  # 4 K blocks of 128, last one partial
+    xr = torch.randn(2, 400, device=DEV)
+    want = xr @ qt.rotated_weight().T
+    for split in (1, 3, 8):
+        for decode in ("gather", "runs"):
+            close(gemv(xr, qt, split_k=split, decode=decode), want, 1e-5)
+    with pytest.raises(ValueError, match="decode must be 'gather' or 'runs', got 'lut'"):
+        gemv(xr, qt, decode="lut")
