@@ -12,6 +12,7 @@ CHARTQA_COLUMNS = ("image", "query", "label")
 def load_local_dataset(path: str | Path):
     """A local parquet / json / jsonl / text file as a `datasets.Dataset`; a plain text file is one document."""
     from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
     path = Path(path)
     if not path.is_file():
@@ -20,11 +21,16 @@ def load_local_dataset(path: str | Path):
     if builder is None:
         raise ValueError(f"{path}: unknown dataset type (use .parquet, .json, .jsonl, .txt or .raw)")
     kwargs = {"sample_by": "document"} if builder == "text" else {}
+    bars = is_progress_bar_enabled()
+    disable_progress_bar()  # a local file loads in a moment: keep the terminal for the eval's own progress
     try:
         return load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets raises many kinds on malformed files; report one line naming the file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: cannot read as {builder} ({first})") from None
+    finally:
+        if bars:
+            enable_progress_bar()
 
 
 def load_text(path: str | Path, column: str = "text") -> tuple[str, str]:

@@ -31,12 +31,16 @@ class Window:
     score_from: int
 
 
-def make_windows(n_tokens: int, seq_len: int, stride: int, with_bos: bool) -> list[Window]:
-    """The fixed windows of the module's convention."""
+def check_window_args(seq_len: int, stride: int) -> None:
     if seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2, got {seq_len}")
     if not 1 <= stride <= seq_len:
         raise ValueError(f"--stride must be between 1 and --seq-len ({seq_len}), got {stride}")
+
+
+def make_windows(n_tokens: int, seq_len: int, stride: int, with_bos: bool) -> list[Window]:
+    """The fixed windows of the module's convention."""
+    check_window_args(seq_len, stride)
     windows, begin, prev_end = [], 0, 0
     while begin < n_tokens:
         end = min(begin + seq_len, n_tokens)

@@ -8,7 +8,7 @@ from pathlib import Path
 from .chartqa import DEFAULT_PROMPT_SUFFIX, generate_answers, score
 from .data import load_chartqa, load_text
 from .loading import load_for_eval, load_processor, read_model_config
-from .perplexity import evaluate_perplexity
+from .perplexity import check_window_args, evaluate_perplexity
 from .report import chartqa_markdown, chartqa_plots, ppl_markdown, ppl_plots, write_report
 
 RELAXED_METRIC = ("Relaxed accuracy: numeric answers within 5% of a gold label (a trailing % divides by 100), "
@@ -28,6 +28,7 @@ def run_ppl(model: str, data: str, out: str, reference: str | None = None, seq_l
             reference_device: str | None = None, dtype: str = "auto", text_column: str = "text",
             progress: bool = True) -> tuple[dict, list[Path]]:
     """Perplexity (and KL/agreement against `reference`) on a local text dataset; writes ppl.{json,md,png}."""
+    check_window_args(seq_len, seq_len if stride is None else stride)
     text, joined = load_text(data, text_column)
     read_model_config(model)
     if reference is not None:
