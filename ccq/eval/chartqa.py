@@ -81,9 +81,10 @@ def score(rows, answers: dict[str, list[str]]) -> dict:
             s["lost"] = sum(correct["reference"][i] and not correct["model"][i] for i in idx)
             s["gained"] = sum(correct["model"][i] and not correct["reference"][i] for i in idx)
         splits[split] = s
+    queries = rows["query"]  # column access: no image decoding
     per_row = []
     for i in range(len(labels)):
-        r = {"index": i, "query": rows[i]["query"], "labels": labels[i],
+        r = {"index": i, "query": queries[i], "labels": labels[i],
              "split": None if hom is None else ("human" if int(hom[i]) == 0 else "augmented")}
         for name in answers:
             r[f"{name}_answer"], r[f"{name}_correct"] = answers[name][i], correct[name][i]

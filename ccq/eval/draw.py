@@ -50,9 +50,10 @@ def _legend(d, font, names, x, y):
 
 
 def bar_chart(title: str, categories: list[str], series: dict[str, list[float]],
-              size: tuple[int, int] = (448, 336), y_label: str = "", value_labels: bool = False) -> Image.Image:
-    """Grouped bars: one group per category, one bar per series (values must be >= 0)."""
-    y_max = _nice_max(max((v for vals in series.values() for v in vals), default=1.0))
+              size: tuple[int, int] = (448, 336), y_label: str = "", value_labels: bool = False,
+              y_max: float | None = None) -> Image.Image:
+    """Grouped bars: one group per category, one bar per series (values >= 0; y_max fixes the axis top)."""
+    y_max = y_max or _nice_max(max((v for vals in series.values() for v in vals), default=1.0))
     img, d, font, (x0, y0, x1, y1) = _frame(title, size, y_max, y_label)
     n_cat, n_ser = max(len(categories), 1), max(len(series), 1)
     group_w = (x1 - x0) / n_cat
@@ -67,7 +68,7 @@ def bar_chart(title: str, categories: list[str], series: dict[str, list[float]],
                 d.text((gx + s * bar_w, top - 11), _fmt(v), fill="black", font=font)
         d.text((gx, y1 + 6), cat, fill="black", font=font)
     if len(series) > 1:
-        _legend(d, font, list(series), x1 - 110, y0)
+        _legend(d, font, list(series), x1 - 110, 2)
     return img
 
 
@@ -93,5 +94,5 @@ def line_chart(title: str, x_labels: list[str], series: dict[str, list[float]],
             if value_labels:
                 d.text((px - 6, py - 13), _fmt(vals[i]), fill="black", font=font)
     if len(series) > 1:
-        _legend(d, font, list(series), x1 - 110, y0)
+        _legend(d, font, list(series), x1 - 110, 2)
     return img

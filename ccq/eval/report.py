@@ -91,6 +91,6 @@ def chartqa_markdown(r: dict) -> str:
 def chartqa_plots(r: dict) -> dict:
     names = ["model"] + (["reference"] if r.get("reference") is not None else [])
     splits = list(r["splits"])
-    series = {n: [100 * r["splits"][s][f"{n}_accuracy"] for s in splits] for n in names}
+    series = {n: [round(100 * r["splits"][s][f"{n}_accuracy"], 1) for s in splits] for n in names}
     return {"accuracy": bar_chart("ChartQA relaxed accuracy (%) by split", splits, series, size=(480, 320),
-                                  y_label="%", value_labels=True)}
+                                  y_label="%", value_labels=True, y_max=100.0)}
