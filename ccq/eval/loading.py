@@ -59,9 +59,14 @@ def load_processor(path: str | Path):
     """The model's multimodal processor; a ValueError naming the dir when it has none (or it cannot load)."""
     from transformers import AutoProcessor
 
+    from transformers.utils import is_torchvision_available
+
     if not any((Path(path) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
+        hint = ""
+        if read_model_config(path).get("model_type", "").startswith("ernie4_5_vl") and not is_torchvision_available():
+            hint = "; note that ERNIE-4.5-VL's processor needs torchvision, which is not installed"
         raise ValueError(f"{path} has no processor (processor_config.json / preprocessor_config.json): "
-                         "chartqa needs the model's own processor")
+                         f"chartqa needs the model's own processor{hint}")
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, ImportError, KeyError, TypeError, AttributeError) as e:

@@ -16,7 +16,6 @@ processor) from transformers' own config classes. Deterministic in `seed`; all d
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -192,7 +191,3 @@ def perturbed_copy(src_dir: str | Path, dst_dir: str | Path, rel_noise: float = 
         save_file(tensors, dst / f.name, metadata={"format": "pt"})
     return dst
 
-
-def read_config(model_dir: str | Path) -> dict:
-    """The dir's config.json as a dict."""
-    return json.loads((Path(model_dir) / "config.json").read_text())
