@@ -29,20 +29,6 @@ def main():
     """ccq: trellis-coded 2/3/4-bit compression of MoE expert weights."""
 
 
-@main.command()
-@click.option("--bits", "bits", multiple=True, type=click.IntRange(2, 4), default=(2, 3, 4), show_default=True,
-              help="Bit widths to run (repeatable).")
-@click.option("--size", default=256, show_default=True, type=click.IntRange(16, 8192),
-              help="The sample matrix is SIZE x SIZE i.i.d. N(0,1).")
-@click.option("--seed", default=0, show_default=True)
-def demo(bits, size, seed):
-    """Quantize a built-in Gaussian sample matrix and print the quality table."""
-    from .codec.quality import format_table, gaussian_quality
-
-    rows = [run_guarded(gaussian_quality, b, size, size, seed) for b in bits]
-    click.echo(format_table(rows))
-
-
 _DEVICE_HELP = "cpu, cuda, cuda:N, or auto (spread over the visible GPUs with accelerate)."
 _DTYPE = click.Choice(["auto", "bfloat16", "float16", "float32"])
 
@@ -99,6 +85,20 @@ def eval_chartqa(model, reference, data, limit, max_new_tokens, batch_size, devi
                            prompt_suffix=DEFAULT_PROMPT_SUFFIX if prompt_suffix is None else prompt_suffix)
     click.echo(paths[1].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@main.command()
+@click.option("--bits", "bits", multiple=True, type=click.IntRange(2, 4), default=(2, 3, 4), show_default=True,
+              help="Bit widths to run (repeatable).")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(16, 8192),
+              help="The sample matrix is SIZE x SIZE i.i.d. N(0,1).")
+@click.option("--seed", default=0, show_default=True)
+def demo(bits, size, seed):
+    """Quantize a built-in Gaussian sample matrix and print the quality table."""
+    from .codec.quality import format_table, gaussian_quality
+
+    rows = [run_guarded(gaussian_quality, b, size, size, seed) for b in bits]
+    click.echo(format_table(rows))
 
 
 if __name__ == "__main__":
