@@ -18,14 +18,15 @@ def test_ccq_packed_dir_goes_through_ccq_load(tmp_path, monkeypatch):
     (src / "config.json").write_text(json.dumps(config))
     calls = []
 
-    def fake_load(path, device, dtype):
-        calls.append((path, device, dtype))
+    def fake_load(path, device="cpu", dtype=None, device_map=None):  # ccq.load's signature
+        calls.append((path, device, dtype, device_map))
         return torch.nn.Linear(2, 2)
 
     monkeypatch.setattr(ccq, "load", fake_load, raising=False)
     em = load_for_eval(src, device="cpu", dtype="bfloat16")
-    assert calls == [(str(src), "cpu", torch.bfloat16)]
     assert em.quantized and isinstance(em.model, torch.nn.Linear) and em.tokenizer is not None
+    load_for_eval(src, device="auto", dtype="auto")
+    assert calls == [(str(src), "cpu", torch.bfloat16, None), (str(src), "cpu", torch.bfloat16, "auto")]
 
 
 def test_sixteen_bit_vlm_goes_through_transformers(tmp_path):

@@ -99,7 +99,10 @@ def load_for_eval(path: str | Path, device: str = "cpu", dtype: str = "auto", ne
     if quantized:
         from .. import load as ccq_load  # the packed-checkpoint reader (ccq.format)
 
-        model = ccq_load(str(path), device=device, dtype=torch_dtype)
+        if device == "auto":
+            model = ccq_load(str(path), dtype=torch_dtype, device_map="auto")
+        else:
+            model = ccq_load(str(path), device=device, dtype=torch_dtype)
     else:
         auto_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         if type(auto_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
