@@ -112,3 +112,11 @@ def test_cli_text_only_model_and_plain_text_file(dirs, tmp_path):
         r = json.loads((out / "ppl.json").read_text())
         assert math.isfinite(r["model"]["perplexity"]) and r["model"]["perplexity"] > 1
     assert "the whole file as one document" in json.loads((tmp_path / "o1" / "ppl.json").read_text())["convention"]
+
+
+def test_quantile_matches_torch():
+    from ccq.eval.perplexity import _quantile
+
+    x = torch.rand(5001, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert _quantile(x, 0.99) == pytest.approx(torch.quantile(x, 0.99).item(), rel=1e-12)
+    assert _quantile(torch.tensor([2.0]), 0.99) == 2.0
