@@ -19,7 +19,10 @@ def files(tmp_path_factory):
     (bare / "processor_config.json").unlink()
     (root / "notes.csv").write_text("a,b\n")
     (root / "broken.parquet").write_bytes(b"not a parquet file")
-    return {"root": root, "model": model, "bare": bare, "text": write_text_dataset(root / "text.parquet", 3),
+    no_template = root / "no_template"  # a processor but no chat template
+    shutil.copytree(model, no_template)
+    (no_template / "chat_template.jinja").unlink()
+    return {"root": root, "model": model, "bare": bare, "no_template": no_template, "text": write_text_dataset(root / "text.parquet", 3),
             "charts": write_chart_dataset(root / "charts.parquet", 1), "csv": root / "notes.csv"}
 
 
@@ -59,4 +62,6 @@ def test_chartqa_bad_inputs(files, tmp_path):
     fails(["chartqa", "--model", files["bare"], "--data", charts, "--out", out], "bare", "no processor")
     fails(["chartqa", "--model", m, "--reference", files["bare"], "--data", charts, "--out", out], "no processor")
     fails(["chartqa", "--model", tmp_path / "nope", "--data", charts, "--out", out], "does not exist")
+    fails(["chartqa", "--model", files["no_template"], "--data", charts, "--out", out], "no_template",
+          "no chat template")
     assert not out.exists()

@@ -18,11 +18,12 @@ DEFAULT_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 SPLITS = {"all": None, "human": 0, "augmented": 1}
 
 
-def _template_kwargs(processor) -> dict:
+def template_kwargs(processor, path) -> dict:
+    """Extra chat-template variables: thinking off where the template has the switch."""
     template = processor.chat_template
     text = " ".join(template.values()) if isinstance(template, dict) else (template or "")
     if not text:
-        raise ValueError("the model's processor has no chat template")
+        raise ValueError(f"{path}: the processor has no chat template (chat_template.jinja)")
     return {"enable_thinking": False} if "enable_thinking" in text else {}
 
 
@@ -39,7 +40,7 @@ def generate_answers(em: EvalModel, rows, batch_size: int = 8, max_new_tokens: i
     from transformers import GenerationConfig
 
     processor, tok = em.processor, em.processor.tokenizer
-    extra = _template_kwargs(processor)
+    extra = template_kwargs(processor, em.path)
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     think_end = tok.convert_tokens_to_ids("</think>") if "</think>" in tok.get_vocab() else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from .chartqa import DEFAULT_PROMPT_SUFFIX, generate_answers, score
+from .chartqa import DEFAULT_PROMPT_SUFFIX, generate_answers, score, template_kwargs
 from .data import load_chartqa, load_text
 from .loading import load_for_eval, load_processor, read_model_config
 from .perplexity import check_window_args, evaluate_perplexity
@@ -51,9 +51,9 @@ def run_chartqa(model: str, data: str, out: str, reference: str | None = None, l
     """
     rows = load_chartqa(data, limit)
     names = {"model": model} if reference is None else {"reference": reference, "model": model}
-    for path in names.values():
+    for path in names.values():  # every check before the first (long) model load
         read_model_config(path)
-        load_processor(path)
+        template_kwargs(load_processor(path), path)
     answers = {}
     for name, path in names.items():
         em = load_for_eval(path, device=device, dtype=dtype, need_processor=True)
