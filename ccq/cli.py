@@ -29,6 +29,64 @@ def main():
     """ccq: trellis-coded 2/3/4-bit compression of MoE expert weights."""
 
 
+_DEVICE_HELP = "cpu, cuda, cuda:N, or auto (spread over the visible GPUs with accelerate)."
+_DTYPE = click.Choice(["auto", "bfloat16", "float16", "float32"])
+
+
+@main.group("eval")
+def eval_group():
+    """Measure what compression cost: perplexity/KL and ChartQA drift against the 16-bit model."""
+
+
+@eval_group.command("ppl")
+@click.option("--model", "model", required=True, help="Model dir to evaluate (ccq-packed or 16-bit).")
+@click.option("--reference", default=None, help="16-bit reference model dir (omit to evaluate --model alone).")
+@click.option("--data", required=True, help="Local text dataset: .parquet, .json/.jsonl (column --text-column) or .txt.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(2), help="Window length in tokens.")
+@click.option("--stride", default=None, type=click.IntRange(1), help="Window start step [default: --seq-len].")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Evaluate at most this many windows.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="cpu", show_default=True, help=_DEVICE_HELP)
+@click.option("--reference-device", default=None, help="Device of the reference [default: --device].")
+@click.option("--dtype", default="auto", show_default=True, type=_DTYPE, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--out", default="eval-results", show_default=True, help="Folder for ppl.json, ppl.md, ppl_*.png.")
+def eval_ppl(model, reference, data, text_column, seq_len, stride, limit, batch_size, device, reference_device,
+             dtype, out):
+    """Perplexity on a local text dataset, and KL / top-1 agreement against --reference."""
+    from .eval.runs import run_ppl
+
+    _, paths = run_guarded(run_ppl, model, data, out, reference=reference, seq_len=seq_len, stride=stride,
+                           limit=limit, batch_size=batch_size, device=device, reference_device=reference_device,
+                           dtype=dtype, text_column=text_column)
+    click.echo(paths[1].read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@eval_group.command("chartqa")
+@click.option("--model", "model", required=True, help="Model dir to evaluate (ccq-packed or 16-bit).")
+@click.option("--reference", default=None, help="16-bit reference model dir (omit to evaluate --model alone).")
+@click.option("--data", required=True, help="ChartQA parquet/json: columns image, query, label[, human_or_machine].")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Evaluate the first N rows only.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="cpu", show_default=True, help=_DEVICE_HELP)
+@click.option("--dtype", default="auto", show_default=True, type=_DTYPE, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--prompt-suffix", default=None, help="Text after each question [default: a one-word-answer instruction].")
+@click.option("--out", default="eval-results", show_default=True,
+              help="Folder for chartqa.json, chartqa.md, chartqa_accuracy.png, chartqa_rows.jsonl.")
+def eval_chartqa(model, reference, data, limit, max_new_tokens, batch_size, device, dtype, prompt_suffix, out):
+    """ChartQA relaxed accuracy (all/human/augmented), drift and answer agreement against --reference."""
+    from .eval.chartqa import DEFAULT_PROMPT_SUFFIX
+    from .eval.runs import run_chartqa
+
+    _, paths = run_guarded(run_chartqa, model, data, out, reference=reference, limit=limit,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
+                           prompt_suffix=DEFAULT_PROMPT_SUFFIX if prompt_suffix is None else prompt_suffix)
+    click.echo(paths[1].read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
 @main.command()
 @click.option("--bits", "bits", multiple=True, type=click.IntRange(2, 4), default=(2, 3, 4), show_default=True,
               help="Bit widths to run (repeatable).")
