@@ -5,8 +5,9 @@ loader, the transformers integration and footprint planning all agree.
 
 Defaults: every routed-expert module (transformers' fused [E, out, in] layout) and every
 nn.Linear at `bits`, except the output head (lm_head / output embeddings) and routers
-(linears named `gate` or `router`). Embeddings, norms, routers and biases are never
-quantized. User overrides are `(pattern, bits)` pairs, fnmatch patterns on the module
+(linears named `gate` or `router`) and patch embeddings (`*patch_embed*`: an embedding
+whose forward reads `proj.weight.dtype`, and tiny). Embeddings, norms, routers and biases
+are never quantized. User overrides are `(pattern, bits)` pairs, fnmatch patterns on the module
 name, bits in 2..4 or 16 (= keep 16-bit); the last matching pattern wins.
 """
 
@@ -20,6 +21,7 @@ from .quant_modules import QuantLinear, QuantMoeExperts, is_fused_experts
 
 KEEP = 16
 ROUTER_NAMES = ("gate", "router")
+NEVER = ("*patch_embed*",)
 GROUPS = (
     ("routed_experts", ("*.experts",)),
     ("shared_experts", ("*.shared_experts.*",)),
@@ -58,7 +60,8 @@ def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
     for name, mod in model.named_modules():
         if isinstance(mod, (QuantLinear, QuantMoeExperts)) or is_fused_experts(mod):
             found[name] = mod
-        elif isinstance(mod, nn.Linear) and mod is not head and name.rsplit(".", 1)[-1] not in ROUTER_NAMES:
+        elif isinstance(mod, nn.Linear) and mod is not head and name.rsplit(".", 1)[-1] not in ROUTER_NAMES \
+                and not any(fnmatchcase(name, p) for p in NEVER):
             found[name] = mod
     return found
 
