@@ -24,7 +24,7 @@ def packed(tiny_ernie, calib_parquet, tmp_path_factory):
     for bits in (2, 4):
         d = tmp_path_factory.mktemp("packed") / f"q{bits}"
         r = run_cli("quantize", tiny_ernie, "-o", d, "--bits", bits, "--L", 8, "--calibration", calib_parquet,
-                    "--samples", 6, "--seq-len", 32)
+                    "--samples", 4, "--seq-len", 24)
         assert r.exit_code == 0, r.output
         out[bits] = d
     return out

@@ -234,10 +234,15 @@ def _check_shape(model, name, t):
 
 
 def _run(model, units, layers_name, layers, plan, get, writer, batches, dev, seed, rotate_output, opts, progress):
+    with tqdm(total=len(units), desc="ccq quantize", unit="layer", disable=not progress) as bar:
+        return _run_units(model, units, layers_name, layers, plan, get, writer, batches, dev, seed, rotate_output,
+                          opts, bar)
+
+
+def _run_units(model, units, layers_name, layers, plan, get, writer, batches, dev, seed, rotate_output, opts, bar):
     report = []
     n_layers = len(layers)
     acts = None
-    bar = tqdm(total=len(units), desc="ccq quantize", unit="unit", disable=not progress)
     # unit 0: everything outside the decoder layers (quantized data-free)
     if not writer.done(0):
         _materialise(model, units[0], get, dev)
@@ -287,7 +292,6 @@ def _run(model, units, layers_name, layers, plan, get, writer, batches, dev, see
         layers[i] = layer.to("meta")
         report += entries
         bar.update(1)
-    bar.close()
     return report
 
 
