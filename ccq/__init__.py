@@ -10,3 +10,7 @@ from .format.save import save_quantized  # noqa: E402
 from .models.quantize import quantize_model  # noqa: E402
 
 __all__ += ["load", "quantize_model", "save_quantized"]
+
+from .format.hf_quantizer import register as _register_transformers_quantizer  # noqa: E402
+
+_register_transformers_quantizer()

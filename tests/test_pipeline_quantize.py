@@ -84,3 +84,18 @@ def test_refuses_non_empty_output(tiny_ernie, tmp_path):
     r = run_cli("quantize", tiny_ernie, "-o", out, "--bits", 2, "--L", 8)
     assert r.exit_code == 1 and "--overwrite" in r.output
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_from_pretrained_loads_the_same_model(packed):
+    from transformers import AutoModelForImageTextToText
+
+    a = ccq.load(packed[2])
+    b = AutoModelForImageTextToText.from_pretrained(str(packed[2]))
+    assert isinstance(b.model.language_model.layers[2].mlp.vision_moe.experts, QuantMoeExperts)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    ids = torch.randint(1, 25, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
