@@ -7,7 +7,7 @@ import torch
 from transformers import Ernie4_5_VLMoeForConditionalGeneration
 
 from ccq import quantize_tensor
-from ccq.calibration.streaming import build_skeleton, open_source, unit_params, decoder_layers
+from ccq.calibration.streaming import build_skeleton, decoder_layers, open_source, tied_targets, unit_params
 from ccq.format.sizes import packed_layout, packed_nbytes
 from ccq.format.source import SourceCheckpoint
 from ccq.models.policy import module_group, parse_override, quant_plan
@@ -88,3 +88,28 @@ def test_packed_size_without_quantizing_matches_the_codec(shape, bits, rot):
     layout = packed_layout(shape, bits, rot)
     assert {k: (tuple(v.shape), v.dtype) for k, v in qt.state_dict().items()} == layout
     assert packed_nbytes(shape, bits, rot) == qt.nbytes
+
+
+def test_footprint_from_the_config_alone_matches_the_written_checkpoint(tmp_path):
+    """quant_plan + packed_nbytes on a meta-device model predict the packed folder's tensor bytes."""
+    from ccq.calibration.streaming import quantize_model_dir
+    from ccq.models.policy import packed_names
+
+    src = build_tiny_ernie(tmp_path / "m", layers=2)
+    over = [("*.experts", 3), ("*vision_tower.*", 16)]
+    out = tmp_path / "q"
+    quantize_model_dir(src, out, 2, overrides=over, L=8, progress=False)
+    _, config, cls, _ = open_source(src)
+    skel = build_skeleton(cls, config)
+    plan = quant_plan(skel, 2, over)
+    packed = packed_names(skel, plan)
+    predicted = sum(packed_nbytes(shape, b) for shape, b in packed.values())
+    mods, tied = set(plan), tied_targets(skel)
+    for name, p in skel.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if name in packed or name in tied or (owner in mods and name.endswith(".weight")):
+            continue
+        predicted += p.numel() * 2  # bf16
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == predicted
+    assert any(b == 3 for _, b in packed.values()) and not any("vision_tower" in k for k in packed)

@@ -99,3 +99,13 @@ def test_from_pretrained_loads_the_same_model(packed):
     ids = torch.randint(1, 25, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_load_dtype_and_device_map_keep_packed_fields(packed):
+    m = ccq.load(packed[4], dtype=torch.float32, device_map="auto")
+    e = m.model.language_model.layers[1].mlp.text_moe.experts
+    assert e.gate_up_proj.scales.dtype == torch.float16 and e.down_proj.trellis.dtype == torch.int16
+    assert m.model.language_model.embed_tokens.weight.dtype == torch.float32
+    assert m.lm_head.weight is m.model.language_model.embed_tokens.weight
+    with torch.no_grad():
+        assert m(input_ids=torch.randint(1, 25, (1, 8))).logits.dtype == torch.float32

@@ -138,7 +138,7 @@ def _materialise(model, names, get, device):
     for name in names:
         t = get(name)
         _check_shape(model, name, t)
-        set_module_tensor_to_device(model, name, device, value=t)
+        set_module_tensor_to_device(model, name, device, value=t, dtype=t.dtype)  # keep the stored dtype
 
 
 def _persistent_tensors(module: nn.Module, prefix: str, skip: str | None = None) -> dict[str, torch.Tensor]:

@@ -66,7 +66,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, device_map=None):
                 t = f.get_tensor(name)
                 if dtype is not None and name not in packed and t.is_floating_point():
                     t = t.to(dtype)
-                set_module_tensor_to_device(model, name, target, value=t)
+                set_module_tensor_to_device(model, name, target, value=t, dtype=t.dtype)
                 seen.add(name)
     model.tie_weights()
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())

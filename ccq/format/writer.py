@@ -84,7 +84,8 @@ class CheckpointWriter:
     def write_shard(self, i: int, tensors: dict[str, torch.Tensor], report: list) -> None:
         """Write shard i, then record it (with its report entries) as done."""
         save_tensors_atomic(self.work / self.shard_name(i), tensors)
-        self.state["shards"][str(i)] = {"keys": sorted(tensors), "report": report}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.state["shards"][str(i)] = {"keys": sorted(tensors), "bytes": nbytes, "report": report}
         write_json_atomic(self.work / "state.json", self.state)
 
     def path(self, name: str) -> Path:
@@ -99,7 +100,7 @@ class CheckpointWriter:
                 raise RuntimeError(f"shard {self.shard_name(i)} was never written")
             for k in self.state["shards"][str(i)]["keys"]:
                 weight_map[k] = self.shard_name(i)
-            total += (self.work / self.shard_name(i)).stat().st_size
+            total += self.state["shards"][str(i)]["bytes"]
         write_json_atomic(self.work / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         write_json_atomic(self.work / "config.json", config)
         write_json_atomic(self.work / REPORT, report)
