@@ -51,8 +51,8 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, device_map=None):
     config = AutoConfig.from_pretrained(str(path))
     qc = check_quantization_config(_as_dict(getattr(config, "quantization_config", None)))
     cls = model_class(config)
-    with init_empty_weights():
-        model = cls._from_config(config)
+    with init_empty_weights():  # like from_pretrained: the config's dtype (or `dtype`), fp32 where the model asks
+        model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     replace_with_quant_modules(model, qc["modules"], qc.get("rotate_output", False))
     expected = set(model.state_dict().keys())
     packed = _packed_names(model)
@@ -64,9 +64,8 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, device_map=None):
                 if name not in expected:
                     raise ValueError(f"{path / shard}: unexpected tensor {name}")
                 t = f.get_tensor(name)
-                if dtype is not None and name not in packed and t.is_floating_point():
-                    t = t.to(dtype)
-                set_module_tensor_to_device(model, name, target, value=t, dtype=t.dtype)
+                # 16-bit tensors take the model's dtype for them; packed fields keep their own
+                set_module_tensor_to_device(model, name, target, value=t, dtype=t.dtype if name in packed else None)
                 seen.add(name)
     model.tie_weights()
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
