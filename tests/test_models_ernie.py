@@ -71,6 +71,8 @@ def test_default_policy_and_overrides(tiny_ernie):
     assert plan["model.language_model.layers.1.mlp.vision_moe.experts"] == 2
     for kept in ("lm_head", "model.language_model.layers.1.mlp.text_moe.gate", "model.language_model.embed_tokens"):
         assert kept not in plan
+    assert module_group("model.vision_tower.blocks.0.attn.qkv") == "vision_tower"
+    assert module_group("model.language_model.layers.0.mlp.up_proj") == "dense_mlp"
     groups = {module_group(n) for n in plan}
     assert groups == {"routed_experts", "shared_experts", "attention", "vision_tower", "resampler", "dense_mlp"}
     over = [parse_override("*vision_tower.*=16"), parse_override("*.self_attn.*=4")]

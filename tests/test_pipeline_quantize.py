@@ -54,8 +54,8 @@ def test_quantized_logits_beat_rtn_g64(packed, tiny_ernie, bits):
 
 def test_report_inspect_and_modality_statistics(packed):
     rep = json.loads((packed[2] / "quantization_report.json").read_text())
-    vision = [e for e in rep["tensors"] if "vision_moe.experts" in e["tensor"]]
-    assert vision and all(e["hessian"] for e in vision)  # image rows reached the vision experts
+    vision = [e for e in rep["tensors"] if "vision_moe.experts" in e["tensor"] or "vision_tower" in e["tensor"]]
+    assert vision and all(e["hessian"] for e in vision)  # image rows reached the vision experts and tower
     assert rep["fallbacks"] == []
     assert rep["totals"]["by_group"]["routed_experts"]["tensors"] == 8  # 2 MoE layers x (text, vision) x (gate_up, down)
     r = run_cli("inspect", packed[2])

@@ -2,7 +2,8 @@
 
 The model skeleton is built on the meta device; shard 1 holds everything outside the
 decoder layers (embeddings, vision tower, resampler, final norm, head), shards 2.. hold
-one decoder layer each. Only the unit being processed is materialised, so peak memory is
+one decoder layer each. The vision tower and resampler are calibrated on the calibration
+images (one pass of the 16-bit model); without images they fall back to data-free search. Only the unit being processed is materialised, so peak memory is
 about one layer plus the calibration activations. With calibration data, layer i's
 Hessians are captured on the outputs of the already-quantized layers before it; the
 activations are saved at every layer boundary so `resume=True` continues bit-exactly.
@@ -247,11 +248,17 @@ def _run_units(model, units, layers_name, layers, plan, get, writer, batches, de
     if not writer.done(0):
         _materialise(model, units[0], get, dev)
         _retie(model, tied_targets(model))
+        outside = [n for n in plan if not n.startswith(layers_name + ".")]
+        hessians = None
+        if batches is not None:  # vision tower / resampler statistics from the calibration images
+            mods = dict(model.named_modules())
+            with HessianCapture({n: mods[n] for n in outside}) as cap:
+                _capture_inputs(model, layers, batches)
+            hessians = cap.result()
         entries = []
-        for name, b in plan.items():
-            if not name.startswith(layers_name + "."):
-                bar.set_postfix_str(name[-40:])
-                entries += quantize_module(model, name, b, None, seed, rotate_output, **opts)
+        for name in outside:
+            bar.set_postfix_str(name[-40:])
+            entries += quantize_module(model, name, plan[name], hessians, seed, rotate_output, **opts)
         tensors = _persistent_tensors(model, "", skip=layers_name)
         if batches is not None:
             acts = _capture_inputs(model, layers, batches)

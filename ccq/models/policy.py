@@ -24,10 +24,10 @@ ROUTER_NAMES = ("gate", "router")
 NEVER = ("*patch_embed*",)
 GROUPS = (
     ("routed_experts", ("*.experts",)),
-    ("shared_experts", ("*.shared_experts.*",)),
-    ("attention", ("*.self_attn.*", "*.attention.*", "*.attn.*")),
     ("vision_tower", ("*vision_tower.*", "*vision_model.*", "*visual.*")),
     ("resampler", ("*resampler_model.*",)),
+    ("shared_experts", ("*.shared_experts.*",)),
+    ("attention", ("*.self_attn.*", "*.attention.*", "*.attn.*")),
     ("dense_mlp", ("*.mlp.*",)),
 )
 
