@@ -36,6 +36,9 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors file that appears under its name only once fully written."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; make them like any other output file
     os.replace(tmp, path)
 
 
