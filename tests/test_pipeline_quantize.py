@@ -101,6 +101,18 @@ def test_from_pretrained_loads_the_same_model(packed):
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
 
 
+def test_transformers_save_pretrained_roundtrip(packed, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    b = AutoModelForImageTextToText.from_pretrained(str(packed[2]))
+    b.save_pretrained(str(tmp_path / "resaved"))
+    c = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "resaved"))
+    assert isinstance(c.model.language_model.layers[1].mlp.text_moe.experts, QuantMoeExperts)
+    ids = torch.randint(1, 25, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(b(input_ids=ids).logits, c(input_ids=ids).logits)
+
+
 def test_load_dtype_and_device_map_keep_packed_fields(packed):
     m = ccq.load(packed[4], dtype=torch.float32, device_map="auto")
     e = m.model.language_model.layers[1].mlp.text_moe.experts
