@@ -287,8 +287,8 @@ def _run_units(model, units, layers_name, layers, plan, get, writer, batches, de
                     layer(h.to(dev), **_to(kw, dev))
             hessians = cap.result()
         entries = []
-        for name in names:
-            bar.set_postfix_str(f"layer {i}/{n_layers} {name[len(prefix) + 1:]}")
+        for name in tqdm(names, desc=f"layer {i}/{n_layers}", unit="module", leave=False, disable=bar.disable):
+            bar.set_postfix_str(name[len(prefix) + 1:])
             entries += quantize_module(model, name, plan[name], hessians, seed, rotate_output, **opts)
         if acts is not None:
             acts = [(_first(layer(h.to(dev), **_to(kw, dev))).detach().cpu(), kw) for h, kw in acts]
