@@ -25,7 +25,7 @@ from ..format.qconfig import make_quantization_config
 from ..format.source import SourceCheckpoint
 from ..format.writer import CheckpointWriter
 from ..models import ernie
-from ..models.policy import module_group, quant_plan
+from ..models.policy import quant_plan
 from ..models.quantize import quantize_module
 from .hessian import HessianCapture
 

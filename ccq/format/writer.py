@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .source import INDEX, SINGLE, read_json
+from .source import INDEX, read_json
 
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
 REPORT = "quantization_report.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".index.json")
 SKIP_FILES = {"config.json", INDEX, REPORT}
 
 
@@ -109,8 +109,7 @@ class CheckpointWriter:
         write_json_atomic(self.work / REPORT, report)
         if copy_from is not None:
             for f in sorted(Path(copy_from).iterdir()):
-                if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_SUFFIXES) \
-                        and f.name != SINGLE:
+                if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_SUFFIXES):
                     shutil.copyfile(f, self.work / f.name)
         for scratch in self.work.iterdir():
             if scratch.name == "state.json" or scratch.name.startswith("calib-"):
