@@ -63,11 +63,12 @@ def image_inputs(path, text="what is the highest bar"):
     from PIL import Image
     from transformers import AutoTokenizer
 
-    from ccq.calibration.data import _image_sample
+    from ccq.calibration.data import _image_processor, _image_sample
 
     rng = np.random.default_rng(0)
     img = Image.fromarray((rng.random((30, 40, 3)) * 255).astype("uint8"))
-    return _image_sample(img, text, AutoTokenizer.from_pretrained(str(path)), path, tiny_ernie_config(), 64)
+    return _image_sample(img, text, AutoTokenizer.from_pretrained(str(path)), _image_processor(path),
+                         tiny_ernie_config(), 64)
 
 
 @pytest.fixture(scope="session")

@@ -148,3 +148,7 @@ def test_nan_weights(tiny_ernie, tmp_path):
 @pytest.mark.parametrize("bits", [1, 5])
 def test_bits_out_of_range(tiny_ernie, tmp_path, bits):
     _assert_clean_error(run_cli("quantize", tiny_ernie, "-o", tmp_path / "out", "--bits", bits), tmp_path, "bits")
+
+
+def test_bad_codec_option(tiny_ernie, tmp_path):
+    _assert_clean_error(run_cli("quantize", tiny_ernie, "-o", tmp_path / "out", "--L", 5), tmp_path, "L must be")

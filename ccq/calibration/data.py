@@ -90,7 +90,8 @@ def calibration_batches(path, model_dir, config, samples: int, seq_len: int) -> 
         elif isinstance(t, str) and t.strip():
             texts.append(t)
     n_img = min(len(images), samples // 2 if texts else samples)
-    out = [_image_sample(img, t, tok, model_dir, config, seq_len) for img, t in images[:n_img]]
+    proc = _image_processor(model_dir) if n_img else None
+    out = [_image_sample(img, t, tok, proc, config, seq_len) for img, t in images[:n_img]]
     if texts:
         ids = tok("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         for start in range(0, len(ids), seq_len):
@@ -102,10 +103,17 @@ def calibration_batches(path, model_dir, config, samples: int, seq_len: int) -> 
     return out
 
 
-def _image_sample(img, text, tok, model_dir, config, seq_len) -> dict:
+def _image_processor(model_dir):
     from transformers import AutoImageProcessor
 
-    proc = AutoImageProcessor.from_pretrained(str(model_dir))
+    try:
+        return AutoImageProcessor.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise ValueError(f"{model_dir}: cannot load the image processor for the calibration images: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def _image_sample(img, text, tok, proc, config, seq_len) -> dict:
     pix = proc(images=[_image(img)], return_tensors="pt")
     grid = pix["image_grid_thw"]
     n = int(grid.prod()) // (config.vision_config.spatial_merge_size ** 2)

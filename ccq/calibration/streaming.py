@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..codec.config import TrellisConfig
 from ..format.qconfig import make_quantization_config
 from ..format.source import SourceCheckpoint
 from ..format.writer import CheckpointWriter
@@ -187,6 +188,7 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
     t_start = time.perf_counter()
     if bits not in (2, 3, 4):
         raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
+    TrellisConfig(bits=bits, rotate_output=rotate_output, **options)  # bad codec options fail before any output
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     src, config, cls, resolve = open_source(model_dir)
