@@ -101,5 +101,46 @@ def demo(bits, size, seed):
     click.echo(format_table(rows))
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output folder (packed checkpoint).")
+@click.option("--bits", type=int, default=2, show_default=True, help="Bits per weight: 2, 3 or 4.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="Local dataset (datasets: parquet/json/csv/text file or saved folder); text and image+text rows.")
+@click.option("--samples", type=click.IntRange(1), default=128, show_default=True, help="Calibration samples.")
+@click.option("--seq-len", type=click.IntRange(8), default=2048, show_default=True, help="Tokens per text sample.")
+@click.option("--module-bits", "module_bits", multiple=True, metavar="PATTERN=BITS",
+              help="Bits for modules matching an fnmatch pattern (2, 3, 4, or 16 to keep 16-bit); repeatable.")
+@click.option("--L", "L", type=int, default=16, show_default=True, help="Trellis state bits (8..16).")
+@click.option("--code", default="mul1", show_default=True, help="Computed trellis code.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device):
+    """Quantize an ERNIE-4.5-VL (or any nn.Linear transformers) MODEL_DIR into a packed checkpoint."""
+    from .calibration.streaming import quantize_model_dir
+    from .models.policy import parse_override
+
+    if bits not in (2, 3, 4):
+        raise CcqError(f"--bits must be 2, 3 or 4, got {bits}")
+    overrides = [run_guarded(parse_override, m) for m in module_bits]
+    report = run_guarded(quantize_model_dir, model_dir, out, bits, calibration=calibration, samples=samples,
+                         seq_len=seq_len, overrides=overrides, resume=resume, overwrite=overwrite, device=device,
+                         seed=seed, L=L, code=code)
+    t = report["totals"]
+    click.echo(f"wrote {out}: {t['quantized_tensors']} quantized tensors, {t['quantized_bytes'] / 2**20:.1f} MiB packed, "
+               f"{len(report['fallbacks'])} data-free fallbacks, {t['wall_seconds']:.1f} s")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+def inspect(checkpoint):
+    """Print what a packed checkpoint holds: bits, sizes by module group, fallbacks."""
+    from .format.inspect import describe
+
+    click.echo(run_guarded(describe, checkpoint))
+
+
 if __name__ == "__main__":
     sys.exit(main())

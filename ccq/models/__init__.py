@@ -1,1 +1,2 @@
-"""Model adapters and builders (tiny random models for tests live in `ccq.models.tiny`)."""
+"""Architecture adapters (ERNIE-4.5-VL, generic nn.Linear), the quantization policy, quantized modules,
+and tiny random models for tests and examples (`ccq.models.tiny`)."""

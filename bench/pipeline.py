@@ -1,0 +1,88 @@
+"""Quantize a tiny random ERNIE-4.5-VL end to end at 2 and 4 bits and compare its logits with
+the 16-bit model and with round-to-nearest (groups of 64, fp16 scale + zero).
+
+    PYTHONPATH=. python bench/pipeline.py [--L 12] [--bits 2 4] [--out bench/results/pipeline-cpu.json]
+
+Prints a table and writes JSON: relative logit error ||q - ref|| / ||ref|| on a text-only and
+an image+text batch, the RTN-g64 error at the same bits, wall time of the quantize run, and
+the packed size. The tiny model and calibration data come from tests/pipeline_helpers.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--L", type=int, default=12, help="trellis state bits (16 is the codec default; 4-bit at "
+                    "L=16 takes tens of minutes on 2 CPU cores even for the tiny model)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--out", default="bench/results/pipeline-cpu.json")
+    args = ap.parse_args()
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from transformers import Ernie4_5_VLMoeForConditionalGeneration
+
+    import ccq
+    from ccq.calibration.streaming import quantize_model_dir
+    from ccq.models.baseline import rtn_model
+    from pipeline_helpers import WORDS, build_tiny_ernie, image_inputs
+
+    tmp = Path(tempfile.mkdtemp(prefix="ccq-bench-"))
+    src = build_tiny_ernie(tmp / "model")
+    rng = np.random.default_rng(1)
+    rows = {"text": [" ".join(rng.choice(WORDS, 60)) for _ in range(8)] + ["what is the red bar"] * 4,
+            "image": [None] * 8 + [Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")) for _ in range(4)]}
+    calib = tmp / "calib.parquet"
+    datasets.Dataset.from_dict(rows, features=datasets.Features(
+        {"text": datasets.Value("string"), "image": datasets.Image()})).to_parquet(str(calib))
+
+    ref = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(str(src)).eval()
+    batches = {"text": {"input_ids": torch.randint(1, 25, (1, 64), generator=torch.Generator().manual_seed(3))},
+               "image+text": image_inputs(src)}
+    quantize_model_dir(src, tmp / "warmup", 2, L=8, overrides=[("*", 16)], progress=False)  # imports, numba compile
+    results = []
+    for bits in args.bits:
+        t0 = time.perf_counter()
+        rep = quantize_model_dir(src, tmp / f"q{bits}", bits, calibration=calib, samples=args.samples, seq_len=64,
+                                 L=args.L, progress=False)
+        wall = time.perf_counter() - t0
+        q = ccq.load(tmp / f"q{bits}")
+        plan = json.loads((tmp / f"q{bits}" / "config.json").read_text())["quantization_config"]["modules"]
+        rtn = rtn_model(Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(str(src)).eval(), plan)
+        row = {"bits": bits, "L": args.L, "quantize_wall_s": round(wall, 2),
+               "weights": sum(int(np.prod(e["shape"])) for e in rep["tensors"]),
+               "packed_bytes": rep["totals"]["quantized_bytes"], "fallbacks": len(rep["fallbacks"])}
+        with torch.no_grad():
+            for name, batch in batches.items():
+                r = ref(**batch).logits.float()
+                for label, m in (("ccq", q), ("rtn_g64", rtn)):
+                    row[f"{label}_rel_logit_err_{name}"] = round(float((m(**batch).logits.float() - r).norm() / r.norm()), 4)
+        row["weights_per_s"] = round(row["weights"] / wall, 1)
+        results.append(row)
+        print(json.dumps(row))
+    out = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "model": "tiny ERNIE-4.5-VL (tests/pipeline_helpers.py: hidden 64, 3 layers, 4+4 experts)",
+           "calibration": {"samples": args.samples, "seq_len": 64, "rows": "8 text + 4 image+text"},
+           "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

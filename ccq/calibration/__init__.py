@@ -1,0 +1,1 @@
+"""Calibration: Hessian capture, calibration data, layer-by-layer streaming quantization."""

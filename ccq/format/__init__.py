@@ -1,0 +1,1 @@
+"""Packed checkpoint: source reader, writer, loader, quantization_config, sizes, transformers integration."""

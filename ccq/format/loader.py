@@ -1,0 +1,97 @@
+"""`ccq.load`: a packed checkpoint folder -> a ready transformers model with ccq modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..models.policy import replace_with_quant_modules
+from .qconfig import check_quantization_config
+from .source import INDEX, SINGLE, read_json
+
+
+def model_class(config):
+    """The transformers class named by the config's architectures (ERNIE-4.5-VL native)."""
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None and config.model_type == "ernie4_5_vl_moe":
+        cls = transformers.Ernie4_5_VLMoeForConditionalGeneration
+    if cls is None:
+        raise ValueError(f"unknown architecture {arch!r} (model_type {config.model_type!r})")
+    return cls
+
+
+def shard_files(path: Path) -> list[str]:
+    if (path / INDEX).exists():
+        return sorted(set(read_json(path / INDEX)["weight_map"].values()))
+    if (path / SINGLE).exists():
+        return [SINGLE]
+    raise FileNotFoundError(f"{path} holds neither {INDEX} nor {SINGLE}")
+
+
+@torch.no_grad()
+def load(path, device="cpu", dtype: torch.dtype | None = None, device_map=None):
+    """Load a ccq checkpoint folder.
+
+    device: where everything goes when device_map is None. dtype: dtype of the 16-bit
+    tensors (default: as stored); packed codes, scales and signs keep their own dtypes.
+    device_map: None, "auto" or an accelerate device map dict (multi-GPU / offload).
+    """
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist or is not a folder")
+    config = AutoConfig.from_pretrained(str(path))
+    qc = check_quantization_config(_as_dict(getattr(config, "quantization_config", None)))
+    cls = model_class(config)
+    with init_empty_weights():  # like from_pretrained: the config's dtype (or `dtype`), fp32 where the model asks
+        model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    replace_with_quant_modules(model, qc["modules"], qc.get("rotate_output", False))
+    expected = set(model.state_dict().keys())
+    packed = _packed_names(model)
+    seen = set()
+    target = "cpu" if device_map is not None else device
+    for shard in shard_files(path):
+        with safe_open(str(path / shard), framework="pt") as f:
+            for name in f.keys():
+                if name not in expected:
+                    raise ValueError(f"{path / shard}: unexpected tensor {name}")
+                t = f.get_tensor(name)
+                # 16-bit tensors take the model's dtype for them; packed fields keep their own
+                set_module_tensor_to_device(model, name, target, value=t, dtype=t.dtype if name in packed else None)
+                seen.add(name)
+    model.tie_weights()
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+               if p is not None and p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    model.eval()
+    if device_map is not None:
+        if device_map == "auto":
+            device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+        return dispatch_model(model, device_map=device_map)
+    return model.to(device)
+
+
+def _as_dict(qc):
+    if qc is None or isinstance(qc, dict):
+        return qc
+    return qc.to_dict()
+
+
+def _packed_names(model) -> set[str]:
+    from ..models.quant_modules import PackedWeight
+
+    names = set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, PackedWeight):
+            for bname, b in mod.named_buffers(recurse=False):
+                names.add(f"{mname}.{bname}")
+    return names
