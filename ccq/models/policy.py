@@ -22,12 +22,12 @@ from .quant_modules import QuantLinear, QuantMoeExperts, is_fused_experts
 KEEP = 16
 ROUTER_NAMES = ("gate", "router")
 NEVER = ("*patch_embed*",)
-GROUPS = (
+GROUPS = (  # first match wins: the vision tower's own attention and MLPs count as vision
+    ("vision_tower", ("*vision_tower.*", "*vision_model.*", "*visual.*")),
+    ("resampler", ("*resampler_model.*",)),
     ("routed_experts", ("*.experts",)),
     ("shared_experts", ("*.shared_experts.*",)),
     ("attention", ("*.self_attn.*", "*.attention.*", "*.attn.*")),
-    ("vision_tower", ("*vision_tower.*", "*vision_model.*", "*visual.*")),
-    ("resampler", ("*resampler_model.*",)),
     ("dense_mlp", ("*.mlp.*",)),
 )
 
