@@ -91,7 +91,7 @@ def run_28b(kind: str, device, args, workdir: Path) -> dict:
     if kind == "ccq-2bit":  # the disk path: synth -> packed folder -> ccq.load
         folder = workdir / "ernie-28b-2bit"
         t = time.perf_counter()
-        info = synth_checkpoint(M28, 2, folder, overwrite=True, progress=False)
+        info = synth_checkpoint(M28, 2, folder, overwrite=True, progress=False, device=device)
         entry["synth_seconds"] = round(time.perf_counter() - t, 1)
         entry["checkpoint_tensor_bytes"] = info["tensor_bytes"]
         entry["checkpoint_file_bytes"] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
@@ -134,6 +134,17 @@ def run_424b(device, args) -> dict:
                         "logits_finite": bool(torch.isfinite(out.logits[0, -1]).all()), **memory()}
     del model, cache, out
     reset_peak()
+    return entry
+
+
+def guarded(model: str, variant: str, fn, *args) -> dict:
+    """Run one measurement; a failure (e.g. out of memory) is recorded, the others still run."""
+    try:
+        entry = fn(*args)
+    except Exception as e:  # recorded in the results file, never hidden
+        entry = {"model": model, "variant": variant, "error": f"{type(e).__name__}: {str(e)[:400]}", **memory()}
+        reset_peak()
+    print(json.dumps(entry), flush=True)
     return entry
 
 
@@ -184,15 +195,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         if args.only in (None, "28b"):
             for kind in ("ccq-2bit", "ccq-4bit", "bf16"):
-                result["runs"].append(run_28b(kind, device, args, Path(tmp)))
-                print(json.dumps(result["runs"][-1]), flush=True)
+                result["runs"].append(guarded(M28, kind, run_28b, kind, device, args, Path(tmp)))
     if args.only in (None, "424b"):
-        result["runs"].append(run_424b(device, args))
-        print(json.dumps(result["runs"][-1]), flush=True)
-    two = next((r for r in result["runs"] if r["variant"] == "ccq-2bit" and r["model"] == M28), None)
+        result["runs"].append(guarded(M424, "ccq-2bit", run_424b, device, args))
+    two = next((r for r in result["runs"] if r["variant"] == "ccq-2bit" and r["model"] == M28 and "error" not in r), None)
     if two:
         result["target_28b_2bit_within_8GiB"] = two["batch1"]["peak_allocated_bytes"] <= 8 * GiB
-    big = next((r for r in result["runs"] if r["model"] == M424), None)
+    big = next((r for r in result["runs"] if r["model"] == M424 and "error" not in r), None)
     if big:
         result["target_424b_2bit_32k_within_141GB"] = big["forward"]["peak_allocated_bytes"] <= 141e9
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -201,7 +210,7 @@ def main(argv=None) -> int:
     path = args.out / f"scale-{slug}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
-    return 0
+    return 1 if any("error" in r for r in result["runs"]) else 0
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def test_builtin_424b_placements():
     assert one["devices"]["cuda:0"] >= one["total_bytes"] + one["kv_cache_bytes"]
     assert one["devices"]["cuda:0"] <= 141e9
     four = plan_json("ernie-4.5-vl-424b-a47b", "--bits", 4, "--gpus", "4x80GB")
-    assert four["fits"] and all(b <= 80e9 for b in four["devices"].values())
+    assert four["fits"] and all(40e9 < b <= 80e9 for b in four["devices"].values())  # spread evenly
     assert sum(four["devices_kv_cache_bytes"].values()) == four["kv_cache_bytes"]
     no = plan_json("ernie-4.5-vl-424b-a47b", "--bits", 4, "--gpus", "1x141GB")
     assert not no["fits"] and no["offloaded_bytes"] > 0

@@ -53,12 +53,14 @@ def place(model: nn.Module, capacities: list[int], kv_per_layer: int, reserve: i
           dtype: torch.dtype = torch.bfloat16) -> dict:
     """accelerate device map of the meta model (+ its KV cache) over GPUs of `capacities` bytes.
 
-    What does not fit goes to "cpu". accelerate keeps room for one offloaded layer on the
-    first GPU; when a second pass without that room offloads nothing, that placement is
-    kept (no offload, no room needed). Returns {device_map, per-device bytes and cache bytes}.
+    Over several GPUs the layers are first spread evenly (accelerate's balanced memory, as
+    transformers' device_map="auto" does), else filled in order. What does not fit goes to
+    "cpu". accelerate keeps room for one offloaded layer on the first GPU; when a pass
+    without that room offloads nothing, that placement is kept (no offload, no room needed).
+    Returns {device_map, per-device bytes and cache bytes}.
     """
     from accelerate import infer_auto_device_map
-    from accelerate.utils import compute_module_sizes
+    from accelerate.utils import compute_module_sizes, get_balanced_memory
     from accelerate.utils.modeling import get_max_layer_size
 
     layers_name, layers = decoder_layers(model)
@@ -72,18 +74,28 @@ def place(model: nn.Module, capacities: list[int], kv_per_layer: int, reserve: i
         sizes = compute_module_sizes(model, dtype=dtype, special_dtypes=special)
         budget = [max(cap - reserve, 0) for cap in capacities]
 
-        def infer(first_extra):
-            mm = {i: b + (first_extra if i == 0 else 0) for i, b in enumerate(budget)}
+        def infer(limits, first_extra=0):
+            mm = {i: b + (first_extra if i == 0 else 0) for i, b in enumerate(limits)}
             mm["cpu"] = 1 << 60
             return infer_auto_device_map(model, max_memory=mm, no_split_module_classes=no_split, dtype=dtype,
                                          special_dtypes=special)
 
+        def on_gpus(dm):
+            return all(isinstance(d, int) for d in dm.values())
+
         with _quiet():
-            dm = infer(0)
-            if any(not isinstance(d, int) for d in dm.values()):
+            dm = None
+            if len(budget) > 1:
+                bal = get_balanced_memory(model, max_memory=dict(enumerate(budget)), no_split_module_classes=no_split,
+                                          dtype=dtype, special_dtypes=special)
+                balanced = infer([min(bal[i], b) for i, b in enumerate(budget)])
+                dm = balanced if on_gpus(balanced) else None
+            if dm is None:
+                dm = infer(budget)
+            if not on_gpus(dm):
                 room, _ = get_max_layer_size(list(model.named_children()), sizes, no_split)
-                second = infer(room)
-                if all(isinstance(d, int) for d in second.values()):
+                second = infer(budget, room)
+                if on_gpus(second):
                     dm = second
     finally:
         for layer in layers:

@@ -121,11 +121,13 @@ def synth_model(spec, bits: int | None = 2, *, overrides=(), device="cpu", dtype
 
 @torch.no_grad()
 def synth_checkpoint(spec, bits: int, out_dir, *, overrides=(), dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                     overwrite: bool = False, progress: bool = True, **options) -> dict:
+                     overwrite: bool = False, progress: bool = True, device="cpu", **options) -> dict:
     """Write a packed checkpoint of CONFIG's real shape with random codes; returns a summary.
 
     One shard for everything outside the decoder layers, one per decoder layer (as
-    `ccq quantize` writes them), so only one layer is in memory at a time.
+    `ccq quantize` writes them), so only one layer is in memory at a time. device: where
+    the random values are drawn ("cuda" is much faster for the real sizes; the values
+    differ from the CPU ones, both are valid).
     """
     import transformers
 
@@ -145,7 +147,7 @@ def synth_checkpoint(spec, bits: int, out_dir, *, overrides=(), dtype: torch.dty
     total = 0
     try:
         for i, names in enumerate(tqdm(units, desc="ccq synth", unit="shard", disable=not progress)):
-            tensors = {n: fill(n, "cpu") for n in names}
+            tensors = {n: fill(n, device) for n in names}
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             writer.write_shard(i, tensors, [])
         qc = make_quantization_config(model, bits, plan, overrides, seed=seed, **options)
