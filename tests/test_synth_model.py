@@ -87,3 +87,21 @@ def test_synth_refuses_non_empty_output(tiny, tmp_path):
     r = run_cli("synth", tiny / "src", "-o", out)
     assert r.exit_code == 1 and "--overwrite" in r.output and len(r.output.strip().splitlines()) == 1
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_generic_transformers_architecture(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": False}))
+    r = run_cli("synth", cfg, "--bits", 3, "-o", tmp_path / "q")
+    assert r.exit_code == 0, r.output
+    plan = plan_footprint(cfg, 3, context=10)
+    assert plan["kv_cache_bytes"] == 2 * 2 * 10 * 2 * 16 * 2
+    assert tensor_bytes(tmp_path / "q") == plan["total_bytes"]
+    m = ccq.load(tmp_path / "q")
+    assert isinstance(m.model.layers[0].mlp.up_proj, QuantLinear) and m.model.layers[0].mlp.up_proj.bits == 3
+    with torch.no_grad():
+        assert torch.isfinite(m(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    with pytest.raises(ValueError, match="device_map"):
+        ccq.load(tmp_path / "q", device_map="sideways")
