@@ -87,7 +87,7 @@ def inspect(checkpoint):
 @main.command()
 @click.argument("config")
 @click.option("--bits", type=int, default=2, show_default=True, help="Bits per weight: 2, 3 or 4.")
-@click.option("--gpus", default=None, metavar="NxSIZE",
+@click.option("--gpus", default="1x141GB", show_default=True, metavar="NxSIZE",
               help="GPUs to place the model on, e.g. 1x141GB, 4x80GB, 2x80GB+1x24GiB (GB = 1e9 bytes).")
 @click.option("--context", type=click.IntRange(0), default=32768, show_default=True, help="KV-cache tokens per sequence.")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Sequences in the KV cache.")
@@ -111,7 +111,7 @@ def plan(config, bits, gpus, context, batch, reserve, module_bits, as_json):
     if bits not in (2, 3, 4):
         raise CcqError(f"--bits must be 2, 3 or 4, got {bits}")
     overrides = [run_guarded(parse_override, m) for m in module_bits]
-    sizes = run_guarded(parse_gpus, gpus) if gpus else None
+    sizes = run_guarded(parse_gpus, gpus)
     res = run_guarded(plan_footprint, config, bits, overrides=overrides, gpus=sizes, context=context, batch=batch,
                       reserve=run_guarded(parse_size, reserve))
     click.echo(json.dumps(res) if as_json else format_plan(res))

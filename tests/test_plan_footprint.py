@@ -37,6 +37,7 @@ def test_builtin_28b_totals_and_expert_bytes():
     p4 = plan_json("ernie-4.5-vl-28b-a3b", "--bits", 4, "--context", 0)
     assert p2["total_bytes"] <= 7.9e9 and p4["total_bytes"] <= 15.2e9
     assert sum(p2["groups"].values()) == p2["total_bytes"]
+    assert p2["gpus"] == [141 * 10**9] and p2["fits"] and set(p2["devices"]) == {"cuda:0"}  # default: one H200
     # routed experts, independently: 27 sparse layers x text (I=1536) and vision (I=512) stacks of 64
     experts = 27 * sum(packed_nbytes(s, 2) for s in ((64, 3072, 2560), (64, 2560, 1536), (64, 1024, 2560), (64, 2560, 512)))
     assert p2["groups"]["routed_experts"] == p2["quantized_bytes"]["routed_experts"] == experts
