@@ -28,6 +28,7 @@ from ..format.qconfig import make_quantization_config
 from ..format.sizes import packed_layout
 from ..format.writer import CheckpointWriter
 from ..models.policy import packed_names
+from ..models.quantize import tensor_seed
 from . import configs
 from .skeleton import checkpoint_tensors, packed_buffer_names, quantized_skeleton
 
@@ -53,10 +54,6 @@ def synth_tensor(shape: tuple[int, ...], bits: int, *, seed: int = 0, scale: flo
     return QuantizedTensor(trellis, scales, random_signs(in_p, seed).to(device), signs_out, meta)
 
 
-def _seed(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
-
-
 class _Filler:
     """Random values for every checkpoint tensor of a quantized meta model, by name."""
 
@@ -76,14 +73,14 @@ class _Filler:
             prefix, _, field = name.rpartition(".")
             if prefix not in self._qt:
                 shape, bits = self.dense[prefix]
-                qt = synth_tensor(shape, bits, seed=_seed(self.seed, prefix),
+                qt = synth_tensor(shape, bits, seed=tensor_seed(self.seed, prefix),
                                   scale=self.std, device=device, **self.options)
                 self._qt = {prefix: qt.state_dict()}  # one packed weight at a time
             return self._qt[prefix][field]
         t = self.state[name]
         if t.device.type != "meta":  # a real persistent buffer: keep its value
             return t.detach().to(device)
-        g = torch.Generator(device=device).manual_seed(_seed(self.seed, name))
+        g = torch.Generator(device=device).manual_seed(tensor_seed(self.seed, name))
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "bias" or "e_score_correction_bias" in name:
             return torch.zeros(shape, dtype=dtype, device=device)
