@@ -142,5 +142,62 @@ def inspect(checkpoint):
     click.echo(run_guarded(describe, checkpoint))
 
 
+@main.command()
+@click.argument("config")
+@click.option("--bits", type=int, default=2, show_default=True, help="Bits per weight: 2, 3 or 4.")
+@click.option("--gpus", default="1x141GB", show_default=True, metavar="NxSIZE",
+              help="GPUs to place the model on, e.g. 1x141GB, 4x80GB, 2x80GB+1x24GiB (GB = 1e9 bytes).")
+@click.option("--context", type=click.IntRange(0), default=32768, show_default=True, help="KV-cache tokens per sequence.")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Sequences in the KV cache.")
+@click.option("--reserve", default="0", show_default=True, metavar="SIZE",
+              help="Memory kept free on every GPU (activations, CUDA context), e.g. 1GiB.")
+@click.option("--module-bits", "module_bits", multiple=True, metavar="PATTERN=BITS",
+              help="Bits for modules matching an fnmatch pattern (2, 3, 4, or 16 to keep 16-bit); repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def plan(config, bits, gpus, context, batch, reserve, module_bits, as_json):
+    """Packed size by module group, KV cache and GPU placement of CONFIG, without weights.
+
+    CONFIG is a config.json, a model folder or a built-in name (ernie-4.5-vl-28b-a3b,
+    ernie-4.5-vl-424b-a47b).
+    """
+    import json
+
+    from .models.policy import parse_override
+    from .plan.footprint import format_plan, plan_footprint
+    from .plan.gpus import parse_gpus, parse_size
+
+    if bits not in (2, 3, 4):
+        raise CcqError(f"--bits must be 2, 3 or 4, got {bits}")
+    overrides = [run_guarded(parse_override, m) for m in module_bits]
+    sizes = run_guarded(parse_gpus, gpus)
+    res = run_guarded(plan_footprint, config, bits, overrides=overrides, gpus=sizes, context=context, batch=batch,
+                      reserve=run_guarded(parse_size, reserve))
+    click.echo(json.dumps(res) if as_json else format_plan(res))
+
+
+@main.command()
+@click.argument("config")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output folder (packed checkpoint).")
+@click.option("--bits", type=int, default=2, show_default=True, help="Bits per weight: 2, 3 or 4.")
+@click.option("--module-bits", "module_bits", multiple=True, metavar="PATTERN=BITS",
+              help="Bits for modules matching an fnmatch pattern (2, 3, 4, or 16 to keep 16-bit); repeatable.")
+@click.option("--L", "L", type=int, default=16, show_default=True, help="Trellis state bits (8..16).")
+@click.option("--code", default="mul1", show_default=True, help="Computed trellis code.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+def synth(config, out, bits, module_bits, L, code, seed, overwrite):
+    """Write a packed checkpoint of CONFIG's real shape with random codes (no search), for benchmarks."""
+    from .models.policy import parse_override
+    from .plan.synth import synth_checkpoint
+
+    if bits not in (2, 3, 4):
+        raise CcqError(f"--bits must be 2, 3 or 4, got {bits}")
+    overrides = [run_guarded(parse_override, m) for m in module_bits]
+    r = run_guarded(synth_checkpoint, config, bits, out, overrides=overrides, seed=seed, overwrite=overwrite, L=L,
+                    code=code)
+    click.echo(f"wrote {r['out']}: {r['quantized_modules']} quantized modules, {r['shards']} shards, "
+               f"{r['tensor_bytes'] / 1e9:.3f} GB of tensors")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,12 +34,14 @@ def shard_files(path: Path) -> list[str]:
 
 
 @torch.no_grad()
-def load(path, device="cpu", dtype: torch.dtype | None = None, device_map=None):
+def load(path, device="cpu", dtype: torch.dtype | None = None, device_map=None, max_memory: dict | None = None):
     """Load a ccq checkpoint folder.
 
     device: where everything goes when device_map is None. dtype: dtype of the 16-bit
     tensors (default: as stored); packed codes, scales and signs keep their own dtypes.
-    device_map: None, "auto" or an accelerate device map dict (multi-GPU / offload).
+    device_map: None, "auto" or an accelerate device map dict (multi-GPU / GPU + CPU).
+    "auto" places the packed model over the GPUs within max_memory ({0: "70GiB", "cpu":
+    "200GiB"}, accelerate's format) before reading; every tensor goes straight to its device.
     """
     from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -57,7 +59,12 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, device_map=None):
     expected = set(model.state_dict().keys())
     packed = _packed_names(model)
     seen = set()
-    target = "cpu" if device_map is not None else device
+    if device_map == "auto":
+        model.tie_weights()  # so accelerate keeps tied weights together
+        device_map = infer_auto_device_map(model, max_memory=max_memory, dtype=dtype or torch.bfloat16,
+                                           no_split_module_classes=model._no_split_modules)
+    elif device_map is not None and not isinstance(device_map, dict):
+        raise ValueError(f"device_map must be None, 'auto' or a dict, got {device_map!r}")
     for shard in shard_files(path):
         with safe_open(str(path / shard), framework="pt") as f:
             for name in f.keys():
@@ -65,6 +72,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, device_map=None):
                     raise ValueError(f"{path / shard}: unexpected tensor {name}")
                 t = f.get_tensor(name)
                 # 16-bit tensors take the model's dtype for them; packed fields keep their own
+                target = device if device_map is None else _mapped_device(device_map, name)
                 set_module_tensor_to_device(model, name, target, value=t, dtype=t.dtype if name in packed else None)
                 seen.add(name)
     model.tie_weights()
@@ -73,11 +81,17 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, device_map=None):
     if missing:
         raise ValueError(f"{path}: checkpoint is missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     model.eval()
-    if device_map is not None:
-        if device_map == "auto":
-            device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
-        return dispatch_model(model, device_map=device_map)
+    if device_map is not None:  # packed weights are buffers: offloaded ones must stay offloaded
+        return dispatch_model(model, device_map=device_map, offload_buffers=True)
     return model.to(device)
+
+
+def _mapped_device(device_map: dict, name: str):
+    """Device of the longest device_map entry that is `name` or one of its parents."""
+    best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    if best is None:
+        raise ValueError(f"device_map places no module holding {name}")
+    return device_map[best]
 
 
 def _as_dict(qc):

@@ -22,10 +22,10 @@ from .quant_modules import QuantLinear, QuantMoeExperts, is_fused_experts
 KEEP = 16
 ROUTER_NAMES = ("gate", "router")
 NEVER = ("*patch_embed*",)
-GROUPS = (
-    ("routed_experts", ("*.experts",)),
+GROUPS = (  # first match wins: the vision tower's own attention and MLPs count as vision
     ("vision_tower", ("*vision_tower.*", "*vision_model.*", "*visual.*")),
     ("resampler", ("*resampler_model.*",)),
+    ("routed_experts", ("*.experts",)),
     ("shared_experts", ("*.shared_experts.*",)),
     ("attention", ("*.self_attn.*", "*.attention.*", "*.attn.*")),
     ("dense_mlp", ("*.mlp.*",)),
