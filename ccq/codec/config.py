@@ -14,7 +14,8 @@ class TrellisConfig:
     bits: 2, 3 or 4 bits per weight. L: trellis state bits (8..16). code: computed code name.
     hadamard_block: largest input-side Hadamard block (a power of two). rotate_output: also
     rotate the output side. damp: Hessian damping, relative to its mean diagonal.
-    scale_grid: factors of RMS/RMS(code) tried for the per-channel scales.
+    scale_grid: factors of RMS/RMS(code) tried for the per-channel scales (the best is then
+    refined halfway to its neighbours).
     scale_sample_tiles: how many tiles the scale search looks at. tailbite_candidates: overlaps
     tried per tile (1 = the two-pass approximation; each more costs one pass, CPU search only).
     device: "cpu", "cuda" or None (CUDA when available) for the Viterbi search.
@@ -26,7 +27,7 @@ class TrellisConfig:
     hadamard_block: int = 512
     rotate_output: bool = False
     damp: float = 0.01
-    scale_grid: tuple[float, ...] = field(default=(0.90, 0.95, 1.0, 1.05, 1.10, 1.15, 1.20))
+    scale_grid: tuple[float, ...] = field(default=(0.8, 0.9, 1.0, 1.1, 1.2))
     scale_sample_tiles: int = 16
     tailbite_candidates: int = 1
     device: str | None = None

@@ -69,14 +69,20 @@ def _search_scale(w: torch.Tensor, rms: torch.Tensor, cfg: TrellisConfig, search
     n = min(cfg.scale_sample_tiles, max(1, flat.shape[0] // 8))
     pick = torch.randperm(flat.shape[0], generator=g)[:n]
     x, r = flat[pick], flat_rms[pick]
-    best, best_err = cfg.scale_grid[0], float("inf")
-    for a in cfg.scale_grid:
-        s = a * r
-        states = search(x / s, s * s)
-        err = float(((search.values(states) * s - x) ** 2).sum())
-        if err < best_err:
-            best, best_err = a, err
-    return best
+
+    def errors(factors):  # one batched search over all candidate factors
+        s = torch.cat([a * r for a in factors])
+        xs = x.repeat(len(factors), 1)
+        err = ((search.values(search(xs / s, s * s)) * s - xs) ** 2).reshape(len(factors), -1).sum(1)
+        return dict(zip(factors, err.tolist()))
+
+    grid = sorted(cfg.scale_grid)
+    tried = errors(grid)
+    best = min(tried, key=tried.get)
+    if len(grid) > 1:  # refine halfway to the neighbouring grid points
+        step = min(b - a for a, b in zip(grid, grid[1:])) / 2
+        tried.update(errors([a for a in (best - step, best + step) if a > 0]))
+    return min(tried, key=tried.get)
 
 
 def _quantize_matrix(w: torch.Tensor, hessian: torch.Tensor | None, cfg: TrellisConfig,

@@ -26,7 +26,7 @@ def _kernels(k: int, L: int):
     Q = 1 << (L - k)
     S = 1 << L
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(nogil=True)
     def forward(x, w, code, overlap, cost, nxt, bp):
         """Viterbi costs of all end states into `cost`; back-pointers into bp. overlap < 0: free start."""
         T = x.shape[0]
@@ -58,7 +58,7 @@ def _kernels(k: int, L: int):
                     d = xt - code[m * K + n]
                     cost[m * K + n] = base + wt * d * d
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(nogil=True)
     def backtrace(bp, end, T, out_states):
         s = end
         out_states[T - 1] = s
@@ -67,7 +67,7 @@ def _kernels(k: int, L: int):
             s = m | (np.int64(bp[t, m]) << (L - k))
             out_states[t - 1] = s
 
-    @numba.njit(cache=True, parallel=True, nogil=True)
+    @numba.njit(parallel=True, nogil=True)
     def search_tiles(xs, ws, code, out_states, out_cost, half, candidates):
         """Tail-biting search of every row of xs ([N, T]) with per-weight weights ws."""
         N, T = xs.shape
