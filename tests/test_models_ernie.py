@@ -8,7 +8,7 @@ from transformers import Ernie4_5_VLMoeForConditionalGeneration
 
 from ccq import quantize_tensor
 from ccq.calibration.streaming import build_skeleton, decoder_layers, open_source, tied_targets, unit_params
-from ccq.format.sizes import packed_layout, packed_nbytes
+from ccq.codec import packed_layout, packed_nbytes
 from ccq.format.source import SourceCheckpoint
 from ccq.models.policy import module_group, parse_override, quant_plan
 

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ccq.cli import main
-from ccq.format.sizes import packed_nbytes
+from ccq.codec import packed_nbytes
 from ccq.plan import configs
 from ccq.plan.footprint import plan_footprint
 from ccq.plan.gpus import parse_gpus, parse_size

@@ -2,6 +2,6 @@
 
 from .config import TrellisConfig
 from .quantizer import proxy_loss, quantize_tensor
-from .tensor import QuantizedTensor, packed_nbytes
+from .tensor import QuantizedTensor, packed_layout, packed_nbytes
 
-__all__ = ["QuantizedTensor", "TrellisConfig", "proxy_loss", "packed_nbytes", "quantize_tensor"]
+__all__ = ["QuantizedTensor", "TrellisConfig", "proxy_loss", "packed_layout", "packed_nbytes", "quantize_tensor"]

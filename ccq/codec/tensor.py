@@ -7,6 +7,7 @@ the shape and codec parameters. `dequantize()` is the torch reference decode.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,16 +52,31 @@ def matrix_to_tiles(m: torch.Tensor) -> torch.Tensor:
     return m.reshape(*lead, r // TILE, c // TILE, TILE * TILE)
 
 
-def packed_nbytes(shape: tuple[int, ...], bits: int, rotate_output: bool = False) -> int:
-    """Exact bytes of the packed tensor of a weight of `shape` ([out, in] or [E, out, in]),
-    without quantizing anything (what `QuantizedTensor.nbytes` will report)."""
+def packed_layout(shape: tuple[int, ...], bits: int, rotate_output: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{field: (shape, dtype)} of the QuantizedTensor that `quantize_tensor` makes for a weight
+    of `shape` ([out, in] or [E, out, in]), without quantizing anything: what empty quantized
+    modules are built from and what footprints are computed from."""
+    if bits not in (2, 3, 4):
+        raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
+    if len(shape) not in (2, 3):
+        raise ValueError(f"shape must be [out, in] or [experts, out, in], got {tuple(shape)}")
     *lead, out, inp = shape
-    e = lead[0] if lead else 1
+    lead = tuple(lead)
     out_p, in_p = -(-out // TILE) * TILE, -(-inp // TILE) * TILE
-    n = e * out_p * in_p * bits // 8  # trellis words
-    n += e * out_p * 2  # fp16 scales
-    n += in_p + (out_p if rotate_output else 0)  # int8 signs
-    return n + len(META_FIELDS) * 4
+    layout = {
+        "trellis": (lead + (out_p // TILE, in_p // TILE, TILE * bits), torch.int16),
+        "scales": (lead + (out_p,), torch.float16),
+        "signs_in": ((in_p,), torch.int8),
+        "meta": ((len(META_FIELDS),), torch.int32),
+    }
+    if rotate_output:
+        layout["signs_out"] = ((out_p,), torch.int8)
+    return layout
+
+
+def packed_nbytes(shape: tuple[int, ...], bits: int, rotate_output: bool = False) -> int:
+    """Exact bytes of the packed tensor (all fields): what `QuantizedTensor.nbytes` will report."""
+    return sum(math.prod(shp) * dtype.itemsize for shp, dtype in packed_layout(shape, bits, rotate_output).values())
 
 
 @dataclass

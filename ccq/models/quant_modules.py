@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import kernels
 from ..codec.tensor import QuantizedTensor
-from ..format.sizes import packed_layout
+from ..codec.tensor import packed_layout
 
 
 class PackedWeight(nn.Module):
@@ -38,7 +38,17 @@ class PackedWeight(nn.Module):
 
     @property
     def qt(self) -> QuantizedTensor:
-        return QuantizedTensor(self.trellis, self.scales, self.signs_in, self.signs_out, self.meta.cpu())
+        return QuantizedTensor(self.trellis, self.scales, self.signs_in, self.signs_out, self._meta_on_cpu())
+
+    def _meta_on_cpu(self) -> torch.Tensor:
+        """The meta vector on the CPU, copied once per buffer: reading it on a GPU every
+        forward would synchronise the device for each quantized module."""
+        if self.meta.device.type == "cpu":
+            return self.meta
+        cached = getattr(self, "_meta_cache", None)
+        if cached is None or cached[0] is not self.meta:
+            cached = self._meta_cache = (self.meta, self.meta.cpu())
+        return cached[1]
 
 
 class QuantLinear(PackedWeight):

@@ -2,7 +2,7 @@
 
 `ccq plan` sums these, `ccq synth` fills them with random values: both go through the same
 policy (`quant_plan`), the same quantized modules (`replace_with_quant_modules`, whose
-buffers come from `format.sizes.packed_layout`) and the same tied-weight rule as the writer.
+buffers come from `codec.packed_layout`) and the same tied-weight rule as the writer.
 """
 
 from __future__ import annotations

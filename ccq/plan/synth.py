@@ -25,7 +25,7 @@ from ..codec.config import TrellisConfig
 from ..codec.hadamard import hadamard_block_size, random_signs
 from ..codec.tensor import FORMAT_VERSION, META_FIELDS, QuantizedTensor
 from ..format.qconfig import make_quantization_config
-from ..format.sizes import packed_layout
+from ..codec.tensor import packed_layout
 from ..format.writer import CheckpointWriter
 from ..models.policy import packed_names
 from ..models.quantize import tensor_seed
