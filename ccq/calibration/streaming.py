@@ -82,7 +82,26 @@ def open_source(model_dir):
         config = transformers.AutoConfig.from_pretrained(str(model_dir))
     except (ValueError, KeyError, OSError) as e:
         raise ValueError(f"{Path(model_dir) / 'config.json'}: unknown architecture: {str(e).splitlines()[0]}") from None
-    return src, config, cls, lambda source, name: source.get(name)
+    stored = _checkpoint_names(src, build_skeleton(cls, config))
+    return src, config, cls, lambda source, name: source.get(stored.get(name, name))
+
+
+def _checkpoint_names(src: SourceCheckpoint, model: nn.Module) -> dict[str, str]:
+    """{model tensor name: checkpoint tensor name} through transformers' own checkpoint renamings
+    (save_pretrained writes some models, LLaVA for one, under their legacy names)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    meta = model.state_dict()
+    names = {}
+    for key in src.keys():
+        new, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if converted is None:  # a tensor that needs a real conversion is not a plain rename
+            names[new] = key
+    return names
 
 
 def build_skeleton(cls, config) -> nn.Module:
