@@ -3,10 +3,13 @@ from click.testing import CliRunner
 from ccq.cli import main
 
 
-def test_demo_prints_quality_table():
-    r = CliRunner().invoke(main, ["demo", "--size", "32", "--bits", "4"])
+def test_demo_prints_codec_and_tiny_model_tables():
+    r = CliRunner().invoke(main, ["demo", "--size", "32", "--bits", "2", "--L", "8"])
     assert r.exit_code == 0, r.output
-    assert "| 4 |" in r.output and "Lloyd-Max" in r.output
+    assert "| 2 |" in r.output and "Lloyd-Max" in r.output
+    row = [line for line in r.output.splitlines() if line.startswith("| 2 |")][-1]
+    ccq_err, rtn_err = (float(c) for c in row.split("|")[3:5])
+    assert 0 < ccq_err < rtn_err  # the trellis beats round-to-nearest with groups of 64
 
 
 def test_demo_rejects_bad_bits():

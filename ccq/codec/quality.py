@@ -33,9 +33,9 @@ def format_table(rows: list[dict]) -> str:
     def f(v):
         return "-" if v is None else f"{v:.5f}"
 
-    lines = ["| bits | ccq MSE | bpw | R(D) bound | Lloyd-Max | best published | weights/s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| bits | ccq MSE | bpw | R(D) bound | Lloyd-Max | best published |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['bits']} | {r['mse']:.5f} | {r['bpw']:.3f} | {f(r['rate_distortion'])} | "
-                     f"{f(r['lloyd_max'])} | {f(r['best_published'])} | {r['weights_per_s']:.0f} |")
+                     f"{f(r['lloyd_max'])} | {f(r['best_published'])} |")
     return "\n".join(lines)
