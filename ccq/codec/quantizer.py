@@ -53,16 +53,17 @@ class _Searcher:
 
 
 def _rotate(w: torch.Tensor, signs_in, had_in, signs_out, had_out) -> torch.Tensor:
+    """Rotate [..., out, in] weights: the input side always, the output side when asked."""
     w = rotate_in(w, signs_in, had_in)
     if signs_out is not None:
-        w = fwht((w * signs_out.to(w.dtype)[:, None]).T, had_out).T
+        w = fwht((w * signs_out.to(w.dtype)[:, None]).transpose(-1, -2), had_out).transpose(-1, -2)
     return w
 
 
 def _search_scale(w: torch.Tensor, rms: torch.Tensor, cfg: TrellisConfig, search: _Searcher) -> float:
     """Pick the factor of RMS/RMS(code) that gives the lowest MSE on a sample of tiles."""
     tiles = matrix_to_tiles(w)
-    rms_t = matrix_to_tiles(rms[:, None].expand_as(w))
+    rms_t = matrix_to_tiles(rms[..., None].expand_as(w))
     flat, flat_rms = tiles.reshape(-1, TILE * TILE), rms_t.reshape(-1, TILE * TILE)
     g = torch.Generator().manual_seed(1234)
     # a sample of at most 1/8 of the tiles keeps the search cheap next to the real pass
@@ -85,43 +86,41 @@ def _search_scale(w: torch.Tensor, rms: torch.Tensor, cfg: TrellisConfig, search
     return min(tried, key=tried.get)
 
 
-def _quantize_matrix(w: torch.Tensor, hessian: torch.Tensor | None, cfg: TrellisConfig,
-                     search: _Searcher, rot) -> tuple[torch.Tensor, torch.Tensor]:
-    """One padded [out_p, in_p] matrix -> (states [ot, it, 256] int32, scales fp16 [out_p])."""
-    out_p, in_p = w.shape
+def _quantize_stack(w: torch.Tensor, hessian: torch.Tensor | None, cfg: TrellisConfig,
+                    search: _Searcher, rot) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded matrices [E, out_p, in_p] (Hessians [1 or E, in_p, in_p]) -> (states [E, ot, it, 256]
+    int32, scales fp16 [E, out_p]). All experts' tiles of a column block go to one search call."""
+    E, out_p, in_p = w.shape
     wr = _rotate(w.double(), *rot).float()
-    rms = wr.pow(2).mean(dim=1).sqrt().clamp_min(1e-12)
+    rms = wr.pow(2).mean(dim=-1).sqrt().clamp_min(1e-12)
     scale = _search_scale(wr, rms, cfg, search) * rms
+    tw = matrix_to_tiles((scale * scale)[..., None].expand(E, out_p, TILE)).reshape(-1, TILE * TILE)
     if hessian is None:
-        tiles = matrix_to_tiles(wr / scale[:, None]).reshape(-1, TILE * TILE)
-        tw = matrix_to_tiles((scale * scale)[:, None].expand_as(wr)).reshape(-1, TILE * TILE)
-        states = search(tiles, tw).reshape(out_p // TILE, in_p // TILE, TILE * TILE)
+        tiles = matrix_to_tiles(wr / scale[..., None]).reshape(-1, TILE * TILE)
+        tw = matrix_to_tiles((scale * scale)[..., None].expand_as(wr)).reshape(-1, TILE * TILE)
+        states = search(tiles, tw).reshape(E, out_p // TILE, in_p // TILE, TILE * TILE)
         codes = tiles_to_matrix(search.values(states))
-        num = (codes * wr).sum(1)
-        den = (codes * codes).sum(1)
+        num = (codes * wr).sum(-1)
+        den = (codes * codes).sum(-1)
     else:
-        h = hessian.double()
-        h = _rotate(_rotate(h, *rot[:2], None, None).T, *rot[:2], None, None)
-        h = h + torch.eye(in_p, dtype=h.dtype) * (cfg.damp * h.diagonal().mean().clamp_min(1e-12))
-        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        u = torch.linalg.cholesky(hinv, upper=True)
-        work = wr.double().clone()
+        h = _rotate(_rotate(hessian.double(), *rot[:2], None, None).transpose(-1, -2), *rot[:2], None, None)
+        h = h + torch.eye(in_p, dtype=h.dtype) * (cfg.damp * h.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12))[:, None, None]
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+        work = wr.clone()
         codes = torch.empty_like(wr)
-        states = torch.empty((out_p // TILE, in_p // TILE, TILE * TILE), dtype=torch.int32)
-        tw = matrix_to_tiles((scale * scale)[:, None].expand(out_p, TILE)).reshape(-1, TILE * TILE)
+        states = torch.empty((E, out_p // TILE, in_p // TILE, TILE * TILE), dtype=torch.int32)
         for j in range(in_p // TILE):
-            cols = slice(j * TILE, (j + 1) * TILE)
-            target = work[:, cols].float()
-            tiles = matrix_to_tiles(target / scale[:, None]).reshape(-1, TILE * TILE)
-            st = search(tiles, tw)
-            states[:, j] = st
-            codes[:, cols] = tiles_to_matrix(search.values(st)[:, None, :])
-            err = (target.double() - codes[:, cols].double() * scale[:, None].double())
-            err = torch.linalg.solve_triangular(u[cols, cols], err, upper=True, left=False)
-            work[:, j * TILE + TILE:] -= err @ u[cols, j * TILE + TILE:]
+            cols, rest = slice(j * TILE, (j + 1) * TILE), slice((j + 1) * TILE, None)
+            target = work[..., cols]
+            st = search(matrix_to_tiles(target / scale[..., None]).reshape(-1, TILE * TILE), tw)
+            states[:, :, j] = st.reshape(E, out_p // TILE, TILE * TILE)
+            codes[..., cols] = tiles_to_matrix(search.values(st).reshape(E, out_p // TILE, 1, TILE * TILE))
+            err = torch.linalg.solve_triangular(u[:, cols, cols], target - codes[..., cols] * scale[..., None],
+                                                upper=True, left=False)
+            work[..., rest] -= err @ u[:, cols, rest]
         hc = codes.double() @ h
-        num = (hc * wr.double()).sum(1).float()
-        den = (hc * codes.double()).sum(1).float()
+        num = (hc * wr.double()).sum(-1).float()
+        den = (hc * codes.double()).sum(-1).float()
     refit = torch.where(den > 0, num / den.clamp_min(1e-30), scale)
     return states, refit.to(torch.float16)
 
@@ -163,23 +162,27 @@ def quantize_tensor(weight: torch.Tensor, bits: int = 2, hessian: torch.Tensor |
     rot = (signs_in, had_in, signs_out, had_out)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     search = _Searcher(cfg, device)
+    # experts in chunks of about 2^24 weights: one search call per column block for the chunk,
+    # memory bounded to a few copies of the chunk
+    chunk = max(1, (1 << 24) // (out_p * in_p))
     words, scales = [], []
-    for e in range(E):
-        w = torch.zeros(out_p, in_p, dtype=torch.float32)
-        w[:out, :inp] = w3[e].float().cpu()
+    for e0 in range(0, E, chunk):
+        e1 = min(E, e0 + chunk)
+        w = torch.zeros(e1 - e0, out_p, in_p, dtype=torch.float32)
+        w[:, :out, :inp] = w3[e0:e1].float().cpu()
         h = None
         if hessian is not None:
-            he = hessian[e] if hessian.dim() == 3 else hessian
-            h = torch.zeros(in_p, in_p, dtype=torch.float64)
-            h[:inp, :inp] = he.double().cpu()
-        states, sc = _quantize_matrix(w, h, cfg, search, rot)
+            he = hessian[e0:e1] if hessian.dim() == 3 else hessian[None]
+            h = torch.zeros(he.shape[0], in_p, in_p, dtype=torch.float64)
+            h[:, :inp, :inp] = he.double().cpu()
+        states, sc = _quantize_stack(w, h, cfg, search, rot)
         words.append(torch.from_numpy(states_to_words(states.numpy(), cfg.bits)))
         scales.append(sc)
     meta = torch.tensor([FORMAT_VERSION, cfg.bits, cfg.L, get_code(cfg.code).code_id, had_in, had_out,
                          E if stack else 0, out, inp], dtype=torch.int32)
     assert len(meta) == len(META_FIELDS)
-    trellis = torch.stack(words) if stack else words[0]
-    sc = torch.stack(scales) if stack else scales[0]
+    trellis = torch.cat(words) if stack else words[0][0]
+    sc = torch.cat(scales) if stack else scales[0][0]
     return QuantizedTensor(trellis.contiguous(), sc.contiguous(), signs_in, signs_out, meta)
 
 
