@@ -38,11 +38,10 @@ def main():
     from ccq.calibration.streaming import quantize_model_dir
     from ccq.models.baseline import rtn_model
     from ccq.eval.synthetic import generate_text
-    from ccq.models.tiny import build_tiny_ernie_vl, tiny_ernie_image_inputs
+    from ccq.models.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl, tiny_ernie_image_inputs
 
     tmp = Path(tempfile.mkdtemp(prefix="ccq-bench-"))
-    src = build_tiny_ernie_vl(tmp / "model", layers=3, patch_size=4, min_image_pixels=16 * 16,
-                              max_image_pixels=32 * 32)
+    src = build_tiny_ernie_vl(tmp / "model", **PIPELINE_ERNIE_OPTIONS)
     rng = np.random.default_rng(1)
     rows = {"text": generate_text(8, seed=1) + ["what is the red bar"] * 4,
             "image": [None] * 8 + [Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")) for _ in range(4)]}

@@ -3,15 +3,13 @@
 import numpy as np
 import pytest
 
-from ccq.models.tiny import build_tiny_ernie_vl
+from ccq.models.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl
 from pipeline_helpers import WORDS
 
 
 @pytest.fixture(scope="session")
 def tiny_ernie(tmp_path_factory):
-    """3 layers (2 MoE); 4-px patches and 16x16..32x32-px images keep image rows a few dozen tokens."""
-    return build_tiny_ernie_vl(tmp_path_factory.mktemp("ernie") / "model", layers=3, patch_size=4,
-                               min_image_pixels=16 * 16, max_image_pixels=32 * 32, initializer_range=0.02)
+    return build_tiny_ernie_vl(tmp_path_factory.mktemp("ernie") / "model", **PIPELINE_ERNIE_OPTIONS)
 
 
 @pytest.fixture(scope="session")

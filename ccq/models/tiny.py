@@ -7,8 +7,8 @@ processor) from transformers' own config classes. Deterministic in `seed`; all d
 - `build_tiny_ernie_vl`: ERNIE-4.5-VL (`ernie4_5_vl_moe`), 2 layers by default (dense, then MoE: 4 text and
   4 vision experts, top-2, one shared expert), a 1-block vision tower; `tiny_ernie_vl_config` is its config alone,
   `tiny_ernie_image_inputs` an image+text forward batch for it. Its `Ernie4_5_VLMoeProcessor` needs torchvision (a
-  transformers requirement for the video processor); without torchvision the dir gets the tokenizer and chat
-  template only, and `ernie_processor_available()` says so.
+  transformers requirement for the video processor); without torchvision the dir gets the tokenizer, chat
+  template and image processor only (enough for calibration), and `ernie_processor_available()` says so.
 - `build_tiny_llava`: a LLaVA (CLIP + Llama) VLM whose processor needs no torchvision: the generic
   image-text path of the evals runs on any machine with it.
 - `perturbed_copy`: the same model with relative Gaussian noise on its matrices, a stand-in for a lossy
@@ -118,6 +118,13 @@ def tiny_ernie_vl_config(layers: int = 2, patch_size: int = 14, tokenizer=None, 
                            spatial_merge_size=2),
         **{f"{name}_id": i for name, i in ids.items()},
     )
+
+
+# The tiny ERNIE that the quantization pipeline tests and bench/pipeline.py quantize: 3 layers (2 MoE), transformers'
+# 0.02 init (logits tame enough for quantization-error ratios), 4-px patches and 16x16..32x32-px images (image rows
+# of a few dozen tokens).
+PIPELINE_ERNIE_OPTIONS = dict(layers=3, patch_size=4, min_image_pixels=16 * 16, max_image_pixels=32 * 32,
+                              initializer_range=0.02)
 
 
 def build_tiny_ernie_vl(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16, layers: int = 2,
