@@ -5,7 +5,7 @@ the 16-bit model and with round-to-nearest (groups of 64, fp16 scale + zero).
 
 Prints a table and writes JSON: relative logit error ||q - ref|| / ||ref|| on a text-only and
 an image+text batch, the RTN-g64 error at the same bits, wall time of the quantize run, and
-the packed size. The tiny model and calibration data come from tests/pipeline_helpers.py.
+the packed size. The tiny model comes from ccq.models.tiny, the calibration text from ccq.eval.synthetic.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def main():
@@ -35,25 +32,26 @@ def main():
     import datasets
     import numpy as np
     from PIL import Image
-    from transformers import Ernie4_5_VLMoeForConditionalGeneration
+    from transformers import AutoTokenizer, Ernie4_5_VLMoeForConditionalGeneration
 
     import ccq
     from ccq.calibration.streaming import quantize_model_dir
     from ccq.models.baseline import rtn_model
-    from pipeline_helpers import WORDS, build_tiny_ernie, image_inputs
+    from ccq.eval.synthetic import generate_text
+    from ccq.models.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl, tiny_ernie_image_inputs
 
     tmp = Path(tempfile.mkdtemp(prefix="ccq-bench-"))
-    src = build_tiny_ernie(tmp / "model")
+    src = build_tiny_ernie_vl(tmp / "model", **PIPELINE_ERNIE_OPTIONS)
     rng = np.random.default_rng(1)
-    rows = {"text": [" ".join(rng.choice(WORDS, 60)) for _ in range(8)] + ["what is the red bar"] * 4,
+    rows = {"text": generate_text(8, seed=1) + ["what is the red bar"] * 4,
             "image": [None] * 8 + [Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")) for _ in range(4)]}
     calib = tmp / "calib.parquet"
     datasets.Dataset.from_dict(rows, features=datasets.Features(
         {"text": datasets.Value("string"), "image": datasets.Image()})).to_parquet(str(calib))
 
     ref = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(str(src)).eval()
-    batches = {"text": {"input_ids": torch.randint(1, 25, (1, 64), generator=torch.Generator().manual_seed(3))},
-               "image+text": image_inputs(src)}
+    text_ids = AutoTokenizer.from_pretrained(str(src))(generate_text(1, seed=3)[0], return_tensors="pt")["input_ids"]
+    batches = {"text": {"input_ids": text_ids[:, :64]}, "image+text": tiny_ernie_image_inputs(src)}
     quantize_model_dir(src, tmp / "warmup", 2, L=8, overrides=[("*", 16)], progress=False)  # imports, numba compile
     results = []
     for bits in args.bits:
@@ -76,7 +74,7 @@ def main():
         results.append(row)
         print(json.dumps(row))
     out = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "model": "tiny ERNIE-4.5-VL (tests/pipeline_helpers.py: hidden 64, 3 layers, 4+4 experts)",
+           "model": "tiny ERNIE-4.5-VL (ccq.models.tiny: hidden 64, 3 layers, 4+4 experts)",
            "calibration": {"samples": args.samples, "seq_len": 64, "rows": "8 text + 4 image+text"},
            "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

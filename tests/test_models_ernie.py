@@ -12,12 +12,13 @@ from ccq.codec import packed_layout, packed_nbytes
 from ccq.format.source import SourceCheckpoint
 from ccq.models.policy import module_group, parse_override, quant_plan
 
-from pipeline_helpers import build_tiny_ernie, tiny_ernie, write_remote_flavour  # noqa: F401
+from ccq.models.tiny import build_tiny_ernie_vl
+from pipeline_helpers import write_remote_flavour
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    return build_tiny_ernie(tmp_path_factory.mktemp("sharded") / "m", max_shard_size="100KB")
+    return build_tiny_ernie_vl(tmp_path_factory.mktemp("sharded") / "m", layers=3, max_shard_size="100KB")
 
 
 def test_save_pretrained_writes_baidu_per_expert_names(sharded):
@@ -97,7 +98,7 @@ def test_footprint_from_the_config_alone_matches_the_written_checkpoint(tmp_path
     from ccq.calibration.streaming import quantize_model_dir
     from ccq.models.policy import packed_names
 
-    src = build_tiny_ernie(tmp_path / "m", layers=2)
+    src = build_tiny_ernie_vl(tmp_path / "m")
     over = [("*.experts", 3), ("*vision_tower.*", 16)]
     out = tmp_path / "q"
     quantize_model_dir(src, out, 2, overrides=over, L=8, progress=False)

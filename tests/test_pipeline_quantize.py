@@ -1,17 +1,19 @@
 """End to end: `ccq quantize` on tiny ERNIE-4.5-VL models -> packed folder -> ccq.load -> forward."""
 
 import json
+import random
 
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import Ernie4_5_VLMoeForConditionalGeneration
+from transformers import AutoTokenizer, Ernie4_5_VLMoeForConditionalGeneration
 
 import ccq
 from ccq.cli import main
 from ccq.models.baseline import rtn_model
 from ccq.models.quant_modules import QuantLinear, QuantMoeExperts
-from pipeline_helpers import calib_parquet, image_inputs, tiny_ernie  # noqa: F401
+from ccq.models.tiny import tiny_ernie_image_inputs
+from pipeline_helpers import WORDS
 
 
 def run_cli(*args):
@@ -45,8 +47,9 @@ def test_quantized_logits_beat_rtn_g64(packed, tiny_ernie, bits):
     assert isinstance(q.model.vision_tower.blocks[0].attn.qkv, QuantLinear)
     plan = json.loads((packed[bits] / "config.json").read_text())["quantization_config"]["modules"]
     rtn = rtn_model(Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(str(tiny_ernie)).eval(), plan)
-    text = {"input_ids": torch.randint(1, 25, (1, 40), generator=torch.Generator().manual_seed(3))}
-    img = image_inputs(tiny_ernie)
+    words = " ".join(random.Random(3).choices(WORDS, k=40))
+    text = {"input_ids": AutoTokenizer.from_pretrained(str(tiny_ernie))(words, return_tensors="pt")["input_ids"]}
+    img = tiny_ernie_image_inputs(tiny_ernie)
     with torch.no_grad():
         for batch in (text, img):
             r, a, b = (m(**batch).logits for m in (ref, q, rtn))

@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from ccq.calibration import streaming
 from ccq.cli import main
-from pipeline_helpers import WORDS, build_tiny_ernie, tiny_ernie  # noqa: F401
+from ccq.models.tiny import build_tiny_ernie_vl
+from pipeline_helpers import WORDS
 
 
 def run_cli(*args):
@@ -78,7 +79,7 @@ def test_peak_materialised_weights_do_not_grow_with_layers(tmp_path, monkeypatch
 
     monkeypatch.setattr(streaming, "_materialise", watch)
     for key in (3, 6):  # everything kept 16-bit: this measures the streaming, not the codec
-        src = build_tiny_ernie(tmp_path / f"m{key}", layers=key)
+        src = build_tiny_ernie_vl(tmp_path / f"m{key}", layers=key)
         streaming.quantize_model_dir(src, tmp_path / f"q{key}", 2, overrides=[("*", 16)], progress=False)
         assert len(list((tmp_path / f"q{key}").glob("model-*.safetensors"))) == key + 1
     assert peaks[3] > 0 and peaks[3] == peaks[6]

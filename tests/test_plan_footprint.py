@@ -8,11 +8,12 @@ from click.testing import CliRunner
 
 from ccq.cli import main
 from ccq.codec import packed_nbytes
+from ccq.models.tiny import tiny_ernie_vl_config
 from ccq.plan import configs
 from ccq.plan.footprint import plan_footprint
 from ccq.plan.gpus import parse_gpus, parse_size
 from ccq.plan.skeleton import quantized_skeleton
-from pipeline_helpers import remote_config, tiny_ernie_config
+from pipeline_helpers import remote_config
 
 
 def run_cli(*args):
@@ -28,7 +29,7 @@ def plan_json(*args):
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     d = tmp_path_factory.mktemp("cfg")
-    tiny_ernie_config(3).save_pretrained(str(d))
+    tiny_ernie_vl_config(3).save_pretrained(str(d))
     return d / "config.json"
 
 

@@ -12,7 +12,7 @@ from ccq.cli import main
 from ccq.models.quant_modules import QuantLinear, QuantMoeExperts
 from ccq.plan.footprint import plan_footprint
 from ccq.plan.synth import synth_model, synth_tensor
-from pipeline_helpers import tiny_ernie_config
+from ccq.models.tiny import tiny_ernie_vl_config
 
 
 def run_cli(*args):
@@ -22,7 +22,7 @@ def run_cli(*args):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    tiny_ernie_config(3).save_pretrained(str(d / "src"))
+    tiny_ernie_vl_config(3).save_pretrained(str(d / "src"))
     r = run_cli("synth", d / "src", "--bits", 2, "-o", d / "q2", "--module-bits", "*.vision_tower.*=4")
     assert r.exit_code == 0, r.output
     return d

@@ -4,10 +4,11 @@ Tests (and dry runs of the CLI) need real architectures loadable through transfo
 hub access: these builders write complete model dirs (config, safetensors, tokenizer, chat template,
 processor) from transformers' own config classes. Deterministic in `seed`; all dims are multiples of 16.
 
-- `build_tiny_ernie_vl`: ERNIE-4.5-VL (`ernie4_5_vl_moe`), 2 layers (dense + MoE, 4 text and 4 vision experts,
-  top-2, one shared expert), a 1-block vision tower. Its `Ernie4_5_VLMoeProcessor` needs torchvision (a
-  transformers requirement for the video processor); without torchvision the dir gets the tokenizer and chat
-  template only, and `ernie_processor_available()` says so.
+- `build_tiny_ernie_vl`: ERNIE-4.5-VL (`ernie4_5_vl_moe`), 2 layers by default (dense, then MoE: 4 text and
+  4 vision experts, top-2, one shared expert), a 1-block vision tower; `tiny_ernie_vl_config` is its config alone,
+  `tiny_ernie_image_inputs` an image+text forward batch for it. Its `Ernie4_5_VLMoeProcessor` needs torchvision (a
+  transformers requirement for the video processor); without torchvision the dir gets the tokenizer, chat
+  template and image processor only (enough for calibration), and `ernie_processor_available()` says so.
 - `build_tiny_llava`: a LLaVA (CLIP + Llama) VLM whose processor needs no torchvision: the generic
   image-text path of the evals runs on any machine with it.
 - `perturbed_copy`: the same model with relative Gaussian noise on its matrices, a stand-in for a lossy
@@ -93,51 +94,90 @@ def ernie_processor_available() -> bool:
     return is_torchvision_available()
 
 
-def build_tiny_ernie_vl(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                        max_image_pixels: int = 112 * 112) -> Path:
+def tiny_ernie_vl_config(layers: int = 2, patch_size: int = 14, tokenizer=None, initializer_range: float = 0.2):
+    """The tiny ERNIE-4.5-VL config: layer 0 dense, the others MoE (4 text + 4 vision experts, top-2, one shared).
+
+    Vocabulary size and special-token ids come from `tokenizer` (`build_tiny_tokenizer()` when None). The default
+    `initializer_range` is wider than transformers' 0.02 so greedy answers vary; 0.02 gives the tamer logits
+    that quantization-error comparisons want.
+    """
+    from transformers import Ernie4_5_VLMoeConfig
+
+    tok = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in ERNIE_SPECIAL_TOKENS.items()}
+    return Ernie4_5_VLMoeConfig(
+        text_config=dict(
+            vocab_size=_padded_vocab(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [3, 3, 2]},
+            mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), moe_intermediate_size=[32, 32], moe_k=2,
+            moe_num_experts=4, moe_num_shared_experts=1, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            initializer_range=initializer_range),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch_size,
+                           spatial_merge_size=2),
+        **{f"{name}_id": i for name, i in ids.items()},
+    )
+
+
+# The tiny ERNIE that the quantization pipeline tests and bench/pipeline.py quantize: 3 layers (2 MoE), transformers'
+# 0.02 init (logits tame enough for quantization-error ratios), 4-px patches and 16x16..32x32-px images (image rows
+# of a few dozen tokens).
+PIPELINE_ERNIE_OPTIONS = dict(layers=3, patch_size=4, min_image_pixels=16 * 16, max_image_pixels=32 * 32,
+                              initializer_range=0.02)
+
+
+def build_tiny_ernie_vl(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16, layers: int = 2,
+                        patch_size: int = 14, min_image_pixels: int = 56 * 56, max_image_pixels: int = 112 * 112,
+                        max_shard_size: str | None = None, initializer_range: float = 0.2) -> Path:
     """Write a tiny random ERNIE-4.5-VL model dir (16-bit weights, tokenizer, chat template, processor).
 
-    Images are resized to at most `max_image_pixels` (multiples of 28 px) by the image processor, so a chart
-    costs a few dozen image tokens. Returns the dir.
+    The image processor resizes images to `min_image_pixels`..`max_image_pixels` (sides multiples of
+    2 * patch_size), so a chart costs a few dozen image tokens; it is written even without torchvision
+    (calibration needs only it). `max_shard_size` (e.g. "100KB") writes a sharded checkpoint with an index,
+    with Baidu's per-expert tensor names like any `save_pretrained`. Returns the dir.
     """
-    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
+    from transformers import Ernie4_5_VLMoeForConditionalGeneration
+    from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
+        Ernie4_5_VLMoeImageProcessorPil,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(seed)
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in ERNIE_SPECIAL_TOKENS.items()}
-    config = Ernie4_5_VLMoeConfig(
-        text_config=dict(
-            vocab_size=_padded_vocab(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [3, 3, 2]},
-            mlp_layer_types=["dense", "sparse"], moe_intermediate_size=[32, 32], moe_k=2, moe_num_experts=4,
-            moe_num_shared_experts=1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, initializer_range=0.2),  # wider than 0.02: varied greedy answers
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                           spatial_merge_size=2),
-        **{f"{name}_id": i for name, i in ids.items()},
-    )
+    config = tiny_ernie_vl_config(layers, patch_size, tok, initializer_range)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Ernie4_5_VLMoeForConditionalGeneration(config).to(dtype).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tok.chat_template = ERNIE_CHAT_TEMPLATE
+    image_processor = Ernie4_5_VLMoeImageProcessorPil(
+        patch_size=patch_size, merge_size=2, size={"shortest_edge": min_image_pixels, "longest_edge": max_image_pixels})
     if ernie_processor_available():
         from transformers import Ernie4_5_VLMoeProcessor, Ernie4_5_VLMoeVideoProcessor
-        from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
-            Ernie4_5_VLMoeImageProcessorPil,
-        )
 
-        size = {"shortest_edge": 56 * 56, "longest_edge": max_image_pixels}
         processor = Ernie4_5_VLMoeProcessor(
-            image_processor=Ernie4_5_VLMoeImageProcessorPil(size=size), tokenizer=tok,
+            image_processor=image_processor, tokenizer=tok,
             video_processor=Ernie4_5_VLMoeVideoProcessor(draw_on_frames=False), chat_template=ERNIE_CHAT_TEMPLATE)
         processor.save_pretrained(out)
     else:
         tok.save_pretrained(out)
+        image_processor.save_pretrained(out)
     return out
+
+
+def tiny_ernie_image_inputs(model_dir: str | Path, text: str = "what is the highest bar", seed: int = 0) -> dict:
+    """A random 30x40 image + `text` as one ERNIE-4.5-VL forward batch, built as the calibration sampler builds it."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..calibration.data import _image_processor, _image_sample
+
+    img = Image.fromarray((np.random.default_rng(seed).random((30, 40, 3)) * 255).astype("uint8"))
+    return _image_sample(img, text, AutoTokenizer.from_pretrained(str(model_dir)), _image_processor(model_dir),
+                         AutoConfig.from_pretrained(str(model_dir)), 64)
 
 
 def build_tiny_llava(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
