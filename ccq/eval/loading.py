@@ -61,17 +61,17 @@ def load_processor(path: str | Path):
 
     from transformers.utils import is_torchvision_available
 
+    hint = ""
+    if read_model_config(path).get("model_type", "").startswith("ernie4_5_vl") and not is_torchvision_available():
+        hint = "; note that ERNIE-4.5-VL's processor needs torchvision, which is not installed"
     if not any((Path(path) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
-        hint = ""
-        if read_model_config(path).get("model_type", "").startswith("ernie4_5_vl") and not is_torchvision_available():
-            hint = "; note that ERNIE-4.5-VL's processor needs torchvision, which is not installed"
         raise ValueError(f"{path} has no processor (processor_config.json / preprocessor_config.json): "
                          f"chartqa needs the model's own processor{hint}")
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, ImportError, KeyError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot load the model's processor ({first})") from None
+        raise ValueError(f"{path}: cannot load the model's processor ({first}){hint}") from None
     if getattr(processor, "image_processor", None) is None:
         raise ValueError(f"{path} has no image processor (processor_config.json / preprocessor_config.json): "
                          "chartqa needs the model's own processor")
