@@ -90,8 +90,8 @@ def calibration_batches(path, model_dir, config, samples: int, seq_len: int) -> 
         elif isinstance(t, str) and t.strip():
             texts.append(t)
     n_img = min(len(images), samples // 2 if texts else samples)
-    proc = _image_processor(model_dir) if n_img else None
-    out = [_image_sample(img, t, tok, proc, config, seq_len) for img, t in images[:n_img]]
+    proc = load_image_processor(model_dir) if n_img else None
+    out = [image_sample(img, t, tok, proc, config, seq_len) for img, t in images[:n_img]]
     if texts:
         ids = tok("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         for start in range(0, len(ids), seq_len):
@@ -103,7 +103,8 @@ def calibration_batches(path, model_dir, config, samples: int, seq_len: int) -> 
     return out
 
 
-def _image_processor(model_dir):
+def load_image_processor(model_dir):
+    """The model dir's own image processor (a one-line ValueError if it has none)."""
     from transformers import AutoImageProcessor
 
     try:
@@ -113,7 +114,10 @@ def _image_processor(model_dir):
                          f"{str(e).splitlines()[0]}") from None
 
 
-def _image_sample(img, text, tok, proc, config, seq_len) -> dict:
+def image_sample(img, text, tok, proc, config, seq_len) -> dict:
+    """ERNIE-4.5-VL inputs for one image followed by text: image start, one placeholder per
+    merged patch, image end, then the text (built without the full processor, which needs
+    torchvision only for its video part)."""
     pix = proc(images=[_image(img)], return_tensors="pt")
     grid = pix["image_grid_thw"]
     n = int(grid.prod()) // (config.vision_config.spatial_merge_size ** 2)

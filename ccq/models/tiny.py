@@ -173,10 +173,10 @@ def tiny_ernie_image_inputs(model_dir: str | Path, text: str = "what is the high
     from PIL import Image
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..calibration.data import _image_processor, _image_sample
+    from ..calibration.data import load_image_processor, image_sample
 
     img = Image.fromarray((np.random.default_rng(seed).random((30, 40, 3)) * 255).astype("uint8"))
-    return _image_sample(img, text, AutoTokenizer.from_pretrained(str(model_dir)), _image_processor(model_dir),
+    return image_sample(img, text, AutoTokenizer.from_pretrained(str(model_dir)), load_image_processor(model_dir),
                          AutoConfig.from_pretrained(str(model_dir)), 64)
 
 
