@@ -98,7 +98,8 @@ def eval_chartqa(model, reference, data, limit, max_new_tokens, batch_size, devi
 @click.option("--matrix-only", is_flag=True, help="Skip the tiny-model part.")
 def demo(bits, size, L, seed, matrix_only):
     """Run the main job on built-in data: the codec on a Gaussian matrix, then a tiny random
-    ERNIE-4.5-VL quantized, loaded and compared with its 16-bit source and with RTN."""
+    ERNIE-4.5-VL calibrated on generated text, quantized, loaded and compared with its 16-bit
+    source and with round-to-nearest (groups of 64)."""
     from .codec.quality import format_table, gaussian_quality
     from .demo import format_model_table, tiny_model_demo
 
