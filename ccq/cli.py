@@ -23,6 +23,20 @@ def run_guarded(fn, *args, **kwargs):
         raise CcqError(msg.splitlines()[0] if msg else type(e).__name__) from None
 
 
+def codec_options(f):
+    """The packing options `quantize` and `synth` share."""
+    for opt in reversed((
+        click.option("--bits", type=int, default=2, show_default=True, help="Bits per weight: 2, 3 or 4."),
+        click.option("--module-bits", "module_bits", multiple=True, metavar="PATTERN=BITS",
+                     help="Bits for modules matching an fnmatch pattern (2, 3, 4, or 16 to keep 16-bit); repeatable."),
+        click.option("--L", "L", type=int, default=16, show_default=True, help="Trellis state bits (8..16)."),
+        click.option("--code", default="mul1", show_default=True, help="Computed trellis code."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    )):
+        f = opt(f)
+    return f
+
+
 @click.group()
 @click.version_option(package_name="ccq")
 def main():
@@ -113,16 +127,11 @@ def demo(bits, size, L, seed, matrix_only):
 @main.command()
 @click.argument("model_dir", type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output folder (packed checkpoint).")
-@click.option("--bits", type=int, default=2, show_default=True, help="Bits per weight: 2, 3 or 4.")
+@codec_options
 @click.option("--calibration", type=click.Path(), default=None,
               help="Local dataset (datasets: parquet/json/csv/text file or saved folder); text and image+text rows.")
 @click.option("--samples", type=click.IntRange(1), default=128, show_default=True, help="Calibration samples.")
 @click.option("--seq-len", type=click.IntRange(8), default=2048, show_default=True, help="Tokens per text sample.")
-@click.option("--module-bits", "module_bits", multiple=True, metavar="PATTERN=BITS",
-              help="Bits for modules matching an fnmatch pattern (2, 3, 4, or 16 to keep 16-bit); repeatable.")
-@click.option("--L", "L", type=int, default=16, show_default=True, help="Trellis state bits (8..16).")
-@click.option("--code", default="mul1", show_default=True, help="Computed trellis code.")
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -187,12 +196,7 @@ def plan(config, bits, gpus, context, batch, reserve, module_bits, as_json):
 @main.command()
 @click.argument("config")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output folder (packed checkpoint).")
-@click.option("--bits", type=int, default=2, show_default=True, help="Bits per weight: 2, 3 or 4.")
-@click.option("--module-bits", "module_bits", multiple=True, metavar="PATTERN=BITS",
-              help="Bits for modules matching an fnmatch pattern (2, 3, 4, or 16 to keep 16-bit); repeatable.")
-@click.option("--L", "L", type=int, default=16, show_default=True, help="Trellis state bits (8..16).")
-@click.option("--code", default="mul1", show_default=True, help="Computed trellis code.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@codec_options
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 def synth(config, out, bits, module_bits, L, code, seed, overwrite):
     """Write a packed checkpoint of CONFIG's real shape with random codes (no search), for benchmarks."""
