@@ -14,7 +14,6 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,11 +31,10 @@ def main():
     import datasets
     import numpy as np
     from PIL import Image
-    from transformers import AutoTokenizer, Ernie4_5_VLMoeForConditionalGeneration
+    from transformers import AutoTokenizer
 
-    import ccq
     from ccq.calibration.streaming import quantize_model_dir
-    from ccq.models.baseline import rtn_model
+    from ccq.demo import quantize_and_compare
     from ccq.eval.synthetic import generate_text
     from ccq.models.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl, tiny_ernie_image_inputs
 
@@ -49,28 +47,13 @@ def main():
     datasets.Dataset.from_dict(rows, features=datasets.Features(
         {"text": datasets.Value("string"), "image": datasets.Image()})).to_parquet(str(calib))
 
-    ref = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(str(src)).eval()
     text_ids = AutoTokenizer.from_pretrained(str(src))(generate_text(1, seed=3)[0], return_tensors="pt")["input_ids"]
     batches = {"text": {"input_ids": text_ids[:, :64]}, "image+text": tiny_ernie_image_inputs(src)}
     quantize_model_dir(src, tmp / "warmup", 2, L=8, overrides=[("*", 16)], progress=False)  # imports, numba compile
     results = []
     for bits in args.bits:
-        t0 = time.perf_counter()
-        rep = quantize_model_dir(src, tmp / f"q{bits}", bits, calibration=calib, samples=args.samples, seq_len=64,
-                                 L=args.L, progress=False)
-        wall = time.perf_counter() - t0
-        q = ccq.load(tmp / f"q{bits}")
-        plan = json.loads((tmp / f"q{bits}" / "config.json").read_text())["quantization_config"]["modules"]
-        rtn = rtn_model(Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(str(src)).eval(), plan)
-        row = {"bits": bits, "L": args.L, "quantize_wall_s": round(wall, 2),
-               "weights": sum(int(np.prod(e["shape"])) for e in rep["tensors"]),
-               "packed_bytes": rep["totals"]["quantized_bytes"], "fallbacks": len(rep["fallbacks"])}
-        with torch.no_grad():
-            for name, batch in batches.items():
-                r = ref(**batch).logits.float()
-                for label, m in (("ccq", q), ("rtn_g64", rtn)):
-                    row[f"{label}_rel_logit_err_{name}"] = round(float((m(**batch).logits.float() - r).norm() / r.norm()), 4)
-        row["weights_per_s"] = round(row["weights"] / wall, 1)
+        row = quantize_and_compare(src, tmp / f"q{bits}", bits, batches, calibration=calib, samples=args.samples,
+                                   L=args.L)
         results.append(row)
         print(json.dumps(row))
     out = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -8,13 +8,12 @@ from the later columns via U_b,rest, exactly as GPTQ does one column at a time.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .codes import code_table, get_code
+from .codes import code_table
 from .config import TrellisConfig
 from .hadamard import fwht, hadamard_block_size, random_signs, rotate_in
-from .tensor import FORMAT_VERSION, META_FIELDS, TILE, QuantizedTensor, matrix_to_tiles, tiles_to_matrix
+from .tensor import TILE, QuantizedTensor, make_meta, matrix_to_tiles, tiles_to_matrix
 from .bitstream import states_to_words
 from .viterbi_numba import viterbi_tiles
 from .viterbi_torch import viterbi_tiles_torch
@@ -86,6 +85,16 @@ def _search_scale(w: torch.Tensor, rms: torch.Tensor, cfg: TrellisConfig, search
     return min(tried, key=tried.get)
 
 
+def incoherence(out_p: int, in_p: int, cfg: TrellisConfig, seed: int):
+    """(signs_in, had_in, signs_out, had_out) of a padded [out_p, in_p] weight: the input side
+    always, the output side when `cfg.rotate_output` (signs_out None and had_out 0 otherwise)."""
+    signs_out, had_out = None, 0
+    if cfg.rotate_output:
+        had_out = hadamard_block_size(out_p, cfg.hadamard_block)
+        signs_out = random_signs(out_p, seed + 1)
+    return random_signs(in_p, seed), hadamard_block_size(in_p, cfg.hadamard_block), signs_out, had_out
+
+
 def _quantize_stack(w: torch.Tensor, hessian: torch.Tensor | None, cfg: TrellisConfig,
                     search: _Searcher, rot) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded matrices [E, out_p, in_p] (Hessians [1 or E, in_p, in_p]) -> (states [E, ot, it, 256]
@@ -94,7 +103,6 @@ def _quantize_stack(w: torch.Tensor, hessian: torch.Tensor | None, cfg: TrellisC
     wr = _rotate(w.double(), *rot).float()
     rms = wr.pow(2).mean(dim=-1).sqrt().clamp_min(1e-12)
     scale = _search_scale(wr, rms, cfg, search) * rms
-    tw = matrix_to_tiles((scale * scale)[..., None].expand(E, out_p, TILE)).reshape(-1, TILE * TILE)
     if hessian is None:
         tiles = matrix_to_tiles(wr / scale[..., None]).reshape(-1, TILE * TILE)
         tw = matrix_to_tiles((scale * scale)[..., None].expand_as(wr)).reshape(-1, TILE * TILE)
@@ -106,6 +114,7 @@ def _quantize_stack(w: torch.Tensor, hessian: torch.Tensor | None, cfg: TrellisC
         h = _rotate(_rotate(hessian.double(), *rot[:2], None, None).transpose(-1, -2), *rot[:2], None, None)
         h = h + torch.eye(in_p, dtype=h.dtype) * (cfg.damp * h.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12))[:, None, None]
         u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+        tw = matrix_to_tiles((scale * scale)[..., None].expand(E, out_p, TILE)).reshape(-1, TILE * TILE)
         work = wr.clone()
         codes = torch.empty_like(wr)
         states = torch.empty((E, out_p // TILE, in_p // TILE, TILE * TILE), dtype=torch.int32)
@@ -153,13 +162,7 @@ def quantize_tensor(weight: torch.Tensor, bits: int = 2, hessian: torch.Tensor |
                              f"expected ({inp}, {inp})" + (f" or ({E}, {inp}, {inp})" if stack else ""))
         _check_finite(hessian, "hessian")
     out_p, in_p = _pad16(out), _pad16(inp)
-    had_in = hadamard_block_size(in_p, cfg.hadamard_block)
-    signs_in = random_signs(in_p, seed)
-    signs_out, had_out = None, 0
-    if cfg.rotate_output:
-        had_out = hadamard_block_size(out_p, cfg.hadamard_block)
-        signs_out = random_signs(out_p, seed + 1)
-    rot = (signs_in, had_in, signs_out, had_out)
+    rot = incoherence(out_p, in_p, cfg, seed)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     search = _Searcher(cfg, device)
     # experts in chunks of about 2^24 weights: one search call per column block for the chunk,
@@ -178,12 +181,11 @@ def quantize_tensor(weight: torch.Tensor, bits: int = 2, hessian: torch.Tensor |
         states, sc = _quantize_stack(w, h, cfg, search, rot)
         words.append(torch.from_numpy(states_to_words(states.numpy(), cfg.bits)))
         scales.append(sc)
-    meta = torch.tensor([FORMAT_VERSION, cfg.bits, cfg.L, get_code(cfg.code).code_id, had_in, had_out,
-                         E if stack else 0, out, inp], dtype=torch.int32)
-    assert len(meta) == len(META_FIELDS)
     trellis = torch.cat(words) if stack else words[0][0]
     sc = torch.cat(scales) if stack else scales[0][0]
-    return QuantizedTensor(trellis.contiguous(), sc.contiguous(), signs_in, signs_out, meta)
+    signs_in, had_in, signs_out, had_out = rot
+    return QuantizedTensor(trellis.contiguous(), sc.contiguous(), signs_in, signs_out,
+                           make_meta(tuple(weight.shape), cfg, had_in, had_out))
 
 
 def proxy_loss(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None = None) -> float:

@@ -52,6 +52,13 @@ def matrix_to_tiles(m: torch.Tensor) -> torch.Tensor:
     return m.reshape(*lead, r // TILE, c // TILE, TILE * TILE)
 
 
+def make_meta(shape: tuple[int, ...], cfg, had_in: int, had_out: int) -> torch.Tensor:
+    """The int32 meta vector (META_FIELDS order) of a weight of `shape` packed with TrellisConfig `cfg`."""
+    *lead, out, inp = shape
+    return torch.tensor([FORMAT_VERSION, cfg.bits, cfg.L, get_code(cfg.code).code_id, had_in, had_out,
+                         lead[0] if lead else 0, out, inp], dtype=torch.int32)
+
+
 def packed_layout(shape: tuple[int, ...], bits: int, rotate_output: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{field: (shape, dtype)} of the QuantizedTensor that `quantize_tensor` makes for a weight
     of `shape` ([out, in] or [E, out, in]), without quantizing anything: what empty quantized
@@ -135,6 +142,12 @@ class QuantizedTensor:
         if int(meta[0]) != FORMAT_VERSION:
             raise ValueError(f"unsupported ccq tensor format version {int(meta[0])} (this ccq reads {FORMAT_VERSION})")
         return cls(d["trellis"], d["scales"], d["signs_in"], d.get("signs_out"), meta)
+
+    def expert(self, e: int) -> "QuantizedTensor":
+        """Expert `e` of a stack as a 2-D QuantizedTensor (views, no copy of the codes)."""
+        m = self.meta.clone()
+        m[META_FIELDS.index("experts")] = 0
+        return QuantizedTensor(self.trellis[e], self.scales[e], self.signs_in, self.signs_out, m)
 
     def to(self, device) -> "QuantizedTensor":
         so = None if self.signs_out is None else self.signs_out.to(device)

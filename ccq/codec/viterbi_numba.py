@@ -90,20 +90,21 @@ def _kernels(k: int, L: int):
             out_states[t - 1] = s
 
     @numba.njit(parallel=True, nogil=True)
-    def search_tiles(xs, ws, code_t, out_states, out_cost, half, candidates):
+    def search_tiles(xs, ws, code_t, out_states, out_cost, candidates):
         """Tail-biting search of every row of xs ([N, T]) with per-weight weights ws."""
         N, T = xs.shape
+        half = T // 2
         for i in numba.prange(N):
             cost = np.empty(S, np.float32)
             best_p = np.empty(Q, np.float32)
             best = np.empty(Q, np.float32)
             bp = np.empty((T, Q), np.uint8)
             path = np.empty(T, np.int64)
-            xr = np.empty(2 * half, np.float32)
-            wr = np.empty(2 * half, np.float32)
-            for t in range(2 * half):
-                xr[t] = xs[i, (t + T - half) % T]
-                wr[t] = ws[i, (t + T - half) % T]
+            xr = np.empty(T, np.float32)
+            wr = np.empty(T, np.float32)
+            for t in range(T):
+                xr[t] = xs[i, (t + half) % T]
+                wr[t] = ws[i, (t + half) % T]
             forward(xr, wr, code_t, -1, cost, best_p, best, bp)
             overlaps = np.full(candidates, -1, np.int64)
             n_ov = 0
@@ -112,7 +113,7 @@ def _kernels(k: int, L: int):
                 if cost[e] == INF:
                     break
                 cost[e] = INF
-                backtrace(bp, (e % Q) * K + e // Q, 2 * half, path)
+                backtrace(bp, (e % Q) * K + e // Q, T, path)
                 ov = path[half] >> k
                 if ov not in overlaps[:n_ov]:
                     overlaps[n_ov] = ov
@@ -138,18 +139,13 @@ def _kernels(k: int, L: int):
     return search_tiles
 
 
-def viterbi_tiles(x: np.ndarray, w, code: np.ndarray, k: int, L: int, candidates: int = 1,
-                  half: int | None = None):
-    """Search N tail-biting sequences; returns (states int32 [N, T], weighted SSE float32 [N]).
-
-    half: length on each side of the wrap-around point of the overlap-proposing pass
-    (default T/2, the whole sequence)."""
+def viterbi_tiles(x: np.ndarray, w, code: np.ndarray, k: int, L: int, candidates: int = 1):
+    """Search N tail-biting sequences; returns (states int32 [N, T], weighted SSE float32 [N])."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     w = np.ascontiguousarray(np.broadcast_to(w, x.shape), dtype=np.float32)
     Q = 1 << (L - k)
     code_t = np.ascontiguousarray(np.asarray(code, dtype=np.float32).reshape(Q, 1 << k).T).ravel()
     states = np.empty(x.shape, np.int32)
     cost = np.empty(x.shape[0], np.float32)
-    half = x.shape[1] // 2 if half is None else min(half, x.shape[1] // 2)
-    _kernels(k, L)(x, w, code_t, states, cost, half, max(1, int(candidates)))
+    _kernels(k, L)(x, w, code_t, states, cost, max(1, int(candidates)))
     return states, cost

@@ -56,20 +56,10 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         if e >= num_experts:
             continue
         tok, slot = torch.where(top_k_index == e)
-        w_gu = QuantizedTensor(gate_up.trellis[e], gate_up.scales[e], gate_up.signs_in, gate_up.signs_out,
-                               _meta_2d(gate_up))
+        w_gu = gate_up.expert(e)
         gu = unrotate_output(xr[tok] @ w_gu.rotated_weight().T, w_gu)
         h = act(gu[:, :inter]) * gu[:, inter:]
-        w_d = QuantizedTensor(down.trellis[e], down.scales[e], down.signs_in, down.signs_out, _meta_2d(down))
-        y = qlinear(h, w_d)
+        y = qlinear(h, down.expert(e))
         out.index_add_(0, tok, y.float() * top_k_weights[tok, slot, None].float())
     return out.to(hidden.dtype)
 
-
-def _meta_2d(qt: QuantizedTensor) -> torch.Tensor:
-    """Meta of one expert of a stack (experts field set to 0)."""
-    from ..codec.tensor import META_FIELDS
-
-    m = qt.meta.clone()
-    m[META_FIELDS.index("experts")] = 0
-    return m

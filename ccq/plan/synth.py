@@ -20,10 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.streaming import decoder_layers
-from ..codec.codes import get_code
 from ..codec.config import TrellisConfig
-from ..codec.hadamard import hadamard_block_size, random_signs
-from ..codec.tensor import FORMAT_VERSION, META_FIELDS, QuantizedTensor
+from ..codec.quantizer import incoherence
+from ..codec.tensor import QuantizedTensor, make_meta
 from ..format.qconfig import make_quantization_config
 from ..codec.tensor import packed_layout
 from ..format.writer import CheckpointWriter
@@ -41,17 +40,9 @@ def synth_tensor(shape: tuple[int, ...], bits: int, *, seed: int = 0, scale: flo
     g = torch.Generator(device=device).manual_seed(seed)
     trellis = torch.randint(-(1 << 15), 1 << 15, layout["trellis"][0], generator=g, device=device, dtype=torch.int16)
     scales = (scale * (0.75 + 0.5 * torch.rand(layout["scales"][0], generator=g, device=device))).half()
-    *lead, out, inp = shape
-    in_p, out_p = layout["signs_in"][0][0], layout["scales"][0][-1]
-    had_in = hadamard_block_size(in_p, cfg.hadamard_block)
-    signs_out, had_out = None, 0
-    if rotate_output:
-        had_out = hadamard_block_size(out_p, cfg.hadamard_block)
-        signs_out = random_signs(out_p, seed + 1).to(device)
-    meta = torch.tensor([FORMAT_VERSION, bits, cfg.L, get_code(cfg.code).code_id, had_in, had_out,
-                         lead[0] if lead else 0, out, inp], dtype=torch.int32)
-    assert len(meta) == len(META_FIELDS)
-    return QuantizedTensor(trellis, scales, random_signs(in_p, seed).to(device), signs_out, meta)
+    signs_in, had_in, signs_out, had_out = incoherence(layout["scales"][0][-1], layout["signs_in"][0][0], cfg, seed)
+    return QuantizedTensor(trellis, scales, signs_in.to(device), None if signs_out is None else signs_out.to(device),
+                           make_meta(tuple(shape), cfg, had_in, had_out))
 
 
 class _Filler:
