@@ -17,14 +17,15 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from ..codec.config import BITS, check_bits
+from .arch import group_patterns
 from .quant_modules import QuantLinear, QuantMoeExperts, is_fused_experts
+from .settings import KEEP
 
-KEEP = 16
 ROUTER_NAMES = ("gate", "router")
 NEVER = ("*patch_embed*",)
-GROUPS = (  # first match wins: the vision tower's own attention and MLPs count as vision
+GROUPS = group_patterns() + (  # first match wins: the vision tower's own attention and MLPs count as vision
     ("vision_tower", ("*vision_tower.*", "*vision_model.*", "*visual.*")),
-    ("resampler", ("*resampler_model.*",)),
     ("routed_experts", ("*.experts",)),
     ("shared_experts", ("*.shared_experts.*",)),
     ("attention", ("*.self_attn.*", "*.attention.*", "*.attn.*")),
@@ -41,7 +42,7 @@ def parse_override(text: str) -> tuple[str, int]:
         b = int(bits)
     except ValueError:
         raise ValueError(f"module override {text!r}: bits {bits!r} is not an integer") from None
-    if b not in (2, 3, 4, KEEP):
+    if b not in BITS + (KEEP,):
         raise ValueError(f"module override {text!r}: bits must be 2, 3, 4 or 16, got {b}")
     return pattern, b
 
@@ -54,7 +55,8 @@ def module_group(name: str) -> str:
     return "other"
 
 
-def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
+def quantizable(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of every module the policy may quantize (before overrides)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = {}
     for name, mod in model.named_modules():
@@ -68,10 +70,9 @@ def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
 
 def quant_plan(model: nn.Module, bits: int, overrides: tuple[tuple[str, int], ...] | list = ()) -> dict[str, int]:
     """{module name: bits} for every module to quantize, in model order (16-bit ones left out)."""
-    if bits not in (2, 3, 4):
-        raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
+    check_bits(bits)
     plan = {}
-    for name in _quantizable(model):
+    for name in quantizable(model):
         b = bits
         for pattern, ob in overrides:
             if fnmatchcase(name, pattern):

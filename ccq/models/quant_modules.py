@@ -22,6 +22,7 @@ class PackedWeight(nn.Module):
 
     def __init__(self, shape: tuple[int, ...], bits: int, rotate_output: bool = False, device=None):
         super().__init__()
+        self.dense_shape = tuple(shape)
         for name, (shp, dtype) in packed_layout(shape, bits, rotate_output).items():
             self.register_buffer(name, torch.empty(shp, dtype=dtype, device=device))
         if not rotate_output:

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..calibration.streaming import decoder_layers
 from ..models.policy import ROUTER_NAMES, module_group
+from ..models.skeleton import (checkpoint_tensors, decoder_layers, fp32_names, nbytes, packed_buffer_names,
+                               quantized_skeleton)
 from . import configs
-from .skeleton import checkpoint_tensors, fp32_names, nbytes, packed_buffer_names, quantized_skeleton
 
 KV_BUFFER = "ccq_kv_cache"
 GROUP_ORDER = ("routed_experts", "shared_experts", "attention", "dense_mlp", "routers", "vision_tower",
