@@ -15,16 +15,20 @@ import ccq
 from ccq.cli import main
 from ccq.eval.synthetic import write_text_dataset
 from ccq.format.source import SourceCheckpoint
+from ccq.models.arch.gpt_oss import QuantGptOssExperts
 from ccq.models.baseline import rtn_model
 from ccq.models.quant_modules import QuantLinear, QuantMoeExperts
 from ccq.tiny import build_tiny_model
 from pipeline_helpers import WORDS
 
-# family: (a checkpoint name only the per-expert layout has, the quantized experts module of layer 1)
+# family: (a checkpoint name of the family's published layout, the quantized experts module of layer 1, its class)
 FAMILIES = {
-    "qwen3_moe": ("model.layers.1.mlp.experts.7.up_proj.weight", "model.layers.1.mlp.experts"),
-    "mixtral": ("model.layers.1.block_sparse_moe.experts.3.w3.weight", "model.layers.1.mlp.experts"),
-    "deepseek_v3": ("model.layers.1.mlp.experts.7.up_proj.weight", "model.layers.1.mlp.experts"),
+    "qwen3_moe": ("model.layers.1.mlp.experts.7.up_proj.weight", "model.layers.1.mlp.experts", QuantMoeExperts),
+    "mixtral": ("model.layers.1.block_sparse_moe.experts.3.w3.weight", "model.layers.1.mlp.experts",
+                QuantMoeExperts),
+    "deepseek_v3": ("model.layers.1.mlp.experts.7.up_proj.weight", "model.layers.1.mlp.experts", QuantMoeExperts),
+    # fused, transposed [E, H, 2I] with biases, as published: no per-expert names
+    "gpt_oss": ("model.layers.1.mlp.experts.gate_up_proj_bias", "model.layers.1.mlp.experts", QuantGptOssExperts),
 }
 
 
@@ -60,21 +64,23 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def test_checkpoint_uses_the_per_expert_layout(family):
+def test_checkpoint_uses_the_published_layout(family):
     name, src, _ = family
     keys = set(SourceCheckpoint(src).keys())
-    assert FAMILIES[name][0] in keys and not any(k.endswith("experts.gate_up_proj") for k in keys)
+    per_expert = ".experts.3." in FAMILIES[name][0] or ".experts.7." in FAMILIES[name][0]
+    assert FAMILIES[name][0] in keys
+    assert any(k.endswith("experts.gate_up_proj") for k in keys) != per_expert
 
 
 def test_quantized_logits_beat_rtn_g64_and_from_pretrained_agrees(family):
     name, src, q = family
     qc = json.loads((q / "config.json").read_text())["quantization_config"]
-    experts = FAMILIES[name][1]
+    _, experts, kind = FAMILIES[name]
     assert qc["modules"][experts] == 2 and qc["L"] == 8
     ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     rtn = rtn_model(AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval(), qc["modules"])
     loaded = ccq.load(q, dtype=torch.float32)
-    assert isinstance(loaded.get_submodule(experts), QuantMoeExperts)
+    assert isinstance(loaded.get_submodule(experts), kind)
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) > 0
     hf = AutoModelForCausalLM.from_pretrained(str(q), dtype=torch.float32).eval()
     ids = batch(src)

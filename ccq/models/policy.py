@@ -19,7 +19,7 @@ from torch import nn
 
 from ..codec.config import BITS, check_bits
 from .arch import group_patterns
-from .quant_modules import QuantLinear, QuantMoeExperts, is_fused_experts
+from .quant_modules import QuantExperts, QuantLinear, experts_kind
 from .settings import KEEP
 
 ROUTER_NAMES = ("gate", "router")
@@ -60,7 +60,7 @@ def quantizable(model: nn.Module) -> dict[str, nn.Module]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, (QuantLinear, QuantMoeExperts)) or is_fused_experts(mod):
+        if isinstance(mod, (QuantLinear, QuantExperts)) or experts_kind(mod) is not None:
             found[name] = mod
         elif isinstance(mod, nn.Linear) and mod is not head and name.rsplit(".", 1)[-1] not in ROUTER_NAMES \
                 and not any(fnmatchcase(name, p) for p in NEVER):
@@ -88,16 +88,16 @@ def packed_names(model: nn.Module, plan: dict[str, int]) -> dict[str, tuple[tupl
     out = {}
     for name, b in plan.items():
         m = mods[name]
-        if isinstance(m, QuantMoeExperts):
-            out[f"{name}.gate_up_proj"] = ((m.num_experts, 2 * m.intermediate_dim, m.hidden_dim), b)
-            out[f"{name}.down_proj"] = ((m.num_experts, m.hidden_dim, m.intermediate_dim), b)
+        if isinstance(m, QuantExperts):
+            out[f"{name}.gate_up_proj"] = (m.gate_up_proj.dense_shape, b)
+            out[f"{name}.down_proj"] = (m.down_proj.dense_shape, b)
         elif isinstance(m, QuantLinear):
             out[name] = ((m.out_features, m.in_features), b)
         elif isinstance(m, nn.Linear):
             out[name] = (tuple(m.weight.shape), b)
         else:
-            out[f"{name}.gate_up_proj"] = (tuple(m.gate_up_proj.shape), b)
-            out[f"{name}.down_proj"] = (tuple(m.down_proj.shape), b)
+            for wname, w in experts_kind(m).dense(m).items():
+                out[f"{name}.{wname}"] = (tuple(w.shape), b)
     return out
 
 
@@ -107,7 +107,8 @@ def replace_with_quant_modules(model: nn.Module, plan: dict[str, int], rotate_ou
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         mod = getattr(parent, child)
-        if isinstance(mod, (QuantLinear, QuantMoeExperts)):
+        if isinstance(mod, (QuantLinear, QuantExperts)):
             continue
-        new = QuantLinear.like(mod, b, rotate_output) if isinstance(mod, nn.Linear) else QuantMoeExperts.like(mod, b, rotate_output)
+        new = QuantLinear.like(mod, b, rotate_output) if isinstance(mod, nn.Linear) else \
+            experts_kind(mod).like(mod, b, rotate_output)
         setattr(parent, child, new)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..codec import proxy_loss, quantize_tensor
 from .policy import module_group
-from .quant_modules import QuantLinear, QuantMoeExperts
+from .quant_modules import QuantLinear, experts_kind
 from .settings import QuantSettings
 
 
@@ -62,11 +62,13 @@ def quantize_module(model: nn.Module, name: str, bits: int, hessians: dict | Non
         new.load(qt)
         entries = [entry]
     else:
-        new = QuantMoeExperts.like(mod, bits, rotate_output)
+        kind = experts_kind(mod)
+        new = kind.like(mod, bits, rotate_output)
+        new.take_params(mod)
         entries = []
-        for wname in ("gate_up_proj", "down_proj"):
+        for wname, w in kind.dense(mod).items():
             hv, why = h(f"{name}.{wname}")
-            qt, entry = _quantize_weight(f"{name}.{wname}", getattr(mod, wname), bits, hv, settings, why)
+            qt, entry = _quantize_weight(f"{name}.{wname}", w, bits, hv, settings, why)
             getattr(new, wname).load(qt)
             entries.append(entry)
     setattr(parent, child, new)

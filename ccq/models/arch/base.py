@@ -59,6 +59,13 @@ class Adapter:
         """Model tensor name -> checkpoint tensor, through transformers' conversion mapping."""
         return CheckpointNames(source, skeleton)
 
+    def kv_values_per_token(self, config) -> int:
+        """K plus V values one token adds to one attention layer's cache, as transformers allocates it."""
+        tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = tc.num_attention_heads
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        return 2 * (getattr(tc, "num_key_value_heads", None) or heads) * head_dim
+
     def image_sample(self, pixels: dict, text_ids, config) -> dict:
         """One image+text forward batch from the image processor's output `pixels` and the text's
         token ids [n] (vision-language families only)."""

@@ -11,6 +11,10 @@ class DeepseekV3(Adapter):
     name = "deepseek_v3"
     model_types = ("deepseek_v3",)
 
+    def kv_values_per_token(self, config) -> int:
+        """transformers caches MLA's decompressed keys (nope + rope dims) and values for every head."""
+        return config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+
     def tiny_config(self, tokenizer, layers: int = 3, **overrides):
         from transformers import DeepseekV3Config
 
