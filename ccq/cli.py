@@ -204,8 +204,8 @@ def inspect(checkpoint):
 def plan(config, bits, gpus, context, batch, reserve, module_bits, as_json):
     """Packed size by module group, KV cache and GPU placement of CONFIG, without weights.
 
-    CONFIG is a config.json, a model folder or a built-in name (ernie-4.5-vl-28b-a3b,
-    ernie-4.5-vl-424b-a47b).
+    CONFIG is a config.json, a model folder or a built-in name: ernie-4.5-vl-28b-a3b,
+    ernie-4.5-vl-424b-a47b, qwen3-30b-a3b, qwen3-vl-30b-a3b, mixtral-8x7b, deepseek-v3, gpt-oss-20b.
     """
     import json
 

@@ -17,21 +17,22 @@ import torch
 @torch.no_grad()
 def quantize_and_compare(src, out_dir, bits: int, batches: dict[str, dict], *, calibration=None,
                          samples: int = 8, seq_len: int = 64, L: int = 12, seed: int = 0) -> dict:
-    """Quantize the ERNIE-4.5-VL dir `src` into `out_dir`, then the relative logit error
+    """Quantize the model dir `src` (any family) into `out_dir`, then the relative logit error
     ||logits - ref|| / ||ref|| of ccq and of RTN g64 on every named batch, with size and time."""
-    from transformers import Ernie4_5_VLMoeForConditionalGeneration
-
-    from .pipeline import quantize_model_dir
     from .format.loader import load
+    from .format.source import read_json
+    from .models.arch import resolve
     from .models.baseline import rtn_model
+    from .pipeline import quantize_model_dir
 
     t0 = time.perf_counter()
     rep = quantize_model_dir(src, out_dir, bits, calibration=calibration, samples=samples, seq_len=seq_len,
                              L=L, seed=seed, progress=False)
     wall = time.perf_counter() - t0
     plan = json.loads((Path(out_dir) / "config.json").read_text())["quantization_config"]["modules"]
-    ref = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(str(src)).eval()
-    rtn = rtn_model(Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(str(src)).eval(), plan)
+    cls = resolve(read_json(Path(src) / "config.json")).cls
+    ref = cls.from_pretrained(str(src)).eval()
+    rtn = rtn_model(cls.from_pretrained(str(src)).eval(), plan)
     quant = load(out_dir)
     weights = sum(math.prod(e["shape"]) for e in rep["tensors"])
     row = {"bits": bits, "L": L, "quantize_wall_s": round(wall, 2), "weights": weights,

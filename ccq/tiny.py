@@ -112,21 +112,23 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: tor
                      layers: int = 2, max_shard_size: str | None = None, **overrides) -> Path:
     """Write a tiny random text model of a registered family (`ccq.models.arch.FAMILIES`) with a tokenizer,
     through transformers' `save_pretrained` (so in the checkpoint layout of the family, per-expert names
-    included). transformers' 0.02 init. Returns the dir."""
-    from transformers import AutoModelForCausalLM
-
+    included), with the family's tiny image processor for vision-language ones. transformers' 0.02 init.
+    Returns the dir."""
     from .models.arch import FAMILIES
 
+    adapter = FAMILIES[family]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(seed)
-    config = FAMILIES[family].tiny_config(tok, layers, **overrides)
+    config = adapter.tiny_config(tok, layers, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+        model = adapter.model_class(config)(config).to(dtype).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tok.save_pretrained(out)
+    if adapter.tiny_image_processor() is not None:
+        adapter.tiny_image_processor().save_pretrained(out)
     return out
 
 

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 import ccq
 from ccq.cli import main
@@ -29,7 +29,15 @@ FAMILIES = {
     "deepseek_v3": ("model.layers.1.mlp.experts.7.up_proj.weight", "model.layers.1.mlp.experts", QuantMoeExperts),
     # fused, transposed [E, H, 2I] with biases, as published: no per-expert names
     "gpt_oss": ("model.layers.1.mlp.experts.gate_up_proj_bias", "model.layers.1.mlp.experts", QuantGptOssExperts),
+    # fused, transposed [E, H, 2I], as published; calibrated on image+text rows too
+    "qwen3_vl_moe": ("model.language_model.layers.1.mlp.experts.gate_up_proj",
+                     "model.language_model.layers.1.mlp.experts", QuantMoeExperts),
 }
+VISION = {"qwen3_vl_moe": "model.visual.blocks.0.attn.qkv"}
+
+
+def auto_class(name):
+    return AutoModelForImageTextToText if name in VISION else AutoModelForCausalLM
 
 
 def run(*args):
@@ -44,14 +52,14 @@ def text_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory, text_data):
+def family(request, tmp_path_factory, text_data, calib_parquet):
     """(name, 16-bit dir, 2-bit packed dir) of one family."""
     name = request.param
     root = tmp_path_factory.mktemp(name)
     src = build_tiny_model(name, root / "src")
     q = root / "q2"
-    run("quantize", src, "-o", q, "--bits", 2, "--L", 8, "--calibration", text_data, "--samples", 4,
-        "--seq-len", 32)
+    run("quantize", src, "-o", q, "--bits", 2, "--L", 8, "--calibration",
+        calib_parquet if name in VISION else text_data, "--samples", 4, "--seq-len", 32)
     return name, src, q
 
 
@@ -77,18 +85,37 @@ def test_quantized_logits_beat_rtn_g64_and_from_pretrained_agrees(family):
     qc = json.loads((q / "config.json").read_text())["quantization_config"]
     _, experts, kind = FAMILIES[name]
     assert qc["modules"][experts] == 2 and qc["L"] == 8
-    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    rtn = rtn_model(AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval(), qc["modules"])
+    auto = auto_class(name)
+    ref = auto.from_pretrained(str(src), dtype=torch.float32).eval()
+    rtn = rtn_model(auto.from_pretrained(str(src), dtype=torch.float32).eval(), qc["modules"])
     loaded = ccq.load(q, dtype=torch.float32)
     assert isinstance(loaded.get_submodule(experts), kind)
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) > 0
-    hf = AutoModelForCausalLM.from_pretrained(str(q), dtype=torch.float32).eval()
-    ids = batch(src)
-    with torch.no_grad():
-        r, a, b, c = (m(input_ids=ids).logits for m in (ref, loaded, rtn, hf))
-    assert torch.isfinite(a).all()
-    assert rel(a, r) < rel(b, r), (name, rel(a, r), rel(b, r))
-    torch.testing.assert_close(c, a)
+    hf = auto.from_pretrained(str(q), dtype=torch.float32).eval()
+    batches = [{"input_ids": batch(src)}]
+    if name in VISION:
+        assert isinstance(loaded.get_submodule(VISION[name]), QuantLinear)
+        batches.append(image_batch(name, src))
+    for inputs in batches:
+        with torch.no_grad():
+            r, a, b, c = (m(**inputs).logits for m in (ref, loaded, rtn, hf))
+        assert torch.isfinite(a).all()
+        assert rel(a, r) < rel(b, r), (name, sorted(inputs), rel(a, r), rel(b, r))
+        torch.testing.assert_close(c, a)
+
+
+def image_batch(name, src):
+    """A random image + text, laid out by the family's adapter as calibration lays it out."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoConfig
+
+    from ccq.calibration.data import image_sample, load_image_processor
+    from ccq.models.arch import FAMILIES
+
+    img = Image.fromarray((np.random.default_rng(5).random((30, 40, 3)) * 255).astype("uint8"))
+    return image_sample(img, "what is the highest bar", AutoTokenizer.from_pretrained(str(src)),
+                        load_image_processor(src), AutoConfig.from_pretrained(str(src)), 32, FAMILIES[name])
 
 
 def test_eval_ppl_of_the_packed_model(family, text_data, tmp_path):

@@ -53,6 +53,11 @@ class CcqHfQuantizer(HfQuantizer):
         check_packed(model, getattr(self, "_where", None))
         return model
 
+    def update_weight_conversions(self, weight_conversions, model=None, *args, **kwargs):
+        """None: a ccq checkpoint stores every tensor under the model's own name (the pipeline converts
+        per-expert and legacy names when it reads the source), so no checkpoint conversion applies."""
+        return []
+
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False
 

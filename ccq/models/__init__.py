@@ -1,2 +1,2 @@
-"""Architecture adapters (ERNIE-4.5-VL, generic nn.Linear), the quantization policy, quantized modules,
-and tiny random models for tests and examples (`ccq.models.tiny`)."""
+"""What ccq knows about models: the architecture adapters (`arch`), the quantization policy and
+settings, the quantized modules, the meta-device skeleton and per-module quantization."""

@@ -33,9 +33,11 @@ from . import configs
 
 
 def synth_tensor(shape: tuple[int, ...], bits: int, *, seed: int = 0, scale: float = 0.02, device="cpu",
-                 rotate_output: bool = False, **options) -> QuantizedTensor:
-    """A QuantizedTensor of `shape` with random codes (what `quantize_tensor` would lay out)."""
-    cfg = TrellisConfig(bits=bits, rotate_output=rotate_output, **options)
+                 config: TrellisConfig | None = None, **options) -> QuantizedTensor:
+    """A QuantizedTensor of `shape` with random codes (what `quantize_tensor` would lay out with
+    `config`, or TrellisConfig(bits, **options))."""
+    cfg = config or TrellisConfig(bits=bits, **options)
+    bits, rotate_output = cfg.bits, cfg.rotate_output
     layout = packed_layout(tuple(shape), bits, rotate_output)
     g = torch.Generator(device=device).manual_seed(seed)
     trellis = torch.randint(-(1 << 15), 1 << 15, layout["trellis"][0], generator=g, device=device, dtype=torch.int16)
@@ -48,14 +50,14 @@ def synth_tensor(shape: tuple[int, ...], bits: int, *, seed: int = 0, scale: flo
 class _Filler:
     """Random values for every checkpoint tensor of a quantized meta model, by name."""
 
-    def __init__(self, model: nn.Module, plan: dict[str, int], config, dtype: torch.dtype, seed: int, options: dict):
+    def __init__(self, model: nn.Module, plan: dict[str, int], config, dtype: torch.dtype, settings: QuantSettings):
         self.tensors = checkpoint_tensors(model, dtype)
         self.packed = packed_buffer_names(model)
         self.dense = packed_names(model, plan)
         self.state = model.state_dict(keep_vars=True)
         tc = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.std = float(getattr(tc, "initializer_range", 0.02))
-        self.seed, self.options = seed, options
+        self.settings = settings
         self._qt: dict[str, dict[str, torch.Tensor]] = {}
 
     def __call__(self, name: str, device) -> torch.Tensor:
@@ -64,14 +66,14 @@ class _Filler:
             prefix, _, field = name.rpartition(".")
             if prefix not in self._qt:
                 shape, bits = self.dense[prefix]
-                qt = synth_tensor(shape, bits, seed=tensor_seed(self.seed, prefix),
-                                  scale=self.std, device=device, **self.options)
+                qt = synth_tensor(shape, bits, seed=tensor_seed(self.settings.seed, prefix), scale=self.std,
+                                  device=device, config=self.settings.codec_for(bits))
                 self._qt = {prefix: qt.state_dict()}  # one packed weight at a time
             return self._qt[prefix][field]
         t = self.state[name]
         if t.device.type != "meta":  # a real persistent buffer: keep its value
             return t.detach().to(device)
-        g = torch.Generator(device=device).manual_seed(tensor_seed(self.seed, name))
+        g = torch.Generator(device=device).manual_seed(tensor_seed(self.settings.seed, name))
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "bias" or "e_score_correction_bias" in name:
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -80,10 +82,10 @@ class _Filler:
         return (torch.randn(shape, generator=g, device=device) * self.std).to(dtype)
 
 
-def _prepare(spec, bits, overrides, dtype, seed, options):
+def _prepare(spec, settings: QuantSettings, dtype, quantized: bool = True):
     config, cls, where = configs.resolve(spec)
-    model, plan = quantized_skeleton(config, cls, bits, overrides)
-    return config, model, plan, _Filler(model, plan, config, dtype, seed, options), where
+    model, plan = quantized_skeleton(config, cls, settings.bits if quantized else None, settings.overrides)
+    return config, model, plan, _Filler(model, plan, config, dtype, settings), where
 
 
 @torch.no_grad()
@@ -96,14 +98,15 @@ def synth_model(spec, bits: int | None = 2, *, overrides=(), device="cpu", dtype
     """
     from accelerate.utils import set_module_tensor_to_device
 
-    config, model, plan, fill, _ = _prepare(spec, bits, overrides, dtype, seed, options)
+    settings = QuantSettings(seed=seed) if bits is None else \
+        QuantSettings.of(bits, overrides=overrides, seed=seed, **options)
+    config, model, plan, fill, _ = _prepare(spec, settings, dtype, quantized=bits is not None)
     for name in tqdm(list(fill.tensors), desc="ccq synth", unit="tensor", disable=not progress):
         set_module_tensor_to_device(model, name, device, value=fill(name, device))
     model.tie_weights()
     model.to(device)  # non-persistent buffers (rotary tables) follow
     if bits is not None:
-        model.config.quantization_config = make_quantization_config(
-            model, QuantSettings.of(bits, overrides=overrides, seed=seed, **options), plan)
+        model.config.quantization_config = make_quantization_config(model, settings, plan)
     return model.eval()
 
 
@@ -120,14 +123,14 @@ def synth_checkpoint(spec, bits: int, out_dir, *, overrides=(), dtype: torch.dty
     import transformers
 
     settings = QuantSettings.of(bits, overrides=overrides, seed=seed, **options)  # checks bits and options
-    config, model, plan, fill, where = _prepare(spec, bits, overrides, dtype, seed, options)
+    config, model, plan, fill, where = _prepare(spec, settings, dtype)
     layers_name, layers = decoder_layers(model)
     units: list[list[str]] = [[] for _ in range(len(layers) + 1)]
     prefix = layers_name + "."
     for name in fill.tensors:
         units[int(name[len(prefix):].split(".", 1)[0]) + 1 if name.startswith(prefix) else 0].append(name)
-    run = json.dumps({"synth": where, "bits": bits, "overrides": list(overrides), "seed": seed,
-                           "dtype": str(dtype), "options": options}, sort_keys=True, default=str)
+    run = json.dumps({"synth": where, "settings": settings.to_dict(), "dtype": str(dtype)}, sort_keys=True,
+                     default=str)
     writer = CheckpointWriter(out_dir, len(units), f"synth-{zlib.crc32(run.encode()):08x}", overwrite=overwrite)
     total = 0
     try:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from . import deepseek_v3, ernie_vl, generic, gpt_oss, mixtral, qwen3_moe
+from . import deepseek_v3, ernie_vl, generic, gpt_oss, mixtral, qwen3_moe, qwen3_vl_moe
 from .base import Adapter
 
 # first match wins: the generic adapter (any transformers class named by `architectures`) is last
 ADAPTERS: tuple[Adapter, ...] = (ernie_vl.ADAPTER, qwen3_moe.ADAPTER, mixtral.ADAPTER, deepseek_v3.ADAPTER,
-                                 gpt_oss.ADAPTER, generic.ADAPTER)
+                                 gpt_oss.ADAPTER, qwen3_vl_moe.ADAPTER, generic.ADAPTER)
 FAMILIES = {a.name: a for a in ADAPTERS}
 
 

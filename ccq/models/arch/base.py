@@ -71,6 +71,10 @@ class Adapter:
         token ids [n] (vision-language families only)."""
         raise ValueError(f"{self.name} models calibrate on text only")
 
+    def tiny_image_processor(self):
+        """The image processor a tiny model of a vision-language family is saved with (None: text only)."""
+        return None
+
     def tiny_config(self, tokenizer, layers: int = 2, **overrides):
         """A tiny config of the family (all dims multiples of 16) for tests and `ccq.tiny`."""
         raise NotImplementedError(f"{self.name} has no tiny test model")
