@@ -60,3 +60,12 @@ def test_cli_starts_without_heavy_imports(args):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent, timeout=60)
     assert r.returncode == 0, r.stderr
     assert time.perf_counter() - t0 < 5  # loose (a shared CI machine); about 0.2 s when idle
+
+
+def test_device_defaults_to_the_gpu_when_there_is_one():
+    import torch
+
+    from ccq.cli import default_device
+
+    assert default_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert default_device("cpu") == "cpu" and default_device("cuda:1") == "cuda:1"

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter
+from .base import TRANSIENT_KEYS, Adapter
 
 NATIVE = "ernie4_5_vl_moe"
 REMOTE = "ernie4_5_moe_vl"
 SPECIAL_TOKENS = ("image_token", "image_start_token", "image_end_token", "video_token", "video_start_token",
                   "video_end_token")
+
 
 def _first(v):
     return v[0] if isinstance(v, (list, tuple)) else v
@@ -83,8 +84,7 @@ class ErnieVL(Adapter):
     def build_config(self, raw: dict, where: str = "config.json"):
         from transformers import Ernie4_5_VLMoeConfig
 
-        d = {k: v for k, v in native_config_dict(raw).items()
-             if k not in ("model_type", "transformers_version", "quantization_config")}
+        d = {k: v for k, v in native_config_dict(raw).items() if k not in TRANSIENT_KEYS}
         try:
             return Ernie4_5_VLMoeConfig(**d)
         except (TypeError, ValueError, KeyError) as e:
