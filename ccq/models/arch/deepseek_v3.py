@@ -15,7 +15,7 @@ class DeepseekV3(Adapter):
         """transformers caches MLA's decompressed keys (nope + rope dims) and values for every head."""
         return config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
 
-    def tiny_config(self, tokenizer, layers: int = 3, **overrides):
+    def tiny_config(self, tokenizer, layers: int = 2, **overrides):
         from transformers import DeepseekV3Config
 
         return DeepseekV3Config(**{**dict(
