@@ -39,3 +39,15 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", "cuda") is torch.bfloat16 and resolve_dtype("float16", "cpu") is torch.float16
     with pytest.raises(ValueError, match="int8"):
         resolve_dtype("int8", "cpu")
+
+
+def test_sixteen_bit_remote_flavour_ernie_loads_through_its_adapter(tiny_ernie, tmp_path):
+    """Detection is the adapter registry's for eval too: Baidu's remote-code config.json needs no remote code."""
+    from pipeline_helpers import write_remote_flavour
+
+    native = load_for_eval(tiny_ernie)
+    remote = load_for_eval(write_remote_flavour(tiny_ernie, tmp_path / "remote"))
+    assert type(remote.model).__name__ == "Ernie4_5_VLMoeForConditionalGeneration"
+    ids = torch.arange(4, 20)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(remote.model(input_ids=ids).logits, native.model(input_ids=ids).logits)

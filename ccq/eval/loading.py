@@ -1,8 +1,8 @@
 """Load a model dir for evaluation: a 16-bit transformers checkpoint or a ccq-packed one.
 
 Only local dirs (nothing is fetched from a hub). A dir whose config.json says
-`quantization_config.quant_method == "ccq"` goes through `ccq.load`; anything else through transformers'
-Auto classes (image-text-to-text first, plain causal LM for text-only models).
+`quantization_config.quant_method == "ccq"` goes through `ccq.load`; anything else through the
+`from_pretrained` of the class its family's adapter names (`ccq.models.arch.resolve`, as for quantizing).
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def load_for_eval(path: str | Path, device: str = "cpu", dtype: str = "auto", ne
 
     device: 'cpu', 'cuda', 'cuda:N' or 'auto' (accelerate's device_map='auto' across the visible GPUs).
     """
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    from transformers import AutoTokenizer
+
+    from ..models.arch import resolve
 
     path = Path(path)
     config = read_model_config(path)
@@ -104,11 +105,8 @@ def load_for_eval(path: str | Path, device: str = "cpu", dtype: str = "auto", ne
         else:
             model = loader.load(str(path), device=device, dtype=torch_dtype)
     else:
-        auto_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        if type(auto_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-            from transformers import AutoModelForImageTextToText as auto_cls
-        else:
-            from transformers import AutoModelForCausalLM as auto_cls
-        model = auto_cls.from_pretrained(str(path), dtype=torch_dtype, device_map=device, local_files_only=True)
+        arch = resolve(config, str(path / "config.json"))  # the family's class, either ERNIE config flavour
+        model = arch.cls.from_pretrained(str(path), config=arch.config, dtype=torch_dtype, device_map=device,
+                                         local_files_only=True)
     model.eval()
     return EvalModel(path=path, model=model, tokenizer=tokenizer, processor=processor, quantized=quantized)
