@@ -118,8 +118,10 @@ def image_batch(name, src):
                         load_image_processor(src), AutoConfig.from_pretrained(str(src)), 32, FAMILIES[name])
 
 
-def test_eval_ppl_of_the_packed_model(family, text_data, tmp_path):
+def test_eval_ppl_and_inspect_of_the_packed_model(family, text_data, tmp_path):
     _, src, q = family
+    r = run("inspect", q)
+    assert "routed_experts" in r.output and "attention" in r.output
     run("eval", "ppl", "--model", q, "--reference", src, "--data", text_data, "--seq-len", 32, "--limit", 2,
         "--out", tmp_path)
     r = json.loads((tmp_path / "ppl.json").read_text())
