@@ -11,7 +11,8 @@ from ccq.serving.tensor_parallel import (
     block_of,
     check_output_split,
     column_piece,
-    gate_up_piece,
+    expert_piece,
+    expert_range,
     rank_nbytes,
     row_piece,
     split,
@@ -50,9 +51,9 @@ def test_column_split_concatenates_to_the_full_product(x, tp):
     torch.testing.assert_close(torch.cat(parts, -1), qlinear(x, qt), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tp", [2, 3])
+@pytest.mark.parametrize("tp", [2, 4])
 def test_experts_split_sums_to_the_full_moe(tp):
-    E, H, inter = 3, 48, 96
+    E, H, inter = 4, 48, 96
     g = torch.Generator().manual_seed(1)
     gate_up = quantize_tensor(torch.randn(E, 2 * inter, H, generator=g), 2, seed=5, L=8)
     down = quantize_tensor(torch.randn(E, H, inter, generator=g) * 0.1, 2, seed=6, L=8)
@@ -61,11 +62,14 @@ def test_experts_split_sums_to_the_full_moe(tp):
     w = torch.rand(7, 2, generator=g)
     total = torch.zeros(7, H)
     for r in range(tp):
-        cols = split(inter, tp, r, block_of(inter, 512))
-        gu = _piece(gate_up, lambda f, t: gate_up_piece(f, t, cols, inter))
-        dn = _piece(down, lambda f, t: row_piece(f, t, cols))
-        total += qmoe(hidden, idx, w, gu, dn)
+        first, n = expert_range(E, tp, r)
+        gu, dn = (_piece(qt, lambda f, t: expert_piece(f, t, first, n)) for qt in (gate_up, down))
+        assert gu.shape == (n, 2 * inter, H)
+        local = idx - first  # the plugin's remapping: other ranks' experts are skipped
+        total += qmoe(hidden, torch.where((local >= 0) & (local < n), local, n), w, gu, dn)
     torch.testing.assert_close(total, qmoe(hidden, idx, w, gate_up, down), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="tensor-parallel size 3 does not divide its 4 experts"):
+        expert_range(E, 3, 0)
 
 
 def test_a_split_that_cuts_a_tile_is_refused():

@@ -15,10 +15,11 @@ stores at most one partial block on each side more than its share.
 Output side. Rows are independent unless the checkpoint rotates outputs too
 (`rotate_output`); then a split must fall on `had_out` block boundaries.
 
-Fused experts' gate_up [E, 2I, H] feeds the experts' down [E, H, I]: its rank piece takes
-the gate and up rows of the down's stored range [lo, hi) with the scales of rows outside
-the rank's own [start, stop) set to zero, so the intermediate is zero there and the
-fused MoE kernel runs unchanged on the piece.
+Fused experts [E, out, in] are split by whole experts instead: each rank holds E/tp experts
+with their full intermediate width and computes the tokens routed to them; the ranks' partial
+outputs are summed by the same all-reduce that sums intermediate-split partials. Splitting
+the intermediate (1536 for the ERNIE 28B text experts, 512-wide Hadamard blocks) would make
+every rank keep whole blocks, up to 2/3 of all experts at tp=4; whole experts cost nothing extra.
 """
 
 from __future__ import annotations
@@ -122,40 +123,36 @@ def row_piece(field: str, t: torch.Tensor, cols: Span) -> torch.Tensor:
     return t
 
 
-def gate_up_piece(field: str, t: torch.Tensor, cols: Span, inter: int) -> torch.Tensor:
-    """Rank piece of experts' gate_up [E, 2*inter, H] matching the down piece `row_piece(.., cols)`."""
-    if cols.whole:
-        return t
-    if field == "trellis":
-        n = cols.stored // TILE
-        return torch.cat([t.narrow(-3, cols.lo // TILE, n), t.narrow(-3, (inter + cols.lo) // TILE, n)], dim=-3)
-    if field == "scales":
-        own = torch.zeros(cols.stored, dtype=torch.bool, device=t.device)
-        own[cols.before:cols.before + cols.size] = True
-        halves = [t.narrow(-1, off + cols.lo, cols.stored) * own for off in (0, inter)]
-        return torch.cat(halves, dim=-1)
-    if field == "signs_out":
-        raise ValueError("a rotated-output experts gate_up cannot be split for tensor parallelism")
+def expert_range(num_experts: int, parts: int, index: int, name: str = "experts") -> tuple[int, int]:
+    """(first expert, count) of rank `index` of `parts`."""
+    if num_experts % parts:
+        raise ValueError(f"{name}: tensor-parallel size {parts} does not divide its {num_experts} experts "
+                         "(ccq splits fused experts by whole experts)")
+    n = num_experts // parts
+    return index * n, n
+
+
+def expert_piece(field: str, t: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Experts [first, first + count) of packed field `field` of an [E, out, in] stack."""
+    if field in ("trellis", "scales"):
+        return t if count == t.shape[0] else t.narrow(0, first, count)
     if field == "meta":
-        return with_meta(t, out=2 * cols.stored)
-    return t
+        return with_meta(t, experts=count)
+    return t  # the sign vectors are shared by all experts
 
 
 def rank_nbytes(kind: str, shape: tuple[int, ...], bits: int, span: Span, rotate_output: bool = False) -> int:
     """Packed bytes one rank holds of a tensor of dense `shape` split as `kind`.
 
-    kind: "column" (rows), "row" (input columns), "replicated", or "experts_gate_up" /
-    "experts_down" (shape is then the full [E, 2I, H] / [E, H, I], span the down's input span).
+    kind: "column" (span over rows), "row" (span over input columns), "replicated".
     """
     *lead, out, inp = shape
     if kind == "replicated" or span.whole:
         local = shape
     elif kind == "column":
         local = (*lead, span.stored, inp)
-    elif kind in ("row", "experts_down"):
+    elif kind == "row":
         local = (*lead, out, span.stored)
-    elif kind == "experts_gate_up":
-        local = (*lead, 2 * span.stored, inp)
     else:
         raise ValueError(f"unknown tensor-parallel kind {kind!r}")
     return packed_nbytes(tuple(local), bits, rotate_output)

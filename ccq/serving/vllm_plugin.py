@@ -9,9 +9,9 @@ checkpoint's config.json `quantization_config` (quant_method "ccq") selects the 
   tile rows, and runs as its own `ccq.kernels.qlinear`.
 - Fused MoE blocks (`CcqMoEMethod`): the packed `experts.gate_up_proj` / `experts.down_proj`
   stacks load as stored (no per-expert split) and run through `ccq.kernels.qmoe`.
-- Tensor parallelism: every rank loads only its piece, cut along tile boundaries by
-  `ccq.serving.tensor_parallel`, which explains the cuts and refuses those that split a tile.
-  Expert parallelism is not supported.
+- Tensor parallelism: every rank loads only its piece, cut by `ccq.serving.tensor_parallel`
+  (linear layers along tile boundaries, refusing cuts that split a tile; experts by whole
+  experts). vLLM's expert parallelism (--enable-expert-parallel) is not supported.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ from ..codec.tensor import META_FIELDS, FORMAT_VERSION, QuantizedTensor, packed_
 from ..format.qconfig import QUANT_METHOD, check_quantization_config
 from .tensor_parallel import (
     Span,
+    block_of,
     check_output_split,
     column_piece,
-    gate_up_piece,
-    block_of,
+    expert_piece,
+    expert_range,
     row_piece,
     split,
 )
@@ -245,7 +246,11 @@ class CcqLinearMethod(LinearMethodBase):
 
 
 class CcqMoEMethod(FusedMoEMethodBase):
-    """Routed experts as two packed stacks: gate_up [E, 2I, H] (rows: gate, then up) and down [E, H, I]."""
+    """Routed experts as two packed stacks: gate_up [E, 2I, H] (rows: gate, then up) and down [E, H, I].
+
+    Under tensor parallelism each rank holds E/tp whole experts (see `tensor_parallel`) and
+    computes the tokens routed to them; vLLM's all-reduce of the MoE output sums the ranks.
+    """
 
     def __init__(self, config: CcqConfig, prefix: str, bits: int, moe):
         super().__init__(moe)
@@ -258,22 +263,16 @@ class CcqMoEMethod(FusedMoEMethodBase):
             raise ValueError(f"{self.prefix}: ccq does not support expert parallelism; use tensor parallelism")
         if self.moe.activation != MoEActivation.SILU or not self.moe.is_act_and_mul:
             raise ValueError(f"{self.prefix}: ccq's fused MoE runs SwiGLU experts only, not {self.moe.activation}")
-        if num_experts != self.moe.num_experts:
-            raise ValueError(f"{self.prefix}: ccq needs all {self.moe.num_experts} experts on every rank")
+        self.first, self.count = expert_range(num_experts, pc.tp_size, pc.tp_rank, self.prefix)
         inter = intermediate_size_per_partition * pc.tp_size
-        cols = split(inter, pc.tp_size, pc.tp_rank, block_of(inter, self.config.hadamard_block),
-                     name=f"{self.prefix}.down_proj", what="intermediate features")
+        self.had_in = {"gate_up_proj": block_of(hidden_size, self.config.hadamard_block),
+                       "down_proj": block_of(inter, self.config.hadamard_block)}
+        shapes = {"gate_up_proj": (2 * inter, hidden_size), "down_proj": (hidden_size, inter)}
         rot = self.config.rotate_output
-        if rot and not cols.whole:
-            raise ValueError(f"{self.prefix}: experts quantized with rotate_output cannot be split for tensor parallelism")
-        self.cols, self.inter, self.hidden = cols, inter, hidden_size
-        full = {"gate_up_proj": (num_experts, 2 * inter, hidden_size), "down_proj": (num_experts, hidden_size, inter)}
-        self.full_layout = {w: packed_layout(s, self.bits, rot) for w, s in full.items()}
-        local = {"gate_up_proj": (num_experts, 2 * cols.stored if not cols.whole else 2 * inter, hidden_size),
-                 "down_proj": (num_experts, hidden_size, cols.stored if not cols.whole else inter)}
-        for w, shape in local.items():
+        self.full_layout = {w: packed_layout((num_experts, *s), self.bits, rot) for w, s in shapes.items()}
+        for w, s in shapes.items():
             holder = nn.Module()
-            for field, (shp, dtype) in packed_layout(shape, self.bits, rot).items():
+            for field, (shp, dtype) in packed_layout((self.count, *s), self.bits, rot).items():
                 _register(holder, field, shp, dtype, None)
             layer.register_module(w, holder)
         # vLLM's expert loader splits per-expert tensors; ccq's stacks load whole, through this method
@@ -289,13 +288,8 @@ class CcqMoEMethod(FusedMoEMethodBase):
             full = f"{self.prefix}.{name}"
             _check_shape(full, loaded, self.full_layout[w][field][0])
             if field == "meta":
-                had = block_of(self.hidden if w == "gate_up_proj" else self.inter, self.config.hadamard_block)
-                _check_meta(full, loaded, self.bits, had)
-            if w == "gate_up_proj":
-                piece = gate_up_piece(field, loaded, self.cols, self.inter)
-            else:
-                piece = row_piece(field, loaded, self.cols)
-            param.data.copy_(piece)
+                _check_meta(full, loaded, self.bits, self.had_in[w])
+            param.data.copy_(expert_piece(field, loaded, self.first, self.count))
             yield name
 
     def process_weights_after_loading(self, layer) -> None:
@@ -309,4 +303,7 @@ class CcqMoEMethod(FusedMoEMethodBase):
         return None
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        if self.count != layer.global_num_experts:  # this rank's experts; others' slots are skipped
+            local = topk_ids.long() - self.first
+            topk_ids = torch.where((local >= 0) & (local < self.count), local, self.count)
         return kernels.qmoe(x, topk_ids, topk_weights, self.gate_up, self.down, act=F.silu)
