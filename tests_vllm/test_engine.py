@@ -13,7 +13,7 @@ import ccq
 from ccq.cli import main
 
 from .engine import ccq_greedy, vllm_greedy
-from .models import tiny_qwen3, tiny_qwen3_moe
+from .models import tiny_ernie45_moe, tiny_qwen3, tiny_qwen3_moe
 
 PROMPTS = [[1, 5, 9, 33, 70], [7, 3, 101, 12, 45, 90, 2, 64, 11]]
 STEPS = 6
@@ -28,12 +28,16 @@ def dense_ckpt(tmp_path_factory):
     return out
 
 
+def _quantize_in_memory(src, bits):
+    """`ccq quantize` streams per-expert checkpoints of ERNIE-4.5-VL only: other MoE go through the API."""
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    ccq.quantize_model(model, bits=bits, L=8)
+    return ccq.save_quantized(model, src.parent / "ccq", copy_from=src)
+
+
 @pytest.fixture(scope="module")
 def moe_ckpt(tmp_path_factory):
-    src = tiny_qwen3_moe(tmp_path_factory.mktemp("qwen3moe") / "src")
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-    ccq.quantize_model(model, bits=2, L=8)
-    return ccq.save_quantized(model, src.parent / "ccq", copy_from=src)
+    return _quantize_in_memory(tiny_qwen3_moe(tmp_path_factory.mktemp("qwen3moe") / "src"), 2)
 
 
 def _check_matches_ccq_load(ckpt):
@@ -54,3 +58,11 @@ def test_qwen3_moe_packed_experts(moe_ckpt):
     qc = json.loads((moe_ckpt / "config.json").read_text())["quantization_config"]
     assert qc["modules"]["model.layers.1.mlp.experts"] == 2  # the fused expert stacks are packed
     _check_matches_ccq_load(moe_ckpt)
+
+
+def test_ernie45_moe_shared_expert_and_router_statistics(tmp_path):
+    ckpt = _quantize_in_memory(tiny_ernie45_moe(tmp_path / "src"), 4)
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert qc["modules"]["model.layers.1.mlp.experts"] == 4
+    assert qc["modules"]["model.layers.1.mlp.shared_experts.gate_proj"] == 4
+    _check_matches_ccq_load(ckpt)

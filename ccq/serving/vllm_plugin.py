@@ -35,6 +35,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
 
 from .. import kernels
@@ -88,6 +89,14 @@ class CcqConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "CcqConfig":
         return cls(config)
+
+    @staticmethod
+    def get_checkpoint_weight_mapper():
+        """ccq writes transformers' in-memory tensor names; where they differ from the on-disk names
+        vLLM's model code reads, rename (ERNIE-4.5 keeps its router statistics under the router in
+        memory, `mlp.gate.moe_statics.`, and beside it on disk, `mlp.moe_statics.`)."""
+        mapper = QuantizationConfig.get_checkpoint_weight_mapper()
+        return mapper | WeightsMapper(orig_to_new_substr={".mlp.gate.moe_statics.": ".mlp.moe_statics."})
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         """Module names in the config are transformers' names: rename them as the model does."""
