@@ -5,7 +5,7 @@ the 16-bit model and with round-to-nearest (groups of 64, fp16 scale + zero).
 
 Prints a table and writes JSON: relative logit error ||q - ref|| / ||ref|| on a text-only and
 an image+text batch, the RTN-g64 error at the same bits, wall time of the quantize run, and
-the packed size. The tiny model comes from ccq.models.tiny, the calibration text from ccq.eval.synthetic.
+the packed size. The tiny model comes from ccq.tiny, the calibration text from ccq.eval.synthetic.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def main():
     from PIL import Image
     from transformers import AutoTokenizer
 
-    from ccq.calibration.streaming import quantize_model_dir
+    from ccq.pipeline import quantize_model_dir
     from ccq.demo import quantize_and_compare
     from ccq.eval.synthetic import generate_text
-    from ccq.models.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl, tiny_ernie_image_inputs
+    from ccq.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl, tiny_ernie_image_inputs
 
     tmp = Path(tempfile.mkdtemp(prefix="ccq-bench-"))
     src = build_tiny_ernie_vl(tmp / "model", **PIPELINE_ERNIE_OPTIONS)
@@ -57,7 +57,7 @@ def main():
         results.append(row)
         print(json.dumps(row))
     out = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "model": "tiny ERNIE-4.5-VL (ccq.models.tiny: hidden 64, 3 layers, 4+4 experts)",
+           "model": "tiny ERNIE-4.5-VL (ccq.tiny: hidden 64, 3 layers, 4+4 experts)",
            "calibration": {"samples": args.samples, "seq_len": 64, "rows": "8 text + 4 image+text"},
            "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,34 @@
-"""ccq: trellis-coded 2/3/4-bit compression of MoE expert weights."""
+"""ccq: trellis-coded 2/3/4-bit compression of MoE expert weights.
 
-from .codec import QuantizedTensor, TrellisConfig, proxy_loss, quantize_tensor
+The public names are imported on first use, so `import ccq` (and the `ccq` command's start-up)
+does not import torch or transformers. transformers learns quant_method "ccq" (for
+`from_pretrained` of packed checkpoints) as soon as both ccq and transformers are imported,
+in whichever order (`ccq.integration`).
+"""
 
-__version__ = "0.1.0"
-__all__ = ["QuantizedTensor", "TrellisConfig", "proxy_loss", "quantize_tensor", "__version__"]
+from .integration import register_with_transformers as _register
+from .version import __version__
 
-from .format.loader import load  # noqa: E402
-from .format.save import save_quantized  # noqa: E402
-from .models.quantize import quantize_model  # noqa: E402
+_PUBLIC = {
+    "QuantizedTensor": "ccq.codec", "TrellisConfig": "ccq.codec", "proxy_loss": "ccq.codec",
+    "quantize_tensor": "ccq.codec", "load": "ccq.format.loader", "save_quantized": "ccq.format.save",
+    "quantize_model": "ccq.pipeline", "quantize_model_dir": "ccq.pipeline", "QuantSettings": "ccq.models.settings",
+}
+__all__ = [*_PUBLIC, "__version__"]
 
-__all__ += ["load", "quantize_model", "save_quantized"]
 
-from .format.hf_quantizer import register as _register_transformers_quantizer  # noqa: E402
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
 
-_register_transformers_quantizer()
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ccq' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+_register()

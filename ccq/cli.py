@@ -1,4 +1,8 @@
-"""The `ccq` command: a thin click layer over the Python API."""
+"""The `ccq` command: a thin click layer over the Python API.
+
+Only click is imported at start-up (`ccq --help` and `--version` stay well under a second);
+every command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +27,21 @@ def run_guarded(fn, *args, **kwargs):
         raise CcqError(msg.splitlines()[0] if msg else type(e).__name__) from None
 
 
+def _check_bits(ctx, param, value):
+    """--bits through the library's one bit-width check, the error naming the option."""
+    from .codec.config import check_bits
+
+    try:
+        return check_bits(value)
+    except ValueError as e:
+        raise CcqError(f"--bits: {e}") from None
+
+
 def codec_options(f):
     """The packing options `quantize` and `synth` share."""
     for opt in reversed((
-        click.option("--bits", type=int, default=2, show_default=True, help="Bits per weight: 2, 3 or 4."),
+        click.option("--bits", type=int, default=2, show_default=True, callback=_check_bits,
+                     help="Bits per weight: 2, 3 or 4."),
         click.option("--module-bits", "module_bits", multiple=True, metavar="PATTERN=BITS",
                      help="Bits for modules matching an fnmatch pattern (2, 3, 4, or 16 to keep 16-bit); repeatable."),
         click.option("--L", "L", type=int, default=16, show_default=True, help="Trellis state bits (8..16)."),
@@ -37,13 +52,23 @@ def codec_options(f):
     return f
 
 
+def default_device(device: str | None) -> str:
+    """--device as given, else cuda when a GPU is visible, else cpu."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @click.group()
 @click.version_option(package_name="ccq")
 def main():
     """ccq: trellis-coded 2/3/4-bit compression of MoE expert weights."""
 
 
-_DEVICE_HELP = "cpu, cuda, cuda:N, or auto (spread over the visible GPUs with accelerate)."
+_DEVICE_HELP = ("cpu, cuda, cuda:N, or auto (spread over the visible GPUs with accelerate) "
+                "[default: cuda when available, else cpu].")
 _DTYPE = click.Choice(["auto", "bfloat16", "float16", "float32"])
 
 
@@ -61,7 +86,7 @@ def eval_group():
 @click.option("--stride", default=None, type=click.IntRange(1), help="Window start step [default: --seq-len].")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Evaluate at most this many windows.")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--device", default="cpu", show_default=True, help=_DEVICE_HELP)
+@click.option("--device", default=None, help=_DEVICE_HELP)
 @click.option("--reference-device", default=None, help="Device of the reference [default: --device].")
 @click.option("--dtype", default="auto", show_default=True, type=_DTYPE, help="auto: bfloat16 on GPU, float32 on CPU.")
 @click.option("--out", default="eval-results", show_default=True, help="Folder for ppl.json, ppl.md, ppl_*.png.")
@@ -71,7 +96,7 @@ def eval_ppl(model, reference, data, text_column, seq_len, stride, limit, batch_
     from .eval.runs import run_ppl
 
     _, paths = run_guarded(run_ppl, model, data, out, reference=reference, seq_len=seq_len, stride=stride,
-                           limit=limit, batch_size=batch_size, device=device, reference_device=reference_device,
+                           limit=limit, batch_size=batch_size, device=default_device(device), reference_device=reference_device,
                            dtype=dtype, text_column=text_column)
     click.echo(paths[1].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in paths))
@@ -84,7 +109,7 @@ def eval_ppl(model, reference, data, text_column, seq_len, stride, limit, batch_
 @click.option("--limit", default=None, type=click.IntRange(1), help="Evaluate the first N rows only.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--device", default="cpu", show_default=True, help=_DEVICE_HELP)
+@click.option("--device", default=None, help=_DEVICE_HELP)
 @click.option("--dtype", default="auto", show_default=True, type=_DTYPE, help="auto: bfloat16 on GPU, float32 on CPU.")
 @click.option("--prompt-suffix", default=None, help="Text after each question [default: a one-word-answer instruction].")
 @click.option("--out", default="eval-results", show_default=True,
@@ -95,7 +120,8 @@ def eval_chartqa(model, reference, data, limit, max_new_tokens, batch_size, devi
     from .eval.runs import run_chartqa
 
     _, paths = run_guarded(run_chartqa, model, data, out, reference=reference, limit=limit,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, device=default_device(device),
+                           dtype=dtype,
                            prompt_suffix=DEFAULT_PROMPT_SUFFIX if prompt_suffix is None else prompt_suffix)
     click.echo(paths[1].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in paths))
@@ -134,18 +160,20 @@ def demo(bits, size, L, seed, matrix_only):
 @click.option("--seq-len", type=click.IntRange(8), default=2048, show_default=True, help="Tokens per text sample.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where layers run and the search runs [default: cuda when available, else cpu].")
 def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device):
-    """Quantize an ERNIE-4.5-VL (or any nn.Linear transformers) MODEL_DIR into a packed checkpoint."""
-    from .calibration.streaming import quantize_model_dir
+    """Quantize MODEL_DIR (ERNIE-4.5-VL, Qwen3-MoE, Mixtral, DeepSeek-V3, ... or any nn.Linear transformers
+    model) into a packed checkpoint."""
     from .models.policy import parse_override
+    from .models.settings import QuantSettings
+    from .pipeline import quantize_model_dir
 
-    if bits not in (2, 3, 4):
-        raise CcqError(f"--bits must be 2, 3 or 4, got {bits}")
     overrides = [run_guarded(parse_override, m) for m in module_bits]
-    report = run_guarded(quantize_model_dir, model_dir, out, bits, calibration=calibration, samples=samples,
-                         seq_len=seq_len, overrides=overrides, resume=resume, overwrite=overwrite, device=device,
-                         seed=seed, L=L, code=code)
+    settings = run_guarded(QuantSettings.of, bits, overrides=overrides, seed=seed, L=L, code=code)
+    report = run_guarded(quantize_model_dir, model_dir, out, calibration=calibration, samples=samples,
+                         seq_len=seq_len, resume=resume, overwrite=overwrite, device=default_device(device),
+                         settings=settings)
     t = report["totals"]
     click.echo(f"wrote {out}: {t['quantized_tensors']} quantized tensors, {t['quantized_bytes'] / 2**20:.1f} MiB packed, "
                f"{len(report['fallbacks'])} data-free fallbacks, {t['wall_seconds']:.1f} s")
@@ -162,7 +190,8 @@ def inspect(checkpoint):
 
 @main.command()
 @click.argument("config")
-@click.option("--bits", type=int, default=2, show_default=True, help="Bits per weight: 2, 3 or 4.")
+@click.option("--bits", type=int, default=2, show_default=True, callback=_check_bits,
+              help="Bits per weight: 2, 3 or 4.")
 @click.option("--gpus", default="1x141GB", show_default=True, metavar="NxSIZE",
               help="GPUs to place the model on, e.g. 1x141GB, 4x80GB, 2x80GB+1x24GiB (GB = 1e9 bytes).")
 @click.option("--context", type=click.IntRange(0), default=32768, show_default=True, help="KV-cache tokens per sequence.")
@@ -186,8 +215,6 @@ def plan(config, bits, gpus, context, batch, reserve, module_bits, tp, as_json):
     from .plan.footprint import format_plan, plan_footprint
     from .plan.gpus import parse_gpus, parse_size
 
-    if bits not in (2, 3, 4):
-        raise CcqError(f"--bits must be 2, 3 or 4, got {bits}")
     overrides = [run_guarded(parse_override, m) for m in module_bits]
     sizes = run_guarded(parse_gpus, gpus)
     res = run_guarded(plan_footprint, config, bits, overrides=overrides, gpus=sizes, context=context, batch=batch,
@@ -205,8 +232,6 @@ def synth(config, out, bits, module_bits, L, code, seed, overwrite):
     from .models.policy import parse_override
     from .plan.synth import synth_checkpoint
 
-    if bits not in (2, 3, 4):
-        raise CcqError(f"--bits must be 2, 3 or 4, got {bits}")
     overrides = [run_guarded(parse_override, m) for m in module_bits]
     r = run_guarded(synth_checkpoint, config, bits, out, overrides=overrides, seed=seed, overwrite=overwrite, L=L,
                     code=code)

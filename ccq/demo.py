@@ -21,7 +21,7 @@ def quantize_and_compare(src, out_dir, bits: int, batches: dict[str, dict], *, c
     ||logits - ref|| / ||ref|| of ccq and of RTN g64 on every named batch, with size and time."""
     from transformers import Ernie4_5_VLMoeForConditionalGeneration
 
-    from .calibration.streaming import quantize_model_dir
+    from .pipeline import quantize_model_dir
     from .format.loader import load
     from .models.baseline import rtn_model
 
@@ -50,7 +50,7 @@ def tiny_model_demo(bits: int = 2, L: int = 12, seed: int = 0) -> dict:
     from transformers import AutoTokenizer
 
     from .eval.synthetic import generate_text, write_text_dataset
-    from .models.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl
+    from .tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl
 
     with tempfile.TemporaryDirectory(prefix="ccq-demo-") as tmp:
         src = build_tiny_ernie_vl(Path(tmp) / "tiny-ernie", seed=seed, **PIPELINE_ERNIE_OPTIONS)

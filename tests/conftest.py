@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ccq.models.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl
+from ccq.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl
 from pipeline_helpers import WORDS
 
 

@@ -1,6 +1,6 @@
 """Test data for the pipeline tests: calibration words and Baidu's remote-code config flavour.
 
-The tiny models themselves come from `ccq.models.tiny`."""
+The tiny models themselves come from `ccq.tiny`."""
 
 from __future__ import annotations
 

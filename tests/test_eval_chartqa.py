@@ -9,7 +9,7 @@ from ccq.cli import main
 from ccq.eval import generate_answers, load_for_eval, relaxed_match, score
 from ccq.eval.data import load_chartqa
 from ccq.eval.synthetic import write_chart_dataset
-from ccq.models.tiny import build_tiny_ernie_vl, build_tiny_llava, ernie_processor_available, perturbed_copy
+from ccq.tiny import build_tiny_ernie_vl, build_tiny_llava, ernie_processor_available, perturbed_copy
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from ccq.cli import main
 from ccq.eval.synthetic import write_chart_dataset, write_text_dataset
-from ccq.models.tiny import build_tiny_llava
+from ccq.tiny import build_tiny_llava
 
 
 @pytest.fixture(scope="module")

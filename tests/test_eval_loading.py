@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-import ccq
+import ccq.format.loader
 from ccq.eval import load_for_eval
 from ccq.eval.loading import resolve_dtype
-from ccq.models.tiny import build_tiny_llava
+from ccq.tiny import build_tiny_llava
 
 
 def test_ccq_packed_dir_goes_through_ccq_load(tmp_path, monkeypatch):
@@ -22,7 +22,7 @@ def test_ccq_packed_dir_goes_through_ccq_load(tmp_path, monkeypatch):
         calls.append((path, device, dtype, device_map))
         return torch.nn.Linear(2, 2)
 
-    monkeypatch.setattr(ccq, "load", fake_load, raising=False)
+    monkeypatch.setattr(ccq.format.loader, "load", fake_load)  # what ccq.load is
     em = load_for_eval(src, device="cpu", dtype="bfloat16")
     assert em.quantized and isinstance(em.model, torch.nn.Linear) and em.tokenizer is not None
     load_for_eval(src, device="auto", dtype="auto")

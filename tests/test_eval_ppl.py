@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from ccq.cli import main
 from ccq.eval import evaluate_perplexity, load_for_eval, make_windows
 from ccq.eval.synthetic import generate_text, write_text_dataset
-from ccq.models.tiny import build_tiny_ernie_vl, build_tiny_tokenizer, perturbed_copy
+from ccq.tiny import build_tiny_ernie_vl, build_tiny_tokenizer, perturbed_copy
 
 
 @pytest.fixture(scope="module")

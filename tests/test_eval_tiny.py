@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ccq.models.tiny import build_tiny_ernie_vl, build_tiny_llava, ernie_processor_available, perturbed_copy
+from ccq.tiny import build_tiny_ernie_vl, build_tiny_llava, ernie_processor_available, perturbed_copy
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ import torch
 from transformers import Ernie4_5_VLMoeForConditionalGeneration
 
 from ccq import quantize_tensor
-from ccq.calibration.streaming import build_skeleton, decoder_layers, open_source, tied_targets, unit_params
+from ccq.models.skeleton import decoder_layers, tied_targets, unit_params
+from ccq.pipeline.model_dir import open_model_dir
 from ccq.codec import packed_layout, packed_nbytes
 from ccq.format.source import SourceCheckpoint
 from ccq.models.policy import module_group, parse_override, quant_plan
 
-from ccq.models.tiny import build_tiny_ernie_vl
+from ccq.tiny import build_tiny_ernie_vl
 from pipeline_helpers import write_remote_flavour
 
 
@@ -34,8 +35,7 @@ def test_save_pretrained_writes_baidu_per_expert_names(sharded):
 def test_every_native_tensor_resolves_from_the_shards(sharded, tmp_path, flavour):
     model_dir = sharded if flavour == "native" else write_remote_flavour(sharded, tmp_path / "remote")
     ref = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(str(sharded)).eval()
-    src, config, cls, resolve = open_source(model_dir)
-    skel = build_skeleton(cls, config)
+    src, arch, skel, ckpt = open_model_dir(model_dir)
     layers_name, layers = decoder_layers(skel)
     assert layers_name == "model.language_model.layers" and len(layers) == 3
     units = unit_params(skel, layers_name, len(layers))
@@ -43,15 +43,16 @@ def test_every_native_tensor_resolves_from_the_shards(sharded, tmp_path, flavour
     n = 0
     for names in units:
         for name in names:
-            got = resolve(src, name)
+            got = ckpt.get(name)
             assert torch.equal(got, ref_state[name].to(got.dtype)), name
             n += 1
     assert n == len(ref_state) - 1  # lm_head is tied to the embeddings
 
 
 def test_remote_config_maps_to_the_same_architecture(tiny_ernie, tmp_path):
-    from ccq.models.ernie import build_config
+    from ccq.models.arch import ernie_vl
 
+    build_config = ernie_vl.ADAPTER.build_config
     native = json.loads((tiny_ernie / "config.json").read_text())
     remote = json.loads(write_remote_flavour(tiny_ernie, tmp_path / "r").joinpath("config.json").read_text())
     a, b = build_config(native), build_config(remote)
@@ -65,8 +66,7 @@ def test_remote_config_maps_to_the_same_architecture(tiny_ernie, tmp_path):
 
 
 def test_default_policy_and_overrides(tiny_ernie):
-    src, config, cls, _ = open_source(tiny_ernie)
-    skel = build_skeleton(cls, config)
+    _, _, skel, _ = open_model_dir(tiny_ernie)
     plan = quant_plan(skel, 2)
     assert plan["model.language_model.layers.1.mlp.text_moe.experts"] == 2
     assert plan["model.language_model.layers.1.mlp.vision_moe.experts"] == 2
@@ -95,15 +95,14 @@ def test_packed_size_without_quantizing_matches_the_codec(shape, bits, rot):
 
 def test_footprint_from_the_config_alone_matches_the_written_checkpoint(tmp_path):
     """quant_plan + packed_nbytes on a meta-device model predict the packed folder's tensor bytes."""
-    from ccq.calibration.streaming import quantize_model_dir
+    from ccq.pipeline import quantize_model_dir
     from ccq.models.policy import packed_names
 
     src = build_tiny_ernie_vl(tmp_path / "m")
     over = [("*.experts", 3), ("*vision_tower.*", 16)]
     out = tmp_path / "q"
     quantize_model_dir(src, out, 2, overrides=over, L=8, progress=False)
-    _, config, cls, _ = open_source(src)
-    skel = build_skeleton(cls, config)
+    _, _, skel, _ = open_model_dir(src)
     plan = quant_plan(skel, 2, over)
     packed = packed_names(skel, plan)
     predicted = sum(packed_nbytes(shape, b) for shape, b in packed.values())

@@ -12,7 +12,7 @@ import ccq
 from ccq.cli import main
 from ccq.models.baseline import rtn_model
 from ccq.models.quant_modules import QuantLinear, QuantMoeExperts
-from ccq.models.tiny import tiny_ernie_image_inputs
+from ccq.tiny import tiny_ernie_image_inputs
 from pipeline_helpers import WORDS
 
 

@@ -5,9 +5,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from ccq.calibration import streaming
+from ccq.pipeline import quantize_model_dir, units
 from ccq.cli import main
-from ccq.models.tiny import build_tiny_ernie_vl
+from ccq.tiny import build_tiny_ernie_vl
 from pipeline_helpers import WORDS
 
 
@@ -38,7 +38,7 @@ def test_resume_after_kill_is_byte_identical_and_refuses_changed_options(tiny_er
     assert sorted(rep["fallbacks"]) == sorted(e["tensor"] for e in rep["tensors"] if any(v in e["tensor"] for v in vision))
     assert sum("vision_moe" in f for f in rep["fallbacks"]) == 4 and len(rep["fallbacks"]) > 4
 
-    real = streaming.quantize_module
+    real = units.quantize_module
 
     def crash(model, name, *a, **k):
         if ".layers.2." in name:
@@ -46,9 +46,9 @@ def test_resume_after_kill_is_byte_identical_and_refuses_changed_options(tiny_er
         return real(model, name, *a, **k)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(streaming, "quantize_module", crash)
+    monkeypatch.setattr(units, "quantize_module", crash)
     assert run_cli("quantize", tiny_ernie, "-o", out, *args).exit_code != 0
-    monkeypatch.setattr(streaming, "quantize_module", real)
+    monkeypatch.setattr(units, "quantize_module", real)
     partial = tmp_path / ".out.ccq-partial"
     assert not out.exists() and partial.is_dir()
     shards = sorted(p.name for p in partial.glob("model-*.safetensors"))
@@ -59,7 +59,7 @@ def test_resume_after_kill_is_byte_identical_and_refuses_changed_options(tiny_er
     assert r.exit_code == 1 and "cannot resume" in r.output and partial.is_dir()
 
     calls = []
-    monkeypatch.setattr(streaming, "quantize_module", lambda m, n, *a, **k: calls.append(n) or real(m, n, *a, **k))
+    monkeypatch.setattr(units, "quantize_module", lambda m, n, *a, **k: calls.append(n) or real(m, n, *a, **k))
     r = run_cli("quantize", tiny_ernie, "-o", out, *args, "--resume")
     assert r.exit_code == 0, r.output
     assert calls and all(".layers.2." in n for n in calls)  # only the unfinished layer was redone
@@ -69,7 +69,7 @@ def test_resume_after_kill_is_byte_identical_and_refuses_changed_options(tiny_er
 
 def test_peak_materialised_weights_do_not_grow_with_layers(tmp_path, monkeypatch):
     peaks = {}
-    real = streaming._materialise
+    real = units.materialise
 
     def watch(model, names, get, device):
         real(model, names, get, device)
@@ -77,10 +77,10 @@ def test_peak_materialised_weights_do_not_grow_with_layers(tmp_path, monkeypatch
                    if t.device.type != "meta")
         peaks[key] = max(peaks.get(key, 0), live) if names and "layers" in names[0] else peaks.get(key, 0)
 
-    monkeypatch.setattr(streaming, "_materialise", watch)
+    monkeypatch.setattr(units, "materialise", watch)
     for key in (3, 6):  # everything kept 16-bit: this measures the streaming, not the codec
         src = build_tiny_ernie_vl(tmp_path / f"m{key}", layers=key)
-        streaming.quantize_model_dir(src, tmp_path / f"q{key}", 2, overrides=[("*", 16)], progress=False)
+        quantize_model_dir(src, tmp_path / f"q{key}", 2, overrides=[("*", 16)], progress=False)
         assert len(list((tmp_path / f"q{key}").glob("model-*.safetensors"))) == key + 1
     assert peaks[3] > 0 and peaks[3] == peaks[6]
 

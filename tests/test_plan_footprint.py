@@ -8,11 +8,11 @@ from click.testing import CliRunner
 
 from ccq.cli import main
 from ccq.codec import packed_nbytes
-from ccq.models.tiny import tiny_ernie_vl_config
+from ccq.tiny import tiny_ernie_vl_config
 from ccq.plan import configs
 from ccq.plan.footprint import plan_footprint
 from ccq.plan.gpus import parse_gpus, parse_size
-from ccq.plan.skeleton import quantized_skeleton
+from ccq.models.skeleton import quantized_skeleton
 from pipeline_helpers import remote_config
 
 

@@ -12,7 +12,7 @@ from ccq.cli import main
 from ccq.models.quant_modules import QuantLinear, QuantMoeExperts
 from ccq.plan.footprint import plan_footprint
 from ccq.plan.synth import synth_model, synth_tensor
-from ccq.models.tiny import tiny_ernie_vl_config
+from ccq.tiny import tiny_ernie_vl_config
 
 
 def run_cli(*args):

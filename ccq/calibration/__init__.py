@@ -1,1 +1,1 @@
-"""Calibration: Hessian capture, calibration data, layer-by-layer streaming quantization."""
+"""Calibration: samples from a local dataset, first-layer input capture, Hessian capture."""

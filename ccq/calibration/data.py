@@ -2,11 +2,10 @@
 
 Text rows (column `text`, else the first string column) are joined and cut into windows
 of `seq_len` tokens. Rows with an image (column `image`: a PIL image, a path, or
-{"bytes": ...}) become image+text samples for ERNIE-4.5-VL: the image processor from
-model_dir gives the patches, and the sequence is <image_start> <image>*n <image_end> text,
-with `mm_token_type_ids` / `moe_mm_token_type_ids` set as the ERNIE processor sets them,
-so image tokens reach the vision experts. At most `samples` samples in all: image samples
-take up to half when both kinds are present.
+{"bytes": ...}) become image+text samples for vision-language families: the image processor
+from model_dir gives the patches and the family's adapter lays out the tokens
+(`Adapter.image_sample`). At most `samples` samples in all: image samples take up to half when
+both kinds are present.
 """
 
 from __future__ import annotations
@@ -69,13 +68,13 @@ def _image(v):
     return v.convert("RGB")
 
 
-def calibration_batches(path, model_dir, config, samples: int, seq_len: int) -> list[dict]:
+def calibration_batches(path, model_dir, config, samples: int, seq_len: int, adapter) -> list[dict]:
     """Model input dicts (batch of 1 each), deterministic for the same inputs."""
     from transformers import AutoTokenizer
 
     ds = load_rows(path)
     text_col = _text_column(ds)
-    img_col = "image" if "image" in ds.column_names and hasattr(config, "vision_config") else None
+    img_col = "image" if "image" in ds.column_names and adapter.takes_images else None
     if text_col is None and img_col is None:
         raise ValueError(f"calibration dataset {path} has no text or image column (columns: {ds.column_names})")
     try:
@@ -91,7 +90,7 @@ def calibration_batches(path, model_dir, config, samples: int, seq_len: int) -> 
             texts.append(t)
     n_img = min(len(images), samples // 2 if texts else samples)
     proc = load_image_processor(model_dir) if n_img else None
-    out = [image_sample(img, t, tok, proc, config, seq_len) for img, t in images[:n_img]]
+    out = [image_sample(img, t, tok, proc, config, seq_len, adapter) for img, t in images[:n_img]]
     if texts:
         ids = tok("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         for start in range(0, len(ids), seq_len):
@@ -114,17 +113,8 @@ def load_image_processor(model_dir):
                          f"{str(e).splitlines()[0]}") from None
 
 
-def image_sample(img, text, tok, proc, config, seq_len) -> dict:
-    """ERNIE-4.5-VL inputs for one image followed by text: image start, one placeholder per
-    merged patch, image end, then the text (built without the full processor, which needs
-    torchvision only for its video part)."""
-    pix = proc(images=[_image(img)], return_tensors="pt")
-    grid = pix["image_grid_thw"]
-    n = int(grid.prod()) // (config.vision_config.spatial_merge_size ** 2)
+def image_sample(img, text, tok, proc, config, seq_len, adapter) -> dict:
+    """One image followed by text as a forward batch, the tokens laid out by the family's adapter."""
+    pixels = proc(images=[_image(img)], return_tensors="pt")
     text_ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0][:seq_len]
-    ids = torch.cat([torch.tensor([config.image_start_token_id] + [config.image_token_id] * n +
-                                  [config.image_end_token_id]), text_ids])[None]
-    mm = (ids == config.image_token_id).long()
-    moe = mm | (ids == config.image_start_token_id).long() | (ids == config.image_end_token_id).long()
-    return {"input_ids": ids, "pixel_values": pix["pixel_values"], "image_grid_thw": grid,
-            "mm_token_type_ids": mm, "moe_mm_token_type_ids": moe}
+    return adapter.image_sample(pixels, text_ids, config)

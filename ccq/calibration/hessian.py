@@ -1,10 +1,10 @@
 """Capture input Hessians H = E[x x^T] of the modules about to be quantized.
 
-nn.Linear: the running sum of x x^T over every row it sees. Fused experts
-(transformers' [E, out, in] stacks): the hook sees all tokens of the expert set's modality
+nn.Linear: the running sum of x x^T over every row it sees. Routed experts (any
+`QuantExperts` kind, weights seen as [E, out, in] stacks): the hook sees all tokens of the expert set's modality
 (ERNIE-4.5-VL hands text tokens to `text_moe` and image tokens to `vision_moe`), so every
 expert's gate/up share one Hessian, and each expert's down projection gets its own
-Hessian of act(gate x) * (up x) computed over all those tokens, not only the routed ones:
+Hessian of its input (act(gate x) * (up x) for the fused kind) computed over all those tokens, not only the routed ones:
 rarely routed experts still get full statistics.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..models.quant_modules import experts_kind
 
 
 class _Acc:
@@ -46,7 +48,7 @@ class HessianCapture:
             else:
                 self.acc[f"{name}.gate_up_proj"] = _Acc()
                 self.acc[f"{name}.down_proj"] = _Acc()
-                self.handles.append(mod.register_forward_pre_hook(self._experts_hook(name, mod)))
+                self.handles.append(mod.register_forward_pre_hook(self._experts_hook(name, experts_kind(mod))))
         return self
 
     def __exit__(self, *exc):
@@ -60,18 +62,16 @@ class HessianCapture:
             self.acc[name].add(x.T @ x, x.shape[0])
         return hook
 
-    def _experts_hook(self, name, mod):
+    def _experts_hook(self, name, kind):
         def hook(m, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             if x.shape[0] == 0:
                 return
             xd = x.double()
             self.acc[f"{name}.gate_up_proj"].add(xd.T @ xd, x.shape[0])
-            inter = m.down_proj.shape[-1]
             hs = []
-            for e in range(m.gate_up_proj.shape[0]):
-                gu = x.float() @ m.gate_up_proj[e].float().T
-                h = (m.act_fn(gu[:, :inter]) * gu[:, inter:]).double()
+            for e in range(kind.dense(m)["gate_up_proj"].shape[0]):
+                h = kind.down_input(m, x, e).double()
                 hs.append(h.T @ h)
             self.acc[f"{name}.down_proj"].add(torch.stack(hs), x.shape[0])
         return hook

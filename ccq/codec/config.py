@@ -6,6 +6,15 @@ from dataclasses import asdict, dataclass, field
 
 from .codes import get_code
 
+BITS = (2, 3, 4)
+
+
+def check_bits(bits) -> int:
+    """The one check of a bit width (every layer that takes bits calls it)."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
+    return bits
+
 
 @dataclass(frozen=True)
 class TrellisConfig:
@@ -33,8 +42,7 @@ class TrellisConfig:
     device: str | None = None
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4):
-            raise ValueError(f"bits must be 2, 3 or 4, got {self.bits!r}")
+        check_bits(self.bits)
         if not 8 <= self.L <= 16 or self.L <= self.bits:
             raise ValueError(f"L must be in 8..16, got {self.L!r}")
         get_code(self.code)

@@ -14,6 +14,7 @@ import torch
 
 from .bitstream import words_to_states_torch
 from .codes import get_code
+from .config import check_bits
 from .hadamard import fwht, unrotate_in
 
 FORMAT_VERSION = 1
@@ -63,8 +64,7 @@ def packed_layout(shape: tuple[int, ...], bits: int, rotate_output: bool = False
     """{field: (shape, dtype)} of the QuantizedTensor that `quantize_tensor` makes for a weight
     of `shape` ([out, in] or [E, out, in]), without quantizing anything: what empty quantized
     modules are built from and what footprints are computed from."""
-    if bits not in (2, 3, 4):
-        raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
+    check_bits(bits)
     if len(shape) not in (2, 3):
         raise ValueError(f"shape must be [out, in] or [experts, out, in], got {tuple(shape)}")
     *lead, out, inp = shape

@@ -97,12 +97,12 @@ def load_for_eval(path: str | Path, device: str = "cpu", dtype: str = "auto", ne
     torch_dtype = resolve_dtype(dtype, "cuda" if device == "auto" else device.split(":")[0])
     quantized = (config.get("quantization_config") or {}).get("quant_method") == "ccq"
     if quantized:
-        from .. import load as ccq_load  # the packed-checkpoint reader (ccq.format)
+        from ..format import loader  # ccq.load
 
         if device == "auto":
-            model = ccq_load(str(path), dtype=torch_dtype, device_map="auto")
+            model = loader.load(str(path), dtype=torch_dtype, device_map="auto")
         else:
-            model = ccq_load(str(path), device=device, dtype=torch_dtype)
+            model = loader.load(str(path), device=device, dtype=torch_dtype)
     else:
         auto_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         if type(auto_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:

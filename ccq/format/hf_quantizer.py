@@ -1,7 +1,8 @@
 """transformers integration: `import ccq` registers quant_method "ccq", so
 `AutoModelForImageTextToText.from_pretrained(path)` (or any Auto class) builds the model,
 swaps in the ccq modules named by `quantization_config.modules`, and loads the packed
-buffers under their checkpoint names.
+buffers under their checkpoint names. The shards are checked before loading and the packed
+weights after it, as `ccq.load` checks them (`ccq.format.checks`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from pathlib import Path
+
 from ..models.policy import replace_with_quant_modules
+from .checks import check_packed, check_shards
 from .qconfig import QUANT_METHOD, check_quantization_config
 
 
@@ -37,13 +41,16 @@ class CcqHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             raise ValueError("ccq quantizes with `ccq quantize` / ccq.quantize_model; from_pretrained only loads "
                              "ccq checkpoints")
-        check_quantization_config(self.quantization_config.to_dict())
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        qc = self.quantization_config
-        replace_with_quant_modules(model, qc.modules, getattr(qc, "rotate_output", False))
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        files = [Path(f) for f in checkpoint_files or ()]
+        where = str(files[0].parent / "config.json") if files else "config.json"
+        qc = check_quantization_config(self.quantization_config.to_dict(), where)
+        self._where = check_shards(files)
+        replace_with_quant_modules(model, qc["modules"], qc.get("rotate_output", False))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        check_packed(model, getattr(self, "_where", None))
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

@@ -22,7 +22,7 @@ def summarize(path) -> dict:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a folder")
     cfg = read_json(path / "config.json")
-    qc = check_quantization_config(cfg.get("quantization_config"))
+    qc = check_quantization_config(cfg.get("quantization_config"), str(path / "config.json"))
     packed_prefixes = set()
     for m in qc["modules"]:
         packed_prefixes |= {m, f"{m}.gate_up_proj", f"{m}.down_proj"}

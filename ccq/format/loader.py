@@ -7,22 +7,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..models.arch import resolve
 from ..models.policy import replace_with_quant_modules
+from ..models.skeleton import packed_buffer_names
+from .checks import check_packed, check_shards
 from .qconfig import check_quantization_config
 from .source import INDEX, SINGLE, read_json
-
-
-def model_class(config):
-    """The transformers class named by the config's architectures (ERNIE-4.5-VL native)."""
-    import transformers
-
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None and config.model_type == "ernie4_5_vl_moe":
-        cls = transformers.Ernie4_5_VLMoeForConditionalGeneration
-    if cls is None:
-        raise ValueError(f"unknown architecture {arch!r} (model_type {config.model_type!r})")
-    return cls
 
 
 def shard_files(path: Path) -> list[str]:
@@ -42,44 +32,49 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, device_map=None, 
     device_map: None, "auto" or an accelerate device map dict (multi-GPU / GPU + CPU).
     "auto" places the packed model over the GPUs within max_memory ({0: "70GiB", "cpu":
     "200GiB"}, accelerate's format) before reading; every tensor goes straight to its device.
+    Shards, format version, packed shapes and scales are checked (`ccq.format.checks`).
     """
     from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a folder")
-    config = AutoConfig.from_pretrained(str(path))
-    qc = check_quantization_config(_as_dict(getattr(config, "quantization_config", None)))
-    cls = model_class(config)
+    raw = read_json(path / "config.json")
+    qc = check_quantization_config(raw.get("quantization_config"), str(path / "config.json"))
+    arch = resolve(raw, str(path / "config.json"))
+    shards = shard_files(path)
+    where = check_shards(path / s for s in shards)
     with init_empty_weights():  # like from_pretrained: the config's dtype (or `dtype`), fp32 where the model asks
-        model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+        model = arch.cls._from_config(arch.config, **({"dtype": dtype} if dtype is not None else {}))
     replace_with_quant_modules(model, qc["modules"], qc.get("rotate_output", False))
-    expected = set(model.state_dict().keys())
-    packed = _packed_names(model)
-    seen = set()
+    model.config.quantization_config = qc
+    state = model.state_dict()
+    packed = packed_buffer_names(model)
     if device_map == "auto":
         model.tie_weights()  # so accelerate keeps tied weights together
         device_map = infer_auto_device_map(model, max_memory=max_memory, dtype=dtype or torch.bfloat16,
                                            no_split_module_classes=model._no_split_modules)
     elif device_map is not None and not isinstance(device_map, dict):
         raise ValueError(f"device_map must be None, 'auto' or a dict, got {device_map!r}")
-    for shard in shard_files(path):
+    for shard in shards:
         with safe_open(str(path / shard), framework="pt") as f:
             for name in f.keys():
-                if name not in expected:
+                if name not in state:
                     raise ValueError(f"{path / shard}: unexpected tensor {name}")
                 t = f.get_tensor(name)
+                if tuple(t.shape) != tuple(state[name].shape):
+                    raise ValueError(f"{path / shard}: tensor {name} has shape {tuple(t.shape)}, the model "
+                                     f"expects {tuple(state[name].shape)}")
                 # 16-bit tensors take the model's dtype for them; packed fields keep their own
                 target = device if device_map is None else _mapped_device(device_map, name)
                 set_module_tensor_to_device(model, name, target, value=t, dtype=t.dtype if name in packed else None)
-                seen.add(name)
     model.tie_weights()
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
                if p is not None and p.device.type == "meta"]
     if missing:
         raise ValueError(f"{path}: checkpoint is missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    check_packed(model, where)
     model.eval()
     if device_map is not None:  # packed weights are buffers: offloaded ones must stay offloaded
         return dispatch_model(model, device_map=device_map, offload_buffers=True)
@@ -92,20 +87,3 @@ def _mapped_device(device_map: dict, name: str):
     if best is None:
         raise ValueError(f"device_map places no module holding {name}")
     return device_map[best]
-
-
-def _as_dict(qc):
-    if qc is None or isinstance(qc, dict):
-        return qc
-    return qc.to_dict()
-
-
-def _packed_names(model) -> set[str]:
-    from ..models.quant_modules import PackedWeight
-
-    names = set()
-    for mname, mod in model.named_modules():
-        if isinstance(mod, PackedWeight):
-            for bname, b in mod.named_buffers(recurse=False):
-                names.add(f"{mname}.{bname}")
-    return names

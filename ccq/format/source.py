@@ -92,3 +92,22 @@ class SourceCheckpoint:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"tensor {name} in {self.dir / shard} has NaN/Inf values")
         return t
+
+
+class MetaView:
+    """The same names as a SourceCheckpoint, as meta tensors of the stored shapes: resolving and
+    converting every model tensor through it checks names and shapes without reading data."""
+
+    def __init__(self, src: SourceCheckpoint):
+        self.src = src
+
+    def keys(self):
+        return self.src.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.src.shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.src:
+            raise ValueError(f"tensor {name} is missing from {self.src.dir} (not in the index)")
+        return torch.empty(self.src.shape(name), device="meta")

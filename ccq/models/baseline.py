@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .quant_modules import experts_kind
+
 
 def rtn_groupwise(w: torch.Tensor, bits: int, group: int = 64) -> torch.Tensor:
     """Dequantized RTN copy of w ([..., in]); the last group may be shorter."""
@@ -37,7 +39,7 @@ def rtn_model(model: nn.Module, plan: dict[str, int], group: int = 64) -> nn.Mod
         m = mods[name]
         if isinstance(m, nn.Linear):
             m.weight.copy_(rtn_groupwise(m.weight, bits, group))
-        else:
-            m.gate_up_proj.copy_(rtn_groupwise(m.gate_up_proj, bits, group))
-            m.down_proj.copy_(rtn_groupwise(m.down_proj, bits, group))
+        else:  # in the packed [E, out, in] orientation: groups along the input dim, as for a linear
+            for w in experts_kind(m).dense(m).values():
+                w.copy_(rtn_groupwise(w, bits, group))
     return model

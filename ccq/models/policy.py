@@ -17,14 +17,15 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from .quant_modules import QuantLinear, QuantMoeExperts, is_fused_experts
+from ..codec.config import BITS, check_bits
+from .arch import group_patterns
+from .quant_modules import QuantExperts, QuantLinear, experts_kind
+from .settings import KEEP
 
-KEEP = 16
 ROUTER_NAMES = ("gate", "router")
 NEVER = ("*patch_embed*",)
-GROUPS = (  # first match wins: the vision tower's own attention and MLPs count as vision
+GROUPS = group_patterns() + (  # first match wins: the vision tower's own attention and MLPs count as vision
     ("vision_tower", ("*vision_tower.*", "*vision_model.*", "*visual.*")),
-    ("resampler", ("*resampler_model.*",)),
     ("routed_experts", ("*.experts",)),
     ("shared_experts", ("*.shared_experts.*",)),
     ("attention", ("*.self_attn.*", "*.attention.*", "*.attn.*")),
@@ -41,7 +42,7 @@ def parse_override(text: str) -> tuple[str, int]:
         b = int(bits)
     except ValueError:
         raise ValueError(f"module override {text!r}: bits {bits!r} is not an integer") from None
-    if b not in (2, 3, 4, KEEP):
+    if b not in BITS + (KEEP,):
         raise ValueError(f"module override {text!r}: bits must be 2, 3, 4 or 16, got {b}")
     return pattern, b
 
@@ -54,11 +55,12 @@ def module_group(name: str) -> str:
     return "other"
 
 
-def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
+def quantizable(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of every module the policy may quantize (before overrides)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, (QuantLinear, QuantMoeExperts)) or is_fused_experts(mod):
+        if isinstance(mod, (QuantLinear, QuantExperts)) or experts_kind(mod) is not None:
             found[name] = mod
         elif isinstance(mod, nn.Linear) and mod is not head and name.rsplit(".", 1)[-1] not in ROUTER_NAMES \
                 and not any(fnmatchcase(name, p) for p in NEVER):
@@ -68,10 +70,9 @@ def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
 
 def quant_plan(model: nn.Module, bits: int, overrides: tuple[tuple[str, int], ...] | list = ()) -> dict[str, int]:
     """{module name: bits} for every module to quantize, in model order (16-bit ones left out)."""
-    if bits not in (2, 3, 4):
-        raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
+    check_bits(bits)
     plan = {}
-    for name in _quantizable(model):
+    for name in quantizable(model):
         b = bits
         for pattern, ob in overrides:
             if fnmatchcase(name, pattern):
@@ -87,16 +88,16 @@ def packed_names(model: nn.Module, plan: dict[str, int]) -> dict[str, tuple[tupl
     out = {}
     for name, b in plan.items():
         m = mods[name]
-        if isinstance(m, QuantMoeExperts):
-            out[f"{name}.gate_up_proj"] = ((m.num_experts, 2 * m.intermediate_dim, m.hidden_dim), b)
-            out[f"{name}.down_proj"] = ((m.num_experts, m.hidden_dim, m.intermediate_dim), b)
+        if isinstance(m, QuantExperts):
+            out[f"{name}.gate_up_proj"] = (m.gate_up_proj.dense_shape, b)
+            out[f"{name}.down_proj"] = (m.down_proj.dense_shape, b)
         elif isinstance(m, QuantLinear):
             out[name] = ((m.out_features, m.in_features), b)
         elif isinstance(m, nn.Linear):
             out[name] = (tuple(m.weight.shape), b)
         else:
-            out[f"{name}.gate_up_proj"] = (tuple(m.gate_up_proj.shape), b)
-            out[f"{name}.down_proj"] = (tuple(m.down_proj.shape), b)
+            for wname, w in experts_kind(m).dense(m).items():
+                out[f"{name}.{wname}"] = (tuple(w.shape), b)
     return out
 
 
@@ -106,7 +107,8 @@ def replace_with_quant_modules(model: nn.Module, plan: dict[str, int], rotate_ou
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         mod = getattr(parent, child)
-        if isinstance(mod, (QuantLinear, QuantMoeExperts)):
+        if isinstance(mod, (QuantLinear, QuantExperts)):
             continue
-        new = QuantLinear.like(mod, b, rotate_output) if isinstance(mod, nn.Linear) else QuantMoeExperts.like(mod, b, rotate_output)
+        new = QuantLinear.like(mod, b, rotate_output) if isinstance(mod, nn.Linear) else \
+            experts_kind(mod).like(mod, b, rotate_output)
         setattr(parent, child, new)

@@ -1,5 +1,7 @@
-"""Quantized drop-in modules: `QuantLinear` (for nn.Linear) and `QuantMoeExperts` (for
-transformers' fused expert modules such as `Ernie4_5_VLMoeMoeExperts`).
+"""Quantized drop-in modules: `QuantLinear` (for nn.Linear) and the routed-expert stacks,
+`QuantExperts` subclasses: `QuantMoeExperts` for transformers' fused expert modules
+(`Ernie4_5_VLMoeMoeExperts`, `Qwen3MoeExperts`, `MixtralExperts`, ...); a family with another
+expert layout adds its own subclass (GPT-OSS: `ccq.models.arch.gpt_oss`).
 
 The QuantizedTensor fields are registered buffers, so `.to(device)`, accelerate placement
 and `state_dict()` all see them under the checkpoint names `X.trellis`, `X.scales`,
@@ -22,6 +24,7 @@ class PackedWeight(nn.Module):
 
     def __init__(self, shape: tuple[int, ...], bits: int, rotate_output: bool = False, device=None):
         super().__init__()
+        self.dense_shape = tuple(shape)
         for name, (shp, dtype) in packed_layout(shape, bits, rotate_output).items():
             self.register_buffer(name, torch.empty(shp, dtype=dtype, device=device))
         if not rotate_output:
@@ -75,11 +78,59 @@ class QuantLinear(PackedWeight):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, bias={self.bias is not None}"
 
 
-class QuantMoeExperts(nn.Module):
-    """Routed experts as two packed stacks (gate_up [E, 2I, H], down [E, H, I]).
+class QuantExperts(nn.Module):
+    """Routed experts as two packed stacks `gate_up_proj` and `down_proj`, each [E, out, in].
 
-    Same forward(hidden_states, top_k_index, top_k_weights) as transformers' fused experts;
-    calls `ccq.kernels.qmoe`.
+    A subclass names the transformers module it replaces (`matches`), builds its empty twin
+    (`like`), exposes the source weights in the packed [E, out, in] orientation (`dense`: views
+    the quantizer reads and RTN writes) and computes expert e's down-projection input (`down_input`,
+    for the down Hessians).
+    """
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def like(cls, experts: nn.Module, bits: int, rotate_output: bool = False) -> "QuantExperts":
+        raise NotImplementedError
+
+    @staticmethod
+    def dense(experts: nn.Module) -> dict[str, torch.Tensor]:
+        """{"gate_up_proj": [E, out, in], "down_proj": [E, out, in]} views of the 16-bit weights."""
+        return {"gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj}
+
+    @staticmethod
+    def down_input(experts: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def take_params(self, experts: nn.Module):
+        """Keep the source module's 16-bit parameters that are not quantized (biases); none by default."""
+
+
+def expert_kinds() -> tuple[type[QuantExperts], ...]:
+    """Every QuantExperts subclass, most derived first."""
+    out, todo = [], list(QuantExperts.__subclasses__())
+    while todo:
+        k = todo.pop(0)
+        out.append(k)
+        todo += k.__subclasses__()
+    return tuple(reversed(out))
+
+
+def experts_kind(module: nn.Module) -> type[QuantExperts] | None:
+    """The QuantExperts subclass for a transformers expert module (or a quantized one), else None."""
+    for kind in expert_kinds():
+        if type(module) is kind or kind.matches(module):
+            return kind
+    return None
+
+
+class QuantMoeExperts(QuantExperts):
+    """transformers' fused experts (gate_up [E, 2I, H] with rows [gate | up], down [E, H, I], `act_fn`).
+
+    Same forward(hidden_states, top_k_index, top_k_weights) as the module it replaces; calls
+    `ccq.kernels.qmoe`.
     """
 
     def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, bits: int, act_fn,
@@ -91,9 +142,19 @@ class QuantMoeExperts(nn.Module):
         self.down_proj = PackedWeight((num_experts, hidden_dim, intermediate_dim), bits, rotate_output, device)
 
     @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return is_fused_experts(module)
+
+    @classmethod
     def like(cls, experts: nn.Module, bits: int, rotate_output: bool = False) -> "QuantMoeExperts":
         e, two_i, h = experts.gate_up_proj.shape
         return cls(e, h, two_i // 2, bits, experts.act_fn, rotate_output, device=experts.gate_up_proj.device)
+
+    @staticmethod
+    def down_input(experts: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
+        inter = experts.down_proj.shape[-1]
+        gu = x.float() @ experts.gate_up_proj[e].float().T
+        return experts.act_fn(gu[:, :inter]) * gu[:, inter:]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return kernels.qmoe(hidden_states, top_k_index, top_k_weights, self.gate_up_proj.qt, self.down_proj.qt,

@@ -1,6 +1,5 @@
-"""Quantize modules in place: one nn.Linear or fused-experts module at a time, and
-`quantize_model` for any in-memory transformers model.
-"""
+"""Quantize modules in place: one nn.Linear or fused-experts module at a time (the pipeline's
+"quantize" stage calls `quantize_module` for every planned module of a unit)."""
 
 from __future__ import annotations
 
@@ -11,8 +10,9 @@ import torch
 from torch import nn
 
 from ..codec import proxy_loss, quantize_tensor
-from .policy import module_group, quant_plan
-from .quant_modules import QuantLinear, QuantMoeExperts
+from .policy import module_group
+from .quant_modules import QuantLinear, experts_kind
+from .settings import QuantSettings
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -20,11 +20,12 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
 
 
-def _quantize_weight(name, w, bits, hessian, seed, options, fallback_reason):
+def _quantize_weight(name, w, bits, hessian, settings: QuantSettings, fallback_reason):
     t0 = time.perf_counter()
     if hessian is not None and not torch.isfinite(hessian).all():
         hessian, fallback_reason = None, "non-finite calibration statistics"
-    qt = quantize_tensor(w.detach().float(), bits, hessian, seed=tensor_seed(seed, name), **options)
+    qt = quantize_tensor(w.detach().float(), bits, hessian, seed=tensor_seed(settings.seed, name),
+                         config=settings.codec_for(bits))
     dt = time.perf_counter() - t0
     wf = w.detach().float()
     err = proxy_loss(wf, qt.dequantize(), hessian) / max(proxy_loss(wf, torch.zeros_like(wf), hessian), 1e-30)
@@ -36,8 +37,8 @@ def _quantize_weight(name, w, bits, hessian, seed, options, fallback_reason):
     return qt, entry
 
 
-def quantize_module(model: nn.Module, name: str, bits: int, hessians: dict | None, seed: int = 0,
-                    rotate_output: bool = False, **options) -> list[dict]:
+def quantize_module(model: nn.Module, name: str, bits: int, hessians: dict | None,
+                    settings: QuantSettings) -> list[dict]:
     """Replace module `name` by its quantized twin; returns report entries (one per weight).
 
     hessians: None for data-free, else the HessianCapture result; a weight whose entry is
@@ -46,7 +47,7 @@ def quantize_module(model: nn.Module, name: str, bits: int, hessians: dict | Non
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     mod = getattr(parent, child)
-    opts = dict(options, rotate_output=rotate_output)
+    rotate_output = settings.codec.rotate_output
 
     def h(key):
         if hessians is None:
@@ -56,51 +57,20 @@ def quantize_module(model: nn.Module, name: str, bits: int, hessians: dict | Non
 
     if isinstance(mod, nn.Linear):
         hv, why = h(name)
-        qt, entry = _quantize_weight(name, mod.weight, bits, hv, seed, opts, why)
+        qt, entry = _quantize_weight(name, mod.weight, bits, hv, settings, why)
         new = QuantLinear.like(mod, bits, rotate_output)
         new.load(qt)
         entries = [entry]
     else:
-        new = QuantMoeExperts.like(mod, bits, rotate_output)
+        kind = experts_kind(mod)
+        new = kind.like(mod, bits, rotate_output)
+        new.take_params(mod)
         entries = []
-        for wname in ("gate_up_proj", "down_proj"):
+        for wname, w in kind.dense(mod).items():
             hv, why = h(f"{name}.{wname}")
-            qt, entry = _quantize_weight(f"{name}.{wname}", getattr(mod, wname), bits, hv, seed, opts, why)
+            qt, entry = _quantize_weight(f"{name}.{wname}", w, bits, hv, settings, why)
             getattr(new, wname).load(qt)
             entries.append(entry)
     setattr(parent, child, new)
     return entries
 
-
-@torch.no_grad()
-def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrides=(), seed: int = 0,
-                   rotate_output: bool = False, **options) -> nn.Module:
-    """Quantize a loaded transformers model in place (any model made of nn.Linear layers).
-
-    calibration: None (data-free) or an iterable of model input dicts (or input_id tensors);
-    Hessians are captured in one pass of the 16-bit model. options: codec options (L, code,
-    hadamard_block, ...). Sets `model.config.quantization_config` and keeps the report in
-    `model.ccq_report`.
-    """
-    from ..format.qconfig import make_quantization_config
-
-    plan = quant_plan(model, bits, overrides)
-    mods = dict(model.named_modules())
-    hessians = None
-    if calibration is not None:
-        from ..calibration.hessian import HessianCapture
-
-        with HessianCapture({n: mods[n] for n in plan}) as cap:
-            for batch in calibration:
-                if isinstance(batch, torch.Tensor):
-                    model(input_ids=batch)
-                else:
-                    model(**batch)
-        hessians = cap.result()
-    report = []
-    for name, b in plan.items():
-        report += quantize_module(model, name, b, hessians, seed, rotate_output, **options)
-    model.config.quantization_config = make_quantization_config(model, bits, plan, overrides, seed=seed,
-                                                                rotate_output=rotate_output, **options)
-    model.ccq_report = report
-    return model

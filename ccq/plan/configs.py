@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..format.source import read_json
-from ..models import ernie
+from ..models.arch import resolve as resolve_architecture
 
 BUILTIN_DIR = "configs"
 
@@ -35,21 +35,6 @@ def read_config(spec: str | Path) -> tuple[dict, str]:
 
 def resolve(spec: str | Path):
     """(transformers config, model class, source description) for CONFIG."""
-    import transformers
-
     raw, where = read_config(spec)
-    if ernie.is_ernie_vl(raw):
-        return ernie.build_config(raw), transformers.Ernie4_5_VLMoeForConditionalGeneration, where
-    arch = (raw.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    model_type = raw.get("model_type")
-    if cls is None or not hasattr(cls, "_from_config") or model_type not in transformers.CONFIG_MAPPING:
-        raise ValueError(f"{where}: unsupported architecture (model_type {model_type!r}, "
-                         f"architectures {raw.get('architectures')!r}); ccq plans ERNIE-4.5-VL and "
-                         "transformers models named by their architectures")
-    body = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **body)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"{where}: not a valid {model_type} config: {str(e).splitlines()[0]}") from None
-    return config, cls, where
+    arch = resolve_architecture(raw, where)
+    return arch.config, arch.cls, where

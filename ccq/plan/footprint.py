@@ -15,10 +15,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..calibration.streaming import decoder_layers
 from ..models.policy import ROUTER_NAMES, module_group
+from ..models.skeleton import (checkpoint_tensors, decoder_layers, fp32_names, nbytes, packed_buffer_names,
+                               quantized_skeleton)
 from . import configs
-from .skeleton import checkpoint_tensors, fp32_names, nbytes, packed_buffer_names, quantized_skeleton
 
 KV_BUFFER = "ccq_kv_cache"
 GROUP_ORDER = ("routed_experts", "shared_experts", "attention", "dense_mlp", "routers", "vision_tower",
@@ -41,12 +41,12 @@ def tensor_group(name: str, plan: dict[str, int], head_names: set[str]) -> str:
 
 
 def kv_cache_bytes_per_layer(config, context: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
-    """K and V of one attention layer for `batch` sequences of `context` tokens."""
-    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = tc.num_attention_heads
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    kv_heads = getattr(tc, "num_key_value_heads", None) or heads
-    return 2 * batch * context * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    """K and V of one attention layer for `batch` sequences of `context` tokens (the family's
+    adapter says how many K and V values a token costs)."""
+    from ..models.arch import detect
+
+    values = detect(config.to_dict()).kv_values_per_token(config)
+    return batch * context * values * torch.empty((), dtype=dtype).element_size()
 
 
 def place(model: nn.Module, capacities: list[int], kv_per_layer: int, reserve: int = 0,

@@ -19,17 +19,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.streaming import decoder_layers
 from ..codec.config import TrellisConfig
 from ..codec.quantizer import incoherence
-from ..codec.tensor import QuantizedTensor, make_meta
+from ..codec.tensor import QuantizedTensor, make_meta, packed_layout
 from ..format.qconfig import make_quantization_config
-from ..codec.tensor import packed_layout
 from ..format.writer import CheckpointWriter
 from ..models.policy import packed_names
 from ..models.quantize import tensor_seed
+from ..models.settings import QuantSettings
+from ..models.skeleton import checkpoint_tensors, decoder_layers, packed_buffer_names, quantized_skeleton
+from ..version import __version__
 from . import configs
-from .skeleton import checkpoint_tensors, packed_buffer_names, quantized_skeleton
 
 
 def synth_tensor(shape: tuple[int, ...], bits: int, *, seed: int = 0, scale: float = 0.02, device="cpu",
@@ -102,8 +102,8 @@ def synth_model(spec, bits: int | None = 2, *, overrides=(), device="cpu", dtype
     model.tie_weights()
     model.to(device)  # non-persistent buffers (rotary tables) follow
     if bits is not None:
-        model.config.quantization_config = make_quantization_config(model, bits, plan, overrides, seed=seed,
-                                                                    **options)
+        model.config.quantization_config = make_quantization_config(
+            model, QuantSettings.of(bits, overrides=overrides, seed=seed, **options), plan)
     return model.eval()
 
 
@@ -119,26 +119,23 @@ def synth_checkpoint(spec, bits: int, out_dir, *, overrides=(), dtype: torch.dty
     """
     import transformers
 
-    from .. import __version__
-
-    if bits not in (2, 3, 4):
-        raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
+    settings = QuantSettings.of(bits, overrides=overrides, seed=seed, **options)  # checks bits and options
     config, model, plan, fill, where = _prepare(spec, bits, overrides, dtype, seed, options)
     layers_name, layers = decoder_layers(model)
     units: list[list[str]] = [[] for _ in range(len(layers) + 1)]
     prefix = layers_name + "."
     for name in fill.tensors:
         units[int(name[len(prefix):].split(".", 1)[0]) + 1 if name.startswith(prefix) else 0].append(name)
-    settings = json.dumps({"synth": where, "bits": bits, "overrides": list(overrides), "seed": seed,
+    run = json.dumps({"synth": where, "bits": bits, "overrides": list(overrides), "seed": seed,
                            "dtype": str(dtype), "options": options}, sort_keys=True, default=str)
-    writer = CheckpointWriter(out_dir, len(units), f"synth-{zlib.crc32(settings.encode()):08x}", overwrite=overwrite)
+    writer = CheckpointWriter(out_dir, len(units), f"synth-{zlib.crc32(run.encode()):08x}", overwrite=overwrite)
     total = 0
     try:
         for i, names in enumerate(tqdm(units, desc="ccq synth", unit="shard", disable=not progress)):
             tensors = {n: fill(n, device) for n in names}
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             writer.write_shard(i, tensors, [])
-        qc = make_quantization_config(model, bits, plan, overrides, seed=seed, **options)
+        qc = make_quantization_config(model, settings, plan)
         cfg = json.loads(config.to_json_string(use_diff=False))
         cfg["quantization_config"] = qc
         report = {"bits": bits, "synthetic": True, "source_config": where, "tensors": [], "fallbacks": [],

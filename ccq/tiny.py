@@ -9,6 +9,8 @@ processor) from transformers' own config classes. Deterministic in `seed`; all d
   `tiny_ernie_image_inputs` an image+text forward batch for it. Its `Ernie4_5_VLMoeProcessor` needs torchvision (a
   transformers requirement for the video processor); without torchvision the dir gets the tokenizer, chat
   template and image processor only (enough for calibration), and `ernie_processor_available()` says so.
+- `build_tiny_model`: a tiny text model of any registered family (Qwen3-MoE, Mixtral, DeepSeek-V3, ...) from its
+  adapter's `tiny_config`, saved in the family's checkpoint layout.
 - `build_tiny_llava`: a LLaVA (CLIP + Llama) VLM whose processor needs no torchvision: the generic
   image-text path of the evals runs on any machine with it.
 - `perturbed_copy`: the same model with relative Gaussian noise on its matrices, a stand-in for a lossy
@@ -70,7 +72,7 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 496, named_tokens: dic
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ..eval.synthetic import tokenizer_corpus
+    from .eval.synthetic import tokenizer_corpus
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -95,29 +97,37 @@ def ernie_processor_available() -> bool:
 
 
 def tiny_ernie_vl_config(layers: int = 2, patch_size: int = 14, tokenizer=None, initializer_range: float = 0.2):
-    """The tiny ERNIE-4.5-VL config: layer 0 dense, the others MoE (4 text + 4 vision experts, top-2, one shared).
-
-    Vocabulary size and special-token ids come from `tokenizer` (`build_tiny_tokenizer()` when None). The default
-    `initializer_range` is wider than transformers' 0.02 so greedy answers vary; 0.02 gives the tamer logits
-    that quantization-error comparisons want.
+    """The tiny ERNIE-4.5-VL config (`ccq.models.arch.ernie_vl`): layer 0 dense, the others MoE (4 text + 4 vision
+    experts, top-2, one shared). Vocabulary size and special-token ids come from `tokenizer`
+    (`build_tiny_tokenizer()` when None). The default `initializer_range` is wider than transformers' 0.02 so greedy
+    answers vary; 0.02 gives the tamer logits that quantization-error comparisons want.
     """
-    from transformers import Ernie4_5_VLMoeConfig
+    from .models.arch import ernie_vl
 
     tok = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in ERNIE_SPECIAL_TOKENS.items()}
-    return Ernie4_5_VLMoeConfig(
-        text_config=dict(
-            vocab_size=_padded_vocab(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [3, 3, 2]},
-            mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), moe_intermediate_size=[32, 32], moe_k=2,
-            moe_num_experts=4, moe_num_shared_experts=1, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            initializer_range=initializer_range),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch_size,
-                           spatial_merge_size=2),
-        **{f"{name}_id": i for name, i in ids.items()},
-    )
+    return ernie_vl.ADAPTER.tiny_config(tok, layers, patch_size=patch_size, initializer_range=initializer_range)
+
+
+def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                     layers: int = 2, max_shard_size: str | None = None, **overrides) -> Path:
+    """Write a tiny random text model of a registered family (`ccq.models.arch.FAMILIES`) with a tokenizer,
+    through transformers' `save_pretrained` (so in the checkpoint layout of the family, per-expert names
+    included). transformers' 0.02 init. Returns the dir."""
+    from transformers import AutoModelForCausalLM
+
+    from .models.arch import FAMILIES
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer(seed)
+    config = FAMILIES[family].tiny_config(tok, layers, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    tok.save_pretrained(out)
+    return out
 
 
 # The tiny ERNIE that the quantization pipeline tests and bench/pipeline.py quantize: 3 layers (2 MoE), transformers'
@@ -173,11 +183,12 @@ def tiny_ernie_image_inputs(model_dir: str | Path, text: str = "what is the high
     from PIL import Image
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..calibration.data import load_image_processor, image_sample
+    from .calibration.data import image_sample, load_image_processor
+    from .models.arch import ernie_vl
 
     img = Image.fromarray((np.random.default_rng(seed).random((30, 40, 3)) * 255).astype("uint8"))
     return image_sample(img, text, AutoTokenizer.from_pretrained(str(model_dir)), load_image_processor(model_dir),
-                         AutoConfig.from_pretrained(str(model_dir)), 64)
+                        AutoConfig.from_pretrained(str(model_dir)), 64, ernie_vl.ADAPTER)
 
 
 def build_tiny_llava(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,

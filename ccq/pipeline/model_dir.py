@@ -1,0 +1,81 @@
+"""`quantize_model_dir`: quantize a model folder layer by layer, straight from its shards.
+
+The model skeleton is built on the meta device by the family's adapter; shard 1 holds
+everything outside the decoder layers (embeddings, vision tower, resampler, final norm, head),
+shards 2.. hold one decoder layer each. Only the unit being processed is materialised, so peak
+memory is about one layer plus the calibration activations. The vision tower and resampler are
+calibrated on the calibration images; without images they fall back to data-free search. The
+activations are saved at every layer boundary so `resume=True` continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import torch
+
+from ..format.qconfig import make_quantization_config
+from ..format.source import MetaView, SourceCheckpoint
+from ..format.writer import CheckpointWriter
+from ..models.arch import resolve
+from ..models.policy import quant_plan
+from ..models.settings import QuantSettings
+from ..models.skeleton import build_skeleton
+from .report import calibration_fingerprint, fingerprint, summary
+from .units import Pipeline, check_shape
+
+
+def open_model_dir(model_dir):
+    """(source checkpoint, Architecture, meta skeleton, checkpoint names) of a model folder."""
+    src = SourceCheckpoint(model_dir)
+    arch = resolve(src.config, str(src.dir / "config.json"))
+    model = build_skeleton(arch.cls, arch.config)
+    return src, arch, model, arch.adapter.checkpoint_names(src, model)
+
+
+@torch.no_grad()
+def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, samples: int = 128,
+                       seq_len: int = 2048, overrides=(), resume: bool = False, overwrite: bool = False,
+                       device: str = "cpu", seed: int = 0, rotate_output: bool = False, progress: bool = True,
+                       settings: QuantSettings | None = None, **options) -> dict:
+    """Quantize model_dir into the packed checkpoint out_dir; returns the report dict.
+
+    settings: a QuantSettings; without it one is made from bits, overrides, seed, rotate_output
+    and the codec options (L, code, hadamard_block, ...).
+    """
+    t_start = time.perf_counter()
+    if settings is None:  # bad codec options fail before any output
+        settings = QuantSettings.of(bits, overrides=overrides, seed=seed, rotate_output=rotate_output, **options)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    settings = dataclasses.replace(settings, codec=dataclasses.replace(settings.codec, device=dev.type))
+    src, arch, model, names = open_model_dir(model_dir)
+    plan = quant_plan(model, settings.bits, settings.overrides)
+    pipe = Pipeline(model, plan, settings, get=names.get, device=dev, progress=progress)
+    probe = arch.adapter.checkpoint_names(MetaView(src), model)
+    for unit in pipe.units:  # every tensor resolvable, with the right shape, before any output
+        for name in unit.params:
+            check_shape(model, name, probe.get(name))
+    batches = None
+    if calibration is not None:
+        from ..calibration.data import calibration_batches
+
+        batches = calibration_batches(calibration, src.dir, arch.config, samples, seq_len, arch.adapter)
+    run = {"settings": settings.to_dict(), "device": dev.type, "samples": samples, "seq_len": seq_len,
+           "calibration": None if calibration is None else calibration_fingerprint(calibration)}
+    writer = CheckpointWriter(out_dir, len(pipe.units), fingerprint(src.dir, run), overwrite=overwrite, resume=resume)
+    pipe.batches, pipe.writer = batches, writer
+    try:
+        report = pipe.run()
+        cfg = json.loads(arch.config.to_json_string(use_diff=False))
+        cfg["quantization_config"] = make_quantization_config(model, settings, plan)
+        full = summary(report, settings, calibration, samples, seq_len, time.perf_counter() - t_start)
+        writer.finish(cfg, full, copy_from=src.dir)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+        writer.abort()
+        raise e
+    return full
+

@@ -1,0 +1,174 @@
+"""The per-unit step of the quantizer, shared by `quantize_model_dir` and `quantize_model`.
+
+A model is quantized unit by unit: unit 0 is everything outside the decoder layers
+(embeddings, vision tower, resampler, final norm, head), unit i+1 is decoder layer i. Every
+unit goes through the same stages, in `Pipeline.step`:
+
+1. load      materialise the unit's weights (from the source shards; a no-op in memory)
+2. hessians  run the unit's calibration inputs through the 16-bit unit, capturing the input
+             Hessians of its planned modules
+3. quantize  replace every planned module by its quantized twin (bit allocation that measures
+             the cost of several widths belongs here, fine-tuning of the unit's 16-bit
+             parameters right after it)
+4. forward   run the inputs through the quantized unit: the next unit's inputs, so layer i
+             is calibrated on the outputs of the quantized layers < i
+5. write     the unit's tensors to its shard, with the activations a resume starts from
+             (a no-op in memory), then release the unit's memory
+
+Unit 0's calibration inputs are the batches themselves: its Hessians come from one pass that
+stops at decoder layer 0, and its "forward" records layer 0's inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration.capture import capture_layer_inputs, first_output, to_device
+from ..calibration.hessian import HessianCapture
+from ..models.quantize import quantize_module
+from ..models.settings import QuantSettings
+from ..models.skeleton import decoder_layers, persistent_tensors, retie, tied_targets, unit_params
+
+
+@dataclass
+class Unit:
+    """One step of the pipeline: unit 0 (outside the layers) or decoder layer `index - 1`."""
+
+    index: int
+    prefix: str  # module name prefix ("" for unit 0)
+    params: list[str]  # parameter names to materialise
+    planned: list[str]  # module names to quantize
+
+
+def materialise(model: nn.Module, names, get, device):
+    """Load the parameters `names` (via get(name)) onto `device`, in their stored dtype."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in names:
+        t = get(name)
+        check_shape(model, name, t)
+        set_module_tensor_to_device(model, name, device, value=t, dtype=t.dtype)
+
+
+def check_shape(model: nn.Module, name: str, t: torch.Tensor):
+    expected = tuple(model.get_parameter(name).shape)
+    if tuple(t.shape) != expected:
+        raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, the config expects {expected}")
+
+
+class Pipeline:
+    """Quantize `model` unit by unit with `settings` and `plan`.
+
+    get: name -> tensor reads a unit's weights (None: the model is already in memory).
+    writer: a CheckpointWriter (None: keep the quantized model in memory). batches: calibration
+    input dicts (None: data-free). device: where units are materialised and run.
+    """
+
+    def __init__(self, model: nn.Module, plan: dict[str, int], settings: QuantSettings, *, batches=None,
+                 get=None, writer=None, device="cpu", progress: bool = False):
+        self.model, self.plan, self.settings = model, plan, settings
+        self.batches, self.get, self.writer = batches, get, writer
+        self.device = torch.device(device)
+        self.progress = progress
+        self.layers_name, self.layers = decoder_layers(model)
+        params = unit_params(model, self.layers_name, len(self.layers))
+        self.units = []
+        for i, names in enumerate(params):
+            prefix = "" if i == 0 else f"{self.layers_name}.{i - 1}"
+            planned = [n for n in plan if (n.startswith(prefix + ".") if i else
+                                           not n.startswith(self.layers_name + "."))]
+            self.units.append(Unit(i, prefix, names, planned))
+        self.acts = None  # the current unit's calibration inputs [(hidden, layer kwargs)]
+
+    def run(self) -> list[dict]:
+        """Every unit in order (units a resumed writer already holds are skipped); the report."""
+        report = []
+        with tqdm(total=len(self.units), desc="ccq quantize", unit="layer", disable=not self.progress) as bar:
+            for unit in self.units:
+                if self.writer is not None and self.writer.done(unit.index):
+                    report += self.writer.report_of(unit.index)
+                    self.acts = None
+                else:
+                    report += self.step(unit, bar)
+                bar.update(1)
+        return report
+
+    def step(self, unit: Unit, bar) -> list[dict]:
+        """load -> hessians -> quantize -> forward -> write, for one unit."""
+        self.load(unit)
+        hessians = self.hessians(unit)
+        entries = self.quantize(unit, hessians, bar)
+        self.forward(unit)
+        self.write(unit, entries)
+        return entries
+
+    # -- the stages --------------------------------------------------------------------------
+
+    def load(self, unit: Unit):
+        if self.batches is not None and unit.index > 0 and self.acts is None:  # resumed mid-model
+            self.acts = torch.load(self.writer.path(f"calib-acts-{unit.index - 1}.pt"), weights_only=False)
+        if self.get is None:
+            return
+        materialise(self.model, unit.params, self.get, self.device)
+        if unit.index == 0:
+            retie(self.model, tied_targets(self.model))
+
+    def hessians(self, unit: Unit) -> dict | None:
+        if self.batches is None:
+            return None
+        mods = dict(self.model.named_modules())
+        with HessianCapture({n: mods[n] for n in unit.planned}) as cap:
+            if unit.index == 0:  # vision tower / resampler statistics from the calibration images
+                capture_layer_inputs(self.model, self.layers, self.batches)
+            else:
+                layer = self.layers[unit.index - 1]
+                for h, kw in self.acts:
+                    layer(h.to(self.device), **to_device(kw, self.device))
+        return cap.result()
+
+    def quantize(self, unit: Unit, hessians: dict | None, bar) -> list[dict]:
+        entries = []
+        desc = "outside the layers" if unit.index == 0 else f"layer {unit.index - 1}/{len(self.layers)}"
+        for name in tqdm(unit.planned, desc=desc, unit="module", leave=False, disable=bar.disable):
+            bar.set_postfix_str(name[len(unit.prefix) + 1:] if unit.prefix else name[-40:])
+            entries += quantize_module(self.model, name, self.plan[name], hessians, self.settings)
+        return entries
+
+    def forward(self, unit: Unit):
+        if self.batches is None:
+            return
+        if unit.index == 0:
+            self.acts = capture_layer_inputs(self.model, self.layers, self.batches)
+        else:
+            layer = self.layers[unit.index - 1]
+            self.acts = [(first_output(layer(h.to(self.device), **to_device(kw, self.device))).detach().cpu(), kw)
+                         for h, kw in self.acts]
+
+    def write(self, unit: Unit, entries: list[dict]):
+        if self.writer is None:
+            return
+        if self.acts is not None:
+            torch.save(self.acts, self.writer.path(f"calib-acts-{unit.index}.pt"))
+        if unit.index == 0:
+            tensors = persistent_tensors(self.model, "", skip=self.layers_name)
+        else:
+            tensors = persistent_tensors(self.layers[unit.index - 1], unit.prefix)
+        self.writer.write_shard(unit.index, tensors, entries)
+        if unit.index > 0 and self.acts is not None:
+            self.writer.path(f"calib-acts-{unit.index - 1}.pt").unlink(missing_ok=True)
+        self.release(unit)
+
+    def release(self, unit: Unit):
+        """Send the written unit back to the meta device: peak memory stays about one unit."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        if unit.index == 0:
+            for name in persistent_tensors(self.model, "", skip=self.layers_name):
+                set_module_tensor_to_device(self.model, name, "meta")
+        else:
+            i = unit.index - 1
+            self.layers[i] = self.layers[i].to("meta")
