@@ -12,10 +12,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..codec.config import TrellisConfig
-from ..models.quant_modules import QuantLinear, QuantMoeExperts
-from ..codec.tensor import packed_nbytes
+from ..models.quant_modules import PackedWeight, QuantExperts, QuantLinear
+from ..models.skeleton import checkpoint_tensors, nbytes, packed_buffer_names
 from ..serving.tensor_parallel import block_of, expert_range, rank_nbytes, split
-from .skeleton import checkpoint_tensors, nbytes, packed_buffer_names
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv", "fc1")
 ROW = ("o_proj", "down_proj", "proj", "fc2")
@@ -50,10 +49,17 @@ def _linear_bytes(name: str, mod: QuantLinear, tp: int, rank: int, kv_heads: int
     return rank_nbytes("replicated", shape, mod.bits, split(shape[0], 1, 0))
 
 
-def _experts_bytes(name: str, mod: QuantMoeExperts, tp: int, rank: int, hb: int) -> int:
-    _, n = expert_range(mod.num_experts, tp, rank, name)
-    h, i = mod.hidden_dim, mod.intermediate_dim
-    return packed_nbytes((n, 2 * i, h), mod.bits) + packed_nbytes((n, h, i), mod.bits)
+def _experts_bytes(name: str, mod: QuantExperts, tp: int, rank: int) -> int:
+    """E/tp experts' codes and scales; the sign vectors and meta are shared by all experts."""
+    total = 0
+    for packed in mod.children():
+        if isinstance(packed, PackedWeight):
+            e = packed.trellis.shape[0]
+            _, n = expert_range(e, tp, rank, name)
+            for field, t in packed.named_buffers(recurse=False):
+                b = nbytes(tuple(t.shape), t.dtype)
+                total += b * n // e if field in ("trellis", "scales") else b
+    return total
 
 
 def tp_footprint(model: nn.Module, config, tp: int, dtype, kv_cache_bytes: int,
@@ -68,7 +74,7 @@ def tp_footprint(model: nn.Module, config, tp: int, dtype, kv_cache_bytes: int,
     vocab_split = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding) or (head is not None and m is head)}
     packed_owners = {}
     for n, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantMoeExperts)):
+        if isinstance(m, (QuantLinear, QuantExperts)):
             packed_owners[n] = m
     packed = packed_buffer_names(model)
     shared = split_16bit = 0
@@ -84,10 +90,10 @@ def tp_footprint(model: nn.Module, config, tp: int, dtype, kv_cache_bytes: int,
     for rank in range(tp):
         b = 0
         for n, m in packed_owners.items():
-            b += _experts_bytes(n, m, tp, rank, hadamard_block) if isinstance(m, QuantMoeExperts) \
+            b += _experts_bytes(n, m, tp, rank) if isinstance(m, QuantExperts) \
                 else _linear_bytes(n, m, tp, rank, kv_heads, hadamard_block)
         per_rank.append(b)
-    packed_total = sum(_experts_bytes(n, m, 1, 0, hadamard_block) if isinstance(m, QuantMoeExperts)
+    packed_total = sum(_experts_bytes(n, m, 1, 0) if isinstance(m, QuantExperts)
                        else _linear_bytes(n, m, 1, 0, kv_heads, hadamard_block) for n, m in packed_owners.items())
     per_gpu = max(per_rank) + -(-split_16bit // tp) + shared
     return {
