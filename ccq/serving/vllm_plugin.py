@@ -128,6 +128,40 @@ class CcqConfig(QuantizationConfig):
         return None
 
 
+# The kernels run as opaque custom ops, so vLLM's torch.compile (fullgraph) and CUDA graphs
+# capture them whole instead of tracing the kernels' Python (data-dependent routing, Triton launch).
+@torch.library.custom_op("ccq::qlinear", mutates_args=())
+def _qlinear_op(x: torch.Tensor, trellis: torch.Tensor, scales: torch.Tensor, signs_in: torch.Tensor,
+                signs_out: torch.Tensor | None, meta: list[int]) -> torch.Tensor:
+    return kernels.qlinear(x, _packed(trellis, scales, signs_in, signs_out, torch.tensor(meta, dtype=torch.int32)))
+
+
+@_qlinear_op.register_fake
+def _(x, trellis, scales, signs_in, signs_out, meta):
+    return x.new_empty(*x.shape[:-1], meta[META_FIELDS.index("out")])
+
+
+@torch.library.custom_op("ccq::qmoe", mutates_args=())
+def _qmoe_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+             gu_trellis: torch.Tensor, gu_scales: torch.Tensor, gu_signs_in: torch.Tensor,
+             gu_signs_out: torch.Tensor | None, gu_meta: list[int], dn_trellis: torch.Tensor,
+             dn_scales: torch.Tensor, dn_signs_in: torch.Tensor, dn_signs_out: torch.Tensor | None,
+             dn_meta: list[int]) -> torch.Tensor:
+    gate_up = _packed(gu_trellis, gu_scales, gu_signs_in, gu_signs_out, torch.tensor(gu_meta, dtype=torch.int32))
+    down = _packed(dn_trellis, dn_scales, dn_signs_in, dn_signs_out, torch.tensor(dn_meta, dtype=torch.int32))
+    return kernels.qmoe(x, topk_ids, topk_weights, gate_up, down, act=F.silu)
+
+
+@_qmoe_op.register_fake
+def _(x, topk_ids, topk_weights, gu_trellis, gu_scales, gu_signs_in, gu_signs_out, gu_meta, dn_trellis,
+      dn_scales, dn_signs_in, dn_signs_out, dn_meta):
+    return x.new_empty(x.shape[0], dn_meta[META_FIELDS.index("out")])
+
+
+def _op_args(qt: QuantizedTensor) -> tuple:
+    return qt.trellis, qt.scales, qt.signs_in, qt.signs_out, qt.meta.tolist()
+
+
 def _register(module: nn.Module, name: str, shape, dtype, loader, **attrs) -> None:
     p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     module.register_parameter(name, p)
@@ -226,12 +260,11 @@ class CcqLinearMethod(LinearMethodBase):
             _check_meta(name, loaded, self.bits, g["had_in"])
         if field in ("signs_in", "meta"):
             param.data[i].copy_(piece)
-        else:
+        else:  # this part's rows of the stacked trellis / scales / signs_out
             lo, hi = g["offsets"][i], g["offsets"][i + 1]
-            dim = 0
             if field == "trellis":
                 lo, hi = lo // 16, hi // 16
-            param.data.narrow(dim, lo, hi - lo).copy_(piece)
+            param.data.narrow(0, lo, hi - lo).copy_(piece)
 
     def process_weights_after_loading(self, layer) -> None:
         g = layer.ccq
@@ -241,16 +274,14 @@ class CcqLinearMethod(LinearMethodBase):
             so = layer.signs_out[lo:hi] if self.config.rotate_output else None
             parts.append(_packed(layer.trellis[lo // 16:hi // 16], layer.scales[lo:hi], layer.signs_in[i], so,
                                  layer.meta[i]))
-        layer.ccq_parts = parts
+        layer.ccq_parts = [_op_args(qt) for qt in parts]  # meta as Python ints: constants to torch.compile
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         cols: Span = layer.ccq["cols"]
         if not cols.whole and (cols.before or cols.after):
             x = F.pad(x, (cols.before, cols.after))
-        parts = layer.ccq_parts
-        if len(parts) == 1:
-            return kernels.qlinear(x, parts[0], bias)
-        y = torch.cat([kernels.qlinear(x, qt) for qt in parts], dim=-1)
+        ys = [_qlinear_op(x, *args) for args in layer.ccq_parts]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
         return y if bias is None else y + bias
 
 
@@ -306,7 +337,7 @@ class CcqMoEMethod(FusedMoEMethodBase):
             return _packed(holder.trellis, holder.scales, holder.signs_in, getattr(holder, "signs_out", None),
                            holder.meta)
 
-        self.gate_up, self.down = qt(layer.gate_up_proj), qt(layer.down_proj)
+        self.op_args = (*_op_args(qt(layer.gate_up_proj)), *_op_args(qt(layer.down_proj)))
 
     def get_fused_moe_quant_config(self, layer):
         return None
@@ -315,4 +346,4 @@ class CcqMoEMethod(FusedMoEMethodBase):
         if self.count != layer.global_num_experts:  # this rank's experts; others' slots are skipped
             local = topk_ids.long() - self.first
             topk_ids = torch.where((local >= 0) & (local < self.count), local, self.count)
-        return kernels.qmoe(x, topk_ids, topk_weights, self.gate_up, self.down, act=F.silu)
+        return _qmoe_op(x, topk_ids, topk_weights, *self.op_args)
