@@ -54,10 +54,11 @@ def worker(args: dict) -> dict:
     extra = {"load_format": "dummy"} if args["dummy"] else {}
     llm = LLM(model=args["model"], skip_tokenizer_init=True, max_model_len=1024, gpu_memory_utilization=0.85,
               seed=0, **extra)
+    vocab = json.loads((Path(args["model"]) / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
     out = {}
     for batch in args["batches"]:
-        prompts = [{"prompt_token_ids": torch.randint(10, 30000, (args["prompt"],), generator=g).tolist()}
+        prompts = [{"prompt_token_ids": torch.randint(10, vocab, (args["prompt"],), generator=g).tolist()}
                    for _ in range(batch)]
 
         def run(n):

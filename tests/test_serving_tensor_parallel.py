@@ -93,3 +93,13 @@ def test_rank_bytes_match_the_pieces():
         t.numel() * t.element_size() for t in
         {f: column_piece(f, t, rows) for f, t in quantize_tensor(torch.randn(64, 96), 2, L=8).state_dict().items()}.values())
     assert rank_nbytes("replicated", (40, 96), 2, cols) == qt.nbytes
+
+
+def test_importing_ccq_does_not_load_llvmlite():
+    """vLLM's CPU worker (which imports ccq through the plugin) fails at start-up on llvmlite's objects."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ccq, ccq.kernels, ccq.serving.tensor_parallel; "
+            "sys.exit(any(m.split('.')[0] in ('llvmlite', 'numba') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
