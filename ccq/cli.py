@@ -200,8 +200,10 @@ def inspect(checkpoint):
               help="Memory kept free on every GPU (activations, CUDA context), e.g. 1GiB.")
 @click.option("--module-bits", "module_bits", multiple=True, metavar="PATTERN=BITS",
               help="Bits for modules matching an fnmatch pattern (2, 3, 4, or 16 to keep 16-bit); repeatable.")
+@click.option("--tp", type=click.IntRange(1), default=1, show_default=True,
+              help="Also show what each GPU holds under vLLM tensor parallelism of this size.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def plan(config, bits, gpus, context, batch, reserve, module_bits, as_json):
+def plan(config, bits, gpus, context, batch, reserve, module_bits, tp, as_json):
     """Packed size by module group, KV cache and GPU placement of CONFIG, without weights.
 
     CONFIG is a config.json, a model folder or a built-in name: ernie-4.5-vl-28b-a3b,
@@ -216,7 +218,7 @@ def plan(config, bits, gpus, context, batch, reserve, module_bits, as_json):
     overrides = [run_guarded(parse_override, m) for m in module_bits]
     sizes = run_guarded(parse_gpus, gpus)
     res = run_guarded(plan_footprint, config, bits, overrides=overrides, gpus=sizes, context=context, batch=batch,
-                      reserve=run_guarded(parse_size, reserve))
+                      reserve=run_guarded(parse_size, reserve), tp=tp)
     click.echo(json.dumps(res) if as_json else format_plan(res))
 
 

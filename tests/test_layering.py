@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "ccq"
 # lowest first; a module may import from its own layer and those before it
-LAYERS = ["ccq.version", "ccq.codec", "ccq.kernels", "ccq.models", "ccq.format", "ccq.plan", "ccq.calibration",
+LAYERS = ["ccq.version", "ccq.codec", "ccq.kernels", "ccq.models", "ccq.format", "ccq.serving", "ccq.plan", "ccq.calibration",
           "ccq.pipeline", "ccq.eval", "ccq.tiny", "ccq.demo", "ccq.integration", "ccq.cli", "ccq"]
 
 

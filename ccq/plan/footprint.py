@@ -125,8 +125,9 @@ def _quiet():
 
 
 def plan_footprint(spec, bits: int, *, overrides=(), gpus: list[int] | None = None, context: int = 32768,
-                   batch: int = 1, reserve: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Everything `ccq plan` prints, as a JSON-able dict (see docs/SCALE.md)."""
+                   batch: int = 1, reserve: int = 0, dtype: torch.dtype = torch.bfloat16, tp: int = 1) -> dict:
+    """Everything `ccq plan` prints, as a JSON-able dict (see docs/SCALE.md); tp > 1 adds what each
+    GPU holds under vLLM tensor parallelism (`tensor_parallel`, README "Serving with vLLM")."""
     if context < 0 or batch < 1:
         raise ValueError(f"context must be >= 0 and batch >= 1, got context={context}, batch={batch}")
     config, cls, where = configs.resolve(spec)
@@ -152,6 +153,13 @@ def plan_footprint(spec, bits: int, *, overrides=(), gpus: list[int] | None = No
         "quantized_modules": len(plan),
         "context": context, "batch": batch, "kv_cache_bytes": kv_layer * n_layers,
     }
+    if tp > 1:
+        from .tensor_parallel import tp_footprint
+
+        t = tp_footprint(model, config, tp, dtype, out["kv_cache_bytes"])
+        if gpus:
+            t["fits"] = t["per_gpu_bytes"] + t["per_gpu_kv_cache_bytes"] + reserve <= min(gpus)
+        out["tensor_parallel"] = t
     if gpus:
         placed = place(model, gpus, kv_layer, reserve, dtype)
         per = placed["per_device"]
@@ -184,4 +192,10 @@ def format_plan(p: dict) -> str:
         if p["offloaded_bytes"]:
             lines.append(f"{'not on a GPU':<16} {gb(p['offloaded_bytes'])}")
         lines.append(f"fits: {'yes' if p['fits'] else 'no'}")
+    if "tensor_parallel" in p:
+        t = p["tensor_parallel"]
+        lines.append(f"tensor-parallel {t['tp']} (vLLM): each GPU {gb(t['per_gpu_bytes'])}, "
+                     f"packed {t['per_gpu_packed_bytes'] / 1e9:.2f} GB (shared Hadamard blocks "
+                     f"{t['packed_overlap_bytes'] / 1e9:.2f} GB), kv {t['per_gpu_kv_cache_bytes'] / 1e9:.2f} GB"
+                     + (f", fits: {'yes' if t['fits'] else 'no'}" if "fits" in t else ""))
     return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Greedy generation with vLLM's offline engine (`LLM`) on CPU, and the same with `ccq.load`.
+
+vLLM runs in a fresh process (`python -m tests_vllm.engine ARGS_JSON`): vLLM 0.32's CPU worker
+scans every loaded module at start-up and fails on llvmlite's, which the ccq quantizer
+(numba) has loaded in the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def vllm_greedy(model_dir, prompts: list[list[int]], max_tokens: int, **engine_args) -> list[dict]:
+    """[{tokens, logprobs}] per prompt; logprobs of the chosen tokens, as vLLM reports them."""
+    args = json.dumps({"model_dir": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, **engine_args})
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    r = subprocess.run([sys.executable, "-m", "tests_vllm.engine", args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"vLLM run failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _run_vllm(model_dir, prompts: list[list[int]], max_tokens: int, **engine_args) -> list[dict]:
+    from vllm import LLM, SamplingParams
+
+    args = dict(skip_tokenizer_init=True, enforce_eager=True, dtype="float32", max_model_len=64, max_num_seqs=4,
+                kv_cache_memory_bytes=32 << 20, seed=0)
+    args.update(engine_args)
+    llm = LLM(model=str(model_dir), **args)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0, ignore_eos=True),
+                        use_tqdm=False)
+    res = []
+    for o in outs:
+        c = o.outputs[0]
+        res.append({"tokens": list(c.token_ids),
+                    "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]})
+    return res
+
+
+@torch.no_grad()
+def ccq_greedy(model_dir, prompt: list[int], max_tokens: int) -> dict:
+    """The same greedy continuation from `ccq.load` (float32), with the log-softmax of each chosen token."""
+    import ccq
+
+    model = ccq.load(model_dir, dtype=torch.float32)
+    ids = torch.tensor([prompt])
+    tokens, logprobs = [], []
+    for _ in range(max_tokens):
+        logits = model(input_ids=ids).logits[0, -1].float()
+        t = int(logits.argmax())
+        tokens.append(t)
+        logprobs.append(float(torch.log_softmax(logits, -1)[t]))
+        ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_vllm(**json.loads(sys.argv[1]))))
