@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..codec.codes import get_code
+from .launch import launch
 
 
 @triton.jit
@@ -147,8 +148,8 @@ def rotated_weight(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     out = torch.empty(*lead, N, K, dtype=dtype, device=tr.device)
     BN, BK = 32, 64
     grid = (triton.cdiv(N, BN), triton.cdiv(K, BK), E)
-    _dequant_kernel[grid](tr, qt.scales.contiguous(), out, N, K, it, code_norm(qt), ot * it * 16 * qt.bits, N,
-                          N * K, BN=BN, BK=BK, **code_params(qt))
+    launch(_dequant_kernel, grid, tr, qt.scales.contiguous(), out, N, K, it, code_norm(qt), ot * it * 16 * qt.bits,
+           N, N * K, BN=BN, BK=BK, **code_params(qt))
     return out
 
 

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch, sm_count
 from .decode import code_norm, code_params, decode_at, decode_runs, run_offsets, window_offsets
 
 GEMV_MAX_ROWS = 4
@@ -158,13 +159,12 @@ def gemv(xr: torch.Tensor, qt, split_k: int | None = None, decode: str | None = 
     n_blocks = triton.cdiv(N, BN)
     k_blocks = triton.cdiv(K, BK)
     if split_k is None:
-        target = torch.cuda.get_device_properties(xr.device).multi_processor_count * 8 if xr.is_cuda else 1
-        split_k = target // n_blocks
+        split_k = sm_count(xr.device) * 8 // n_blocks
     split = max(1, min(k_blocks, split_k))
     k_per = triton.cdiv(k_blocks, split) * BK
     split = triton.cdiv(K, k_per)
     y = (torch.zeros if split > 1 else torch.empty)(M, N, dtype=torch.float32, device=xr.device)
-    _gemv_kernel[(n_blocks, split)](xr, xr.stride(0), qt.trellis, qt.scales, y, N, M, N, K, KT, k_per,
+    launch(_gemv_kernel, (n_blocks, split), xr, xr.stride(0), qt.trellis, qt.scales, y, N, M, N, K, KT, k_per,
                                     code_norm(qt), BM=triton.next_power_of_2(M), BN=BN, BK=BK,
                                     ATOMIC=split > 1, RUNS=_runs(decode), **code_params(qt))
     return y
@@ -185,7 +185,7 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
     BK = 64 if K >= 64 else 32 if K >= 32 else 16
     grid = (expert_ids.shape[0], triton.cdiv(n_out, BN))
     routed = ids is not None
-    _gemm_kernel[grid](a, a.stride(0), ids if routed else expert_ids, expert_ids, tr, tr[0].numel(), scales,
+    launch(_gemm_kernel, grid, a, a.stride(0), ids if routed else expert_ids, expert_ids, tr, tr[0].numel(), scales,
                        scales[0].numel(), out, out.stride(0), n_valid if routed else a.shape[0], n_out, K, KT,
                        top_k, gate_off, code_norm(qt), BM=block_m, BN=BN, BK=BK, ROUTED=routed, GATHER_A=gather_a,
                        SCATTER_Y=scatter_y, SWIGLU=gate_off > 0, DOT=_DOT_DTYPES[a.dtype],
