@@ -47,8 +47,10 @@ MOE = [("28B", 64, 6, 2560, 1536), ("424B", 64, 8, 8192, 3584)]
 
 def path_of(rec) -> str:
     c = rec.constexprs()
-    return {"_gemv_kernel": "gemv", "_dequant_kernel": "decode", "_hadamard_kernel": "hadamard"}.get(
-        rec.name, "moe_gate_up" if c.get("GATHER_A") else "moe_down" if c.get("SCATTER_Y") else "gemm")
+    if rec.name in ("_gemv_kernel", "_gemm_kernel") and c.get("ROUTED"):
+        return "moe_gate_up" if c.get("GATHER_A") else "moe_down"
+    return {"_gemv_kernel": "gemv", "_gemm_kernel": "gemm", "_dequant_kernel": "decode",
+            "_hadamard_kernel": "hadamard"}[rec.name]
 
 
 def per_iter_weights(rec, num_warps: int) -> float:
@@ -57,7 +59,8 @@ def per_iter_weights(rec, num_warps: int) -> float:
     threads = num_warps * 32
     if rec.name == "_hadamard_kernel":
         return c["BR"] * c["B"] / threads
-    return c["BN"] * c["BK"] * (2 if c.get("SWIGLU") else 1) / threads
+    bk = c["BK"] if "BK" in c else 16 * c["J"]
+    return c["BN"] * bk * (2 if c.get("SWIGLU") else 1) / threads
 
 
 def config_key(rec) -> tuple:
@@ -73,8 +76,10 @@ def work(rec, path: str, bits: int, used_blocks: int | None) -> tuple[float, flo
     if path == "decode":
         n = a["N"] * a["K"] * rec.grid[2]
         return n, n * (bits / 8 + a["out_ptr"].element_size())
-    if path == "gemv":
-        n = a["N"] * a["K"]
+    if rec.name == "_gemv_kernel":
+        n = a["N"] * a["KT"] * 16 * (2 if a["SWIGLU"] else 1)
+        if a["ROUTED"]:  # one program row per slot; a skipped slot exits at once
+            n *= used_blocks
         return n, n * bits / 8
     n = a["N"] * a["K"] * (2 if a["SWIGLU"] else 1)
     if used_blocks is None:  # dense: every block row decodes the whole weight, HBM reads it once (L2)
@@ -193,16 +198,16 @@ def main(argv=None) -> int:
                 shapes.append(dict(shape=name, kind=kind, rows=rows, bits=bits, code=code, triton_launches=len(recs),
                                    torch_launches=n_torch, paths=[configs[k]["path"] for k in keys], **pred))
 
-    hdr = f"{'path':<12}{'bits':>4} {'code':<6}{'config':<44}{'regs':>5}{'local':>6}{'instr/w':>8}" \
+    hdr = f"{'path':<12}{'bits':>4} {'code':<6}{'config':<52}{'regs':>5}{'local':>6}{'instr/w':>8}" \
           f"{'alu':>6}{'fma':>6}{'mem':>6}{'other':>6}{'ceil':>6}"
     print(hdr)
     for c in configs.values():
         st = c["stats"]
         p = st["per_weight"]
-        cfg = {k: v for k, v in c["config"].items() if k in ("BM", "BN", "BK", "B", "BR", "RUNS", "SWIGLU", "ATOMIC")}
+        cfg = {k: v for k, v in c["config"].items() if k in ("BM", "BN", "BK", "J", "B", "BR", "RUNS", "SWIGLU")}
         eff = max(p["total"], 2 * p["alu"], 2 * p["fma_heavy"])
         ceil = "" if c["path"] == "hadamard" else f"{(2 / HBM) / (eff / ISSUE):.2f}x"
-        print(f"{c['path']:<12}{c['bits']:>4} {c['code']:<6}{str(cfg):<44}{st['registers']:>5}{st['local']:>6}"
+        print(f"{c['path']:<12}{c['bits']:>4} {c['code']:<6}{str(cfg):<52}{st['registers']:>5}{st['local']:>6}"
               f"{p['total']:>8.2f}{p['alu']:>6.2f}{p['fma']:>6.2f}{p['mem']:>6.2f}{p['other']:>6.2f}{ceil:>6}")
     print()
     print(f"{'shape':<20}{'rows':>5}{'bits':>5} {'code':<6}{'launches':>9}{'issue us':>9}{'mem us':>8}{'pred us':>9}{'bf16 us':>9}{'ratio':>7}")

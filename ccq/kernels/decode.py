@@ -11,6 +11,8 @@ reduction, which saves one multiply per weight.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -35,20 +37,48 @@ def window_offsets(rows, cols, KT, BITS: tl.constexpr, L: tl.constexpr):
     return tile + word, tile + (word + 1) % NW, (32 - L - start % 16).to(tl.uint32)
 
 
+# Triton's interpreter cannot run inline PTX: there the kernels take the pure-Triton twin of each asm helper.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "") == "1")
+
+
+@triton.jit
+def byte_sum_bits(x):
+    """uint32 bits of the fp32 number 2**23 + (sum of the four bytes of x): one dp4a on a GPU."""
+    if INTERPRET:
+        y = (x & 0x00FF00FF) + ((x >> 8) & 0x00FF00FF)  # byte pairs summed in two 16-bit lanes
+        return ((y + (y >> 16)) & 0xFFFF) | 0x4B000000
+    else:
+        return tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, 16843009, 1258291200;", "=r,r", [x],
+                                         dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def fp16_pair_sum(x):
+    """fp32 sum of the two fp16 halves of (x & 0x8FFF8FFF) ^ 0x3B603B60 (exact: both are 0.125..2 in size).
+
+    On a GPU one lop3, two fp16->fp32 conversions of the halves in place and one add."""
+    if INTERPRET:
+        x = (x & 0x8FFF8FFF) ^ 0x3B603B60
+        lo = (x & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo + hi
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; .reg .b16 l, h; .reg .f32 a, b;\n"
+            "lop3.b32 t, $1, 0x8FFF8FFF, 0x3B603B60, 0x6a;\n"  # (x & mask) ^ xor
+            "mov.b32 {l, h}, t; cvt.f32.f16 a, l; cvt.f32.f16 b, h; add.f32 $0, a, b; }",
+            "=f,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
 @triton.jit
 def code_value(state, MUL: tl.constexpr, ADD: tl.constexpr, FP16SUM: tl.constexpr):
     """Unscaled value (fp32) of uint32 states under a computed code."""
     x = state * MUL + ADD  # uint32: wraps mod 2**32
     if FP16SUM:
-        x = (x & 0x8FFF8FFF) ^ 0x3B603B60
-        lo = (x & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        v = lo + hi
+        v = fp16_pair_sum(x)
     else:
-        y = (x & 0x00FF00FF) + ((x >> 8) & 0x00FF00FF)  # byte pairs summed in two 16-bit lanes
-        y = (y + (y >> 16)) & 0xFFFF  # byte sum, 0..1020
-        # int -> float without a conversion instruction: 2**23 + y as fp32 bits, minus 2**23 + 510
-        v = (y | 0x4B000000).to(tl.float32, bitcast=True) - 8389118.0
+        # byte sum 0..1020 as fp32 without a conversion instruction: 2**23 + y as fp32 bits, minus 2**23 + 510
+        v = byte_sum_bits(x).to(tl.float32, bitcast=True) - 8389118.0
     return v
 
 
@@ -100,6 +130,47 @@ def decode_runs(tr_ptr, offs, mask, BITS: tl.constexpr, L: tl.constexpr, MUL: tl
         state = tl.where(end <= 64, state, b[:, :, None] >> (80 - tl.maximum(end, 64)).to(tl.uint64))
     state = (state & ((1 << L) - 1)).to(tl.uint32)
     return code_value(tl.reshape(state, (BN, J * 16)), MUL, ADD, FP16SUM)
+
+
+@triton.jit
+def run_history_offsets(rows, tiles, KT, BITS: tl.constexpr):
+    """Offsets [rows, tiles] of the history word of each run: the word before the tile row's BITS
+    new words (circularly; the row's own words follow it). Add t0 * 16 * BITS to move by t0 tiles."""
+    NW: tl.constexpr = 16 * BITS
+    return ((rows // 16)[:, None] * KT + tiles[None, :]) * NW + ((rows % 16)[:, None] * BITS - 1 + NW) % NW
+
+
+@triton.jit
+def run_strings(tr_ptr, offs0, mask, BITS: tl.constexpr):
+    """The words of each run as uint64 strings, MSB first: a = words 0..3, b = words 1..4 (4 bits; else a).
+
+    offs0: `run_word_offsets(.., 0, ..)`; word q sits at offs0 + q except the history word of tile
+    row 0, which wraps to the tile's last word (offs0 - 1 + 16 * BITS); each word is loaded once."""
+    NW: tl.constexpr = 16 * BITS
+    a = tl.load(tr_ptr + offs0, mask=mask, other=0).to(tl.uint16).to(tl.uint64) << 48
+    nxt = offs0 + 1 - tl.where((offs0 % NW) == NW - 1, NW, 0)  # word 1 of the run (row's first word)
+    for q in tl.static_range(1, 4):
+        if q <= BITS:
+            w = tl.load(tr_ptr + nxt + (q - 1), mask=mask, other=0)
+            a = a | (w.to(tl.uint16).to(tl.uint64) << (48 - 16 * q))
+    b = a
+    if BITS == 4:
+        b = (a << 16) | tl.load(tr_ptr + nxt + 3, mask=mask, other=0).to(tl.uint16).to(tl.uint64)
+    return a, b
+
+
+@triton.jit
+def run_window(a, b, C: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr):
+    """State (uint32) of weight C (0..15) of each run from its strings a (words 0..3) and b (words 1..4).
+
+    Window C is stream bits [E - L, E) of the run with E = 16 + BITS * (C + 1), a compile-time
+    constant: one funnel shift and one mask per weight."""
+    E: tl.constexpr = 16 + BITS * (C + 1)
+    if E <= 64:
+        st = a >> (64 - E)
+    else:
+        st = b >> (80 - E)
+    return (st & ((1 << L) - 1)).to(tl.uint32)
 
 
 @triton.jit

@@ -10,12 +10,15 @@ Two kernels share the decode of `decode.py` (window offsets computed once, outsi
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .launch import launch, sm_count
-from .decode import code_norm, code_params, decode_at, decode_runs, run_offsets, window_offsets
+from .decode import (code_norm, code_params, code_value, decode_at, decode_runs, run_history_offsets, run_offsets,
+                     run_strings, run_window, window_offsets)
 
 GEMV_MAX_ROWS = 4
 # "gather": two 16-bit loads per weight (L1-served); "runs": one load per word of each tile-row run,
@@ -25,39 +28,85 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, x_stride, tr_ptr, sc_ptr, y_ptr, y_stride, M, N, K, KT, K_PER_SPLIT, NORM,
+def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc_estride, y_ptr, y_stride,
+                 w_ptr, M, N, KT, T_PER_SPLIT, TOP_K, N_EXPERTS, GATE_OFF, NORM,
                  BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
-                 FP16SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 ATOMIC: tl.constexpr, RUNS: tl.constexpr):
-    pid_n = tl.program_id(0)
-    k_lo = tl.program_id(1) * K_PER_SPLIT
-    rows = pid_n * BN + tl.arange(0, BN)
+                 FP16SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
+                 ATOMIC: tl.constexpr, ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr):
+    """y[rows, n] = x[rows] . W'[n] on CUDA cores for a few rows, K split over grid axis 2.
+
+    Every run (one tile row: 16 weights along K) is decoded by one thread from a 64-bit string
+    of its words with compile-time shifts (`run_window`), and x * w is accumulated element-wise
+    per (row, output, tile); the tiles are summed once after the K loop.
+    Dense (not ROUTED): rows 0..M-1 of x and y, one expert (expert_ids_ptr unused).
+    ROUTED (MoE, BM = 1, no sorting): program pid_m serves flat slot s = pid_m (of M = T*TOP_K) with
+    expert e = expert_ids[s] (skipped unless 0 <= e < N_EXPERTS). GATHER_A (launch 1): x row s // TOP_K,
+    y row s (with SWIGLU: silu(gate) * up, gate rows n and up rows GATE_OFF + n). Else (launch 2):
+    x row s, y row s // TOP_K += routing weight w[s] * result, atomically (the weighted sum fused).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t_lo = tl.program_id(2) * T_PER_SPLIT
     m = tl.arange(0, BM)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if RUNS:
-        offs = run_offsets(rows, KT, BK // 16, BITS)
-    else:
-        off0, off1, shift = window_offsets(rows[:, None], tl.arange(0, BK)[None, :], KT, BITS, L)
-    for k0 in range(k_lo, k_lo + K_PER_SPLIT, BK):
-        cols = k0 + tl.arange(0, BK)
-        kmask = cols < K
-        tr = tr_ptr + (k0 // 16) * (16 * BITS)
-        if RUNS:
-            tmask = (rows < N)[:, None, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < KT)[None, :, None]
-            w = decode_runs(tr, offs, tmask, BITS, L, MUL, ADD, FP16SUM)
+    if ROUTED:
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if (e < 0) | (e >= N_EXPERTS):  # skipped slot: launch 1 leaves a zero row for launch 2's transform
+            if GATHER_A:
+                n = pid_n * BN + tl.arange(0, BN)
+                tl.store(y_ptr + pid_m.to(tl.int64) * y_stride + n, tl.zeros((BN,), y_ptr.dtype.element_ty),
+                         mask=n < N)
+            return
+        valid = m < 1
+        slot = (pid_m + m).to(tl.int64)
+        if GATHER_A:
+            x_rows = slot // TOP_K
+            y_rows = slot
         else:
-            w = decode_at(tr, off0, off1, shift, (rows[:, None] < N) & kmask[None, :], L, MUL, ADD, FP16SUM)
-        x = tl.load(x_ptr + m[:, None] * x_stride + cols[None, :], mask=(m[:, None] < M) & kmask[None, :],
-                    other=0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    sc = tl.load(sc_ptr + rows, mask=rows < N, other=0).to(tl.float32) * NORM
-    y = acc * sc[None, :]
-    ptrs = y_ptr + m[:, None] * y_stride + rows[None, :]
-    ymask = (m[:, None] < M) & (rows[None, :] < N)
+            x_rows = slot
+            y_rows = slot // TOP_K
+        tr_ptr += e * tr_estride
+        sc_ptr += e * sc_estride
+    else:
+        valid = m < M
+        x_rows = m.to(tl.int64)
+        y_rows = x_rows
+    NW: tl.constexpr = 16 * BITS
+    rows = pid_n * BN + tl.arange(0, BN)
+    tiles = tl.arange(0, J)
+    nmask = rows < N
+    offs = run_history_offsets(rows, tiles, KT, BITS)
+    if SWIGLU:
+        up_offs = run_history_offsets(GATE_OFF + rows, tiles, KT, BITS)
+        acc_up = tl.zeros((BM, BN, J), dtype=tl.float32)
+    acc = tl.zeros((BM, BN, J), dtype=tl.float32)
+    x_row_ptr = x_ptr + x_rows[:, None] * x_stride
+    for t0 in range(t_lo, tl.minimum(t_lo + T_PER_SPLIT, KT), J):
+        tmask = (t0 + tiles) < KT
+        wmask = nmask[:, None] & tmask[None, :]
+        tr = tr_ptr + t0 * NW
+        a, b = run_strings(tr, offs, wmask, BITS)
+        if SWIGLU:
+            ua, ub = run_strings(tr, up_offs, wmask, BITS)
+        xp = x_row_ptr + (t0 + tiles)[None, :] * 16
+        xmask = valid[:, None] & tmask[None, :]
+        for c in tl.static_range(16):
+            xc = tl.load(xp + c, mask=xmask, other=0).to(tl.float32)[:, None, :]
+            acc += xc * code_value(run_window(a, b, c, BITS, L), MUL, ADD, FP16SUM)[None, :, :]
+            if SWIGLU:
+                acc_up += xc * code_value(run_window(ua, ub, c, BITS, L), MUL, ADD, FP16SUM)[None, :, :]
+    y = tl.sum(acc, axis=2) * (tl.load(sc_ptr + rows, mask=nmask, other=0).to(tl.float32) * NORM)[None, :]
+    if SWIGLU:
+        up = tl.sum(acc_up, axis=2) * (tl.load(sc_ptr + GATE_OFF + rows, mask=nmask, other=0).to(tl.float32)
+                                       * NORM)[None, :]
+        y = y / (1 + tl.exp(-y)) * up
+    if ROUTED and not GATHER_A:
+        y = y * tl.load(w_ptr + pid_m + m, mask=valid, other=0).to(tl.float32)[:, None]
+    ptrs = y_ptr + y_rows[:, None] * y_stride + rows[None, :]
+    ymask = valid[:, None] & nmask[None, :]
     if ATOMIC:
         tl.atomic_add(ptrs, y, mask=ymask)
     else:
-        tl.store(ptrs, y, mask=ymask)
+        tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
 @triton.jit
@@ -140,33 +189,52 @@ def _runs(decode: str | None) -> bool:
 def dot_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """Tensor-core operand type for activations of `dtype` (fp32 runs as tf32 on GPUs).
 
-    Triton's CPU interpreter computes bf16 `tl.dot` on the raw bits, so there bf16 runs as fp32.
+    Triton's interpreter computes bf16 `tl.dot` on the raw bits, so there bf16 runs as fp32.
     """
-    if dtype == torch.bfloat16 and device.type != "cuda":
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "") == "1":
         return torch.float32
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def gemv(xr: torch.Tensor, qt, split_k: int | None = None, decode: str | None = None) -> torch.Tensor:
+GEMV_BN, GEMV_J, GEMV_WARPS = 16, 8, 1  # a warp's 32 threads: 8 tiles x 4 rows, each thread 4 runs of one tile
+
+
+def gemv_launch(x: torch.Tensor, qt, *, tr: torch.Tensor, scales: torch.Tensor, y: torch.Tensor, n_out: int,
+                split: int, rows: int = 1, expert_ids=None, weights=None, top_k: int = 1, gather_a: bool = False,
+                gate_off: int = 0) -> None:
+    """Launch `_gemv_kernel` (dense, or ROUTED when expert_ids is given: see there); rows: programs on
+    axis 0 (routed: one per flat slot); split: K slices (from `gemv_split`), summed atomically into y."""
+    KT = tr.shape[-2]
+    t_per = triton.cdiv(triton.cdiv(KT, GEMV_J), split) * GEMV_J
+    routed = expert_ids is not None
+    launch(_gemv_kernel, (rows, triton.cdiv(n_out, GEMV_BN), triton.cdiv(KT, t_per)), x, x.stride(0),
+           expert_ids if routed else x, tr, tr[0].numel() if routed else 0, scales, scales[0].numel() if routed else 0,
+           y, y.stride(0), weights if weights is not None else x, rows if routed else x.shape[0], n_out, KT, t_per,
+           top_k, tr.shape[0] if routed else 1, gate_off, code_norm(qt),
+           BM=1 if routed else triton.next_power_of_2(x.shape[0]), BN=GEMV_BN, J=GEMV_J,
+           ATOMIC=split > 1 or (routed and not gather_a), ROUTED=routed, GATHER_A=gather_a, SWIGLU=gate_off > 0,
+           num_warps=GEMV_WARPS, **code_params(qt))
+
+
+def gemv_split(device: torch.device, programs: int, KT: int, split_k: int | None = None) -> int:
+    """K slices for a GEMV of `programs` (rows x output blocks): by default enough for ~8 programs per SM."""
+    if split_k is None:
+        split_k = sm_count(device) * 8 // max(1, programs)
+    steps = triton.cdiv(KT, GEMV_J)
+    per = triton.cdiv(steps, max(1, min(steps, split_k)))
+    return triton.cdiv(steps, per)
+
+
+def gemv(xr: torch.Tensor, qt, split_k: int | None = None) -> torch.Tensor:
     """y [M, out_pad] fp32 = xr [M, in_pad] @ W'^T for M <= GEMV_MAX_ROWS (2-D qt).
 
     split_k: K slices summed with atomics; by default enough for ~8 programs per SM.
     """
-    M, K = xr.shape
-    ot, KT = qt.trellis.shape[0], qt.trellis.shape[1]
-    N = ot * 16
-    BN, BK = 16, 128
-    n_blocks = triton.cdiv(N, BN)
-    k_blocks = triton.cdiv(K, BK)
-    if split_k is None:
-        split_k = sm_count(xr.device) * 8 // n_blocks
-    split = max(1, min(k_blocks, split_k))
-    k_per = triton.cdiv(k_blocks, split) * BK
-    split = triton.cdiv(K, k_per)
+    M = xr.shape[0]
+    N = qt.trellis.shape[0] * 16
+    split = gemv_split(xr.device, triton.cdiv(N, GEMV_BN), qt.trellis.shape[1], split_k)
     y = (torch.zeros if split > 1 else torch.empty)(M, N, dtype=torch.float32, device=xr.device)
-    launch(_gemv_kernel, (n_blocks, split), xr, xr.stride(0), qt.trellis, qt.scales, y, N, M, N, K, KT, k_per,
-                                    code_norm(qt), BM=triton.next_power_of_2(M), BN=BN, BK=BK,
-                                    ATOMIC=split > 1, RUNS=_runs(decode), **code_params(qt))
+    gemv_launch(xr, qt, tr=qt.trellis, scales=qt.scales, y=y, n_out=N, split=split)
     return y
 
 
@@ -181,7 +249,7 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
     """
     K = a.shape[1]
     KT = tr.shape[-2]
-    BN = 64 if n_out >= 64 else 32 if n_out >= 32 else 16
+    BN = 64 if n_out >= 64 and not gate_off else 32 if n_out >= 32 else 16  # SwiGLU: two accumulators, two decodes
     BK = 64 if K >= 64 else 32 if K >= 32 else 16
     grid = (expert_ids.shape[0], triton.cdiv(n_out, BN))
     routed = ids is not None
@@ -199,7 +267,7 @@ def matmul(xr: torch.Tensor, qt, decode: str | None = None) -> torch.Tensor:
     if M == 0:
         return torch.zeros(0, qt.trellis.shape[0] * 16, dtype=torch.float32, device=xr.device)
     if M <= GEMV_MAX_ROWS:
-        return gemv(xr.float().contiguous(), qt, decode=decode)
+        return gemv(xr.float().contiguous(), qt)
     N = qt.trellis.shape[0] * 16
     BM = 16 if M <= 16 else 32 if M <= 32 else 64
     expert_ids = torch.zeros(triton.cdiv(M, BM), dtype=torch.int32, device=xr.device)
