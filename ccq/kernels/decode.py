@@ -1,12 +1,16 @@
 """Triton trellis decode: the value of every weight from its L-bit window, in registers.
 
-`window_offsets` + `decode_at` (or both at once, `decode_block`) are the building blocks of
-every kernel here: given broadcastable row and column indices into the padded rotated
-weight W' [out_pad, in_pad], they gather the two
-16-bit words holding each weight's window, extracts the state and evaluates the computed
-code with 32-bit integer ops (the multiply wraps mod 2**32, as the format says). The
-result is the unscaled code value; callers fold ``norm * scale[row]`` in after the
-reduction, which saves one multiply per weight.
+Two ways to find a weight's state, both exact:
+- runs (the matmul kernels): a thread owns whole tile-row runs (16 weights along K); it loads
+  the run's BITS+1 words once (`run_history_offsets`, `run_strings`) and cuts each of the 16
+  windows with a compile-time shift (`run_window`);
+- gather (`window_offsets` + `decode_at`, `decode_block`): every weight loads the two 16-bit
+  words holding its window (random access; the decode-to-16-bit kernel, and the GEMM variant
+  the benchmark compares against).
+`code_value` then evaluates the computed code with 32-bit integer ops (the multiply wraps mod
+2**32, as the format says), with inline PTX on a GPU (dp4a, lop3 + fp16 conversions) and a
+pure-Triton twin in the interpreter. The result is the unscaled code value; callers fold
+``norm * scale[row]`` in after the reduction, which saves one multiply per weight.
 """
 
 from __future__ import annotations
@@ -90,46 +94,6 @@ def decode_at(tr_ptr, off0, off1, shift, mask, L: tl.constexpr, MUL: tl.constexp
     w1 = tl.load(tr_ptr + off1, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
     state = (((w0 << 16) | w1) >> shift) & ((1 << L) - 1)
     return code_value(state, MUL, ADD, FP16SUM)
-
-
-@triton.jit
-def run_offsets(rows, KT, J: tl.constexpr, BITS: tl.constexpr):
-    """Offsets [BN, J, Q] of the words holding row `rows`' 16-weight run in each of J tiles.
-
-    Tile row r's new bits are words r*BITS .. r*BITS+BITS-1 and its history the word before
-    (circularly), so q = 0..BITS covers every window of the run; Q pads BITS+1 to a power of two.
-    """
-    NW: tl.constexpr = 16 * BITS
-    Q: tl.constexpr = 4 if BITS < 4 else 8
-    q = tl.arange(0, Q)
-    word = ((rows % 16)[:, None, None] * BITS - 1 + q[None, None, :] + NW) % NW
-    tile = ((rows // 16)[:, None, None] * KT + tl.arange(0, J)[None, :, None]) * NW
-    return tile + word
-
-
-@triton.jit
-def decode_runs(tr_ptr, offs, mask, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr,
-                ADD: tl.constexpr, FP16SUM: tl.constexpr):
-    """Unscaled code values [BN, J*16] from `run_offsets`: each run's BITS+1 words are loaded once
-    and joined into a 64-bit string; the 16 windows are cut out of it with shifts (no per-weight gathers).
-
-    mask: [BN, J, 1] (row and tile in range). The string A holds words 0..3 (bits [0, 64));
-    at 4 bits the last four windows end past bit 64 and are cut from B, words 1..4.
-    """
-    BN: tl.constexpr = offs.shape[0]
-    J: tl.constexpr = offs.shape[1]
-    Q: tl.constexpr = offs.shape[2]
-    q = tl.arange(0, Q)[None, None, :]
-    w = tl.load(tr_ptr + offs, mask=mask & (q <= BITS), other=0).to(tl.uint16).to(tl.uint64)
-    a = tl.sum(tl.where(q < 4, w << (16 * (3 - tl.minimum(q, 3))).to(tl.uint64), 0), axis=2)
-    end = 16 + BITS * (tl.arange(0, 16) + 1)[None, None, :]  # window c: string bits [end - L, end)
-    state = a[:, :, None] >> (64 - tl.minimum(end, 64)).to(tl.uint64)
-    if BITS == 4:
-        b = tl.sum(tl.where((q >= 1) & (q <= 4), w << (16 * (4 - tl.minimum(tl.maximum(q, 1), 4))).to(tl.uint64),
-                            0), axis=2)
-        state = tl.where(end <= 64, state, b[:, :, None] >> (80 - tl.maximum(end, 64)).to(tl.uint64))
-    state = (state & ((1 << L) - 1)).to(tl.uint32)
-    return code_value(tl.reshape(state, (BN, J * 16)), MUL, ADD, FP16SUM)
 
 
 @triton.jit

@@ -1,11 +1,12 @@
 """Fused trellis-decode GEMV / GEMM: y = x' @ W'^T without materialising W'.
 
-Two kernels share the decode of `decode.py` (window offsets computed once, outside the K loop):
-- `_gemv_kernel` (a few rows, batch-1 decode): CUDA-core FMAs, the K loop split over a second
-  grid axis (fp32 atomics) so that even a short output dim fills the GPU.
-- `_gemm_kernel` (everything else, and the MoE): tensor-core `tl.dot` on blocks of BM rows. A
-  block may gather its input rows (tokens sorted by expert), take its weights from one expert
-  of a stack, fuse SwiGLU over the [gate | up] rows, and scatter its output rows.
+Two kernels share the decode of `decode.py` (offsets computed once, outside the K loop):
+- `_gemv_kernel` (a few rows: batch-1 decode, and the MoE at up to 4 tokens): CUDA-core FMAs
+  accumulated element-wise per run, the K loop split over grid axis 2 (fp32 atomics) so that
+  even a short output dim fills the GPU; routed, one program row per (token, slot).
+- `_gemm_kernel` (more rows, and the MoE beyond 4 tokens): tensor-core `tl.dot` on blocks of
+  BM rows. A block may gather its input rows (tokens sorted by expert), take its weights from
+  one expert of a stack, fuse SwiGLU over the [gate | up] rows, and scatter its output rows.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import triton
 import triton.language as tl
 
 from .launch import launch, sm_count
-from .decode import (code_norm, code_params, code_value, decode_at, decode_runs, run_history_offsets, run_offsets,
-                     run_strings, run_window, window_offsets)
+from .decode import (code_norm, code_params, code_value, decode_at, run_history_offsets, run_strings, run_window,
+                     window_offsets)
 
 GEMV_MAX_ROWS = 4
-# "gather": two 16-bit loads per weight (L1-served); "runs": one load per word of each tile-row run,
-# windows cut from a 64-bit string. Both are exact; which is faster is for a GPU to tell (bench).
-DECODE = "gather"
+# GEMM decode. "runs": each thread decodes whole tile-row runs (compile-time window shifts), 16 dots per
+# K step, one per weight of the runs; "gather": two 16-bit loads per weight (L1-served). Both exact;
+# sass.py predicts "runs" at about a third of the instructions, the benchmark times both.
+DECODE = "runs"
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -142,33 +144,44 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
     nmask = n < N
     tr = tr_ptr + e * tr_estride
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    tiles = tl.arange(0, BK // 16)
     if RUNS:
-        offs = run_offsets(n, KT, BK // 16, BITS)
-        up_offs = run_offsets(GATE_OFF + n, KT, BK // 16, BITS)
+        offs = run_history_offsets(n, tiles, KT, BITS)
+        up_offs = run_history_offsets(GATE_OFF + n, tiles, KT, BITS)
     else:
         off0, off1, shift = window_offsets(n[None, :], tl.arange(0, BK)[:, None], KT, BITS, L)
         up0, up1, up_shift = window_offsets(GATE_OFF + n[None, :], tl.arange(0, BK)[:, None], KT, BITS, L)
     if SWIGLU:
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    a_row_ptr = a_ptr + a_rows.to(tl.int64)[:, None] * a_stride
     for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        kmask = cols < K
-        a = tl.load(a_ptr + a_rows.to(tl.int64)[:, None] * a_stride + cols[None, :],
-                    mask=valid[:, None] & kmask[None, :], other=0).to(DOT)
-        wmask = kmask[:, None] & nmask[None, :]
         tr_k = tr + (k0 // 16) * (16 * BITS)
         if RUNS:
-            tmask = nmask[:, None, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < KT)[None, :, None]
-            w = tl.trans(decode_runs(tr_k, offs, tmask, BITS, L, MUL, ADD, FP16SUM))
+            # 16 dots per step, one per weight c of the runs: A columns k0 + 16 j + c against the
+            # runs' c-th weights, so each thread's runs stay whole and no decoded weight moves
+            tmask = (k0 // 16 + tiles) < KT
+            rmask = nmask[:, None] & tmask[None, :]
+            sa, sb = run_strings(tr_k, offs, rmask, BITS)
+            if SWIGLU:
+                ua, ub = run_strings(tr_k, up_offs, rmask, BITS)
+            ap = a_row_ptr + (k0 + 16 * tiles)[None, :]
+            amask = valid[:, None] & tmask[None, :]
+            for c in tl.static_range(16):
+                a = tl.load(ap + c, mask=amask, other=0).to(DOT)
+                w = code_value(run_window(sa, sb, c, BITS, L), MUL, ADD, FP16SUM)
+                acc = tl.dot(a, tl.trans(w.to(DOT)), acc)
+                if SWIGLU:
+                    wu = code_value(run_window(ua, ub, c, BITS, L), MUL, ADD, FP16SUM)
+                    acc_up = tl.dot(a, tl.trans(wu.to(DOT)), acc_up)
         else:
-            w = decode_at(tr_k, off0, off1, shift, wmask, L, MUL, ADD, FP16SUM)
-        acc = tl.dot(a, w.to(DOT), acc)
-        if SWIGLU:
-            if RUNS:
-                wu = tl.trans(decode_runs(tr_k, up_offs, tmask, BITS, L, MUL, ADD, FP16SUM))
-            else:
+            cols = k0 + tl.arange(0, BK)
+            kmask = cols < K
+            a = tl.load(a_row_ptr + cols[None, :], mask=valid[:, None] & kmask[None, :], other=0).to(DOT)
+            wmask = kmask[:, None] & nmask[None, :]
+            acc = tl.dot(a, decode_at(tr_k, off0, off1, shift, wmask, L, MUL, ADD, FP16SUM).to(DOT), acc)
+            if SWIGLU:
                 wu = decode_at(tr_k, up0, up1, up_shift, wmask, L, MUL, ADD, FP16SUM)
-            acc_up = tl.dot(a, wu.to(DOT), acc_up)
+                acc_up = tl.dot(a, wu.to(DOT), acc_up)
     sc_base = sc_ptr + e * sc_estride
     y = acc * (tl.load(sc_base + n, mask=nmask, other=0).to(tl.float32) * NORM)[None, :]
     if SWIGLU:
@@ -250,7 +263,7 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
     K = a.shape[1]
     KT = tr.shape[-2]
     BN = 64 if n_out >= 64 and not gate_off else 32 if n_out >= 32 else 16  # SwiGLU: two accumulators, two decodes
-    BK = 64 if K >= 64 else 32 if K >= 32 else 16
+    BK = 256 if _runs(decode) else 64 if K >= 64 else 32 if K >= 32 else 16
     grid = (expert_ids.shape[0], triton.cdiv(n_out, BN))
     routed = ids is not None
     launch(_gemm_kernel, grid, a, a.stride(0), ids if routed else expert_ids, expert_ids, tr, tr[0].numel(), scales,
