@@ -87,28 +87,6 @@ def work(rec, path: str, bits: int, used_blocks: int | None) -> tuple[float, flo
     return n * used_blocks, n * used_blocks * bits / 8  # MoE: a block per used expert
 
 
-def torch_ops(fn) -> int:
-    """Kernels torch itself would launch for fn: non-view aten ops with device outputs, run on meta tensors."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            views = ("view", "slice", "select", "expand", "reshape", "t.", "transpose", "unsqueeze",
-                     "squeeze", "alias", "detach", "as_strided", "empty", "permute", "_unsafe_view")
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            on_device = any(isinstance(o, torch.Tensor) and o.device.type != "cpu" for o in outs)
-            if on_device and not any(v in str(func) for v in views):
-                Count.n += 1
-            return out
-
-    with Count():
-        fn()
-    return Count.n
-
-
 def record_shapes(bits: int, code: str):
     """[(shape name, kind, rows, bf16 weights, [(launch, used blocks)], torch kernels)] for one bits/code."""
     from kernels import random_packed
@@ -119,7 +97,7 @@ def record_shapes(bits: int, code: str):
 
     def run(fn):
         with launch.record(SMS) as recs:
-            n_torch = torch_ops(fn)
+            n_torch = launch.torch_kernels(fn)
         return list(recs), n_torch
 
     for name, k_in, n_out in DENSE:

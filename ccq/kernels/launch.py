@@ -65,3 +65,30 @@ def record(sm: int = 132):
         yield _recording
     finally:
         _recording, _sm_count = saved
+
+
+def torch_kernels(fn) -> int:
+    """Kernels torch itself launches while fn runs: aten ops with a device (non-CPU) output, views excluded.
+
+    Run on meta tensors this counts without a GPU, and it proves fn has no host sync: reading a
+    meta tensor's value raises.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = ("view", "slice", "select", "expand", "reshape", "t.", "transpose", "unsqueeze", "squeeze", "alias",
+             "detach", "as_strided", "empty", "permute", "_unsafe_view")
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if any(isinstance(o, torch.Tensor) and o.device.type != "cpu" for o in outs) and \
+                    not any(v in str(func) for v in views):
+                Count.n += 1
+            return out
+
+    with Count():
+        fn()
+    return Count.n
