@@ -77,8 +77,8 @@ def work(rec, path: str, bits: int, used_blocks: int | None) -> tuple[float, flo
         n = a["N"] * a["K"] * rec.grid[2]
         return n, n * (bits / 8 + a["out_ptr"].element_size())
     if rec.name == "_gemv_kernel":
-        n = a["N"] * a["KT"] * 16 * (2 if a["SWIGLU"] else 1)
-        if a["ROUTED"]:  # one program row per slot; a skipped slot exits at once
+        n = a["N"] * a["KT"] * 16 * (2 if a.get("SWIGLU") else 1)
+        if a.get("ROUTED"):  # one program row per slot; a skipped slot exits at once
             n *= used_blocks
         return n, n * bits / 8
     n = a["N"] * a["K"] * (2 if a["SWIGLU"] else 1)

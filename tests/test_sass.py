@@ -20,13 +20,13 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 # qlinear at batch 1 (Hadamard + GEMV) and at 16 rows (GEMM), qmoe at one token (the routed GEMV
-# launches) and at 8 tokens (the routed GEMM launches): every kernel path, each bit width and code
+# launches) and at 8 tokens (the routed GEMM launches), dequantize: every kernel path, each bit width and code
 # kind once. sm_80 for the dense kernels only (the MoE launches are the same kernels), to keep it short.
 SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, "bench")
 from kernels import random_packed
-from ccq.kernels import launch, sass, gemm, moe
+from ccq.kernels import launch, sass, decode, gemm, moe
 def meta(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, device="meta", dtype=dtype)
 with launch.record() as r:
@@ -38,6 +38,7 @@ with launch.record() as r:
     dn = random_packed((8, 2560, 1536), 4, "mcg", device="meta")
     for tokens in (1, 8):
         moe.qmoe(meta(tokens, 2560), meta(tokens, 6, dtype=torch.long), meta(tokens, 6), gu, dn)
+    decode.dequantize(dn)
 seen, out = set(), []
 for rec in dense + list(r):
     key = (rec.name, tuple(sorted((k, str(v)) for k, v in rec.constexprs().items())))
@@ -65,7 +66,7 @@ def compiled():
 def test_every_path_compiles_for_sm90_and_sm80(compiled):
     kernels = {(c["kernel"], c["arch"]) for c in compiled}
     assert {("_hadamard_kernel", 90), ("_gemv_kernel", 90), ("_gemv_kernel", 80), ("_gemm_kernel", 90),
-            ("_gemm_kernel", 80)} <= kernels
+            ("_gemm_kernel", 80), ("_dequant_kernel", 90)} <= kernels
     for name in ("_gemv_kernel", "_gemm_kernel"):  # both MoE launches, routed, on each path
         routed = {c["config"]["GATHER_A"] for c in compiled if c["kernel"] == name and c["config"]["ROUTED"] == "True"}
         assert routed == {"True", "False"}, name

@@ -1,12 +1,11 @@
 """Triton trellis decode: the value of every weight from its L-bit window, in registers.
 
 Two ways to find a weight's state, both exact:
-- runs (the matmul kernels): a thread owns whole tile-row runs (16 weights along K); it loads
+- runs (every kernel by default): a thread owns whole tile-row runs (16 weights along K); it loads
   the run's BITS+1 words once (`run_history_offsets`, `run_strings`) and cuts each of the 16
   windows with a compile-time shift (`run_window`);
-- gather (`window_offsets` + `decode_at`, `decode_block`): every weight loads the two 16-bit
-  words holding its window (random access; the decode-to-16-bit kernel, and the GEMM variant
-  the benchmark compares against).
+- gather (`window_offsets` + `decode_at`): every weight loads the two 16-bit words holding its
+  window (random access; the GEMM variant the benchmark compares against).
 `code_value` then evaluates the computed code with 32-bit integer ops (the multiply wraps mod
 2**32, as the format says), with inline PTX on a GPU (dp4a, lop3 + fp16 conversions) and a
 pure-Triton twin in the interpreter. The result is the unscaled code value; callers fold
@@ -137,16 +136,8 @@ def run_window(a, b, C: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr):
     return (st & ((1 << L) - 1)).to(tl.uint32)
 
 
-@triton.jit
-def decode_block(tr_ptr, rows, cols, KT, mask, BITS: tl.constexpr, L: tl.constexpr,
-                 MUL: tl.constexpr, ADD: tl.constexpr, FP16SUM: tl.constexpr):
-    """Unscaled code values of W'[rows, cols] (fp32); tr_ptr points at one [out/16, in/16, 16*BITS] stack."""
-    off0, off1, shift = window_offsets(rows, cols, KT, BITS, L)
-    return decode_at(tr_ptr, off0, off1, shift, mask, L, MUL, ADD, FP16SUM)
-
-
 def code_params(qt) -> dict:
-    """The constexpr arguments of `decode_block` for a quantized tensor."""
+    """The constexpr code arguments (BITS, L, MUL, ADD, FP16SUM) of the kernels for a quantized tensor."""
     code = get_code(qt.code)
     return dict(BITS=qt.bits, L=qt.L, MUL=code.mul, ADD=code.add, FP16SUM=code.kind == "fp16sum")
 
@@ -158,17 +149,18 @@ def code_norm(qt) -> float:
 @triton.jit
 def _dequant_kernel(tr_ptr, sc_ptr, out_ptr, N, K, KT, NORM, tr_estride, sc_estride, out_estride,
                     BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
-                    FP16SUM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+                    FP16SUM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr):
+    """W'[rows, tiles] of one expert: each thread decodes whole runs and writes their 16 weights."""
     e = tl.program_id(2).to(tl.int64)
-    rows = pid_n * BN + tl.arange(0, BN)
-    cols = pid_k * BK + tl.arange(0, BK)
-    mask = (rows[:, None] < N) & (cols[None, :] < K)
-    v = decode_block(tr_ptr + e * tr_estride, rows[:, None], cols[None, :], KT, mask, BITS, L, MUL, ADD, FP16SUM)
-    sc = tl.load(sc_ptr + e * sc_estride + rows, mask=rows < N, other=0).to(tl.float32)
-    w = v * (sc * NORM)[:, None]
-    tl.store(out_ptr + e * out_estride + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    tiles = tl.program_id(1) * J + tl.arange(0, J)
+    mask = (rows < N)[:, None] & (tiles < KT)[None, :]
+    a, b = run_strings(tr_ptr + e * tr_estride, run_history_offsets(rows, tiles, KT, BITS), mask, BITS)
+    sc = (tl.load(sc_ptr + e * sc_estride + rows, mask=rows < N, other=0).to(tl.float32) * NORM)[:, None]
+    out = out_ptr + e * out_estride + rows[:, None] * K + 16 * tiles[None, :]
+    for c in tl.static_range(16):
+        w = code_value(run_window(a, b, c, BITS, L), MUL, ADD, FP16SUM) * sc
+        tl.store(out + c, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rotated_weight(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -181,10 +173,10 @@ def rotated_weight(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     for d in lead:
         E *= d
     out = torch.empty(*lead, N, K, dtype=dtype, device=tr.device)
-    BN, BK = 32, 64
-    grid = (triton.cdiv(N, BN), triton.cdiv(K, BK), E)
+    BN, J = 32, 8
+    grid = (triton.cdiv(N, BN), triton.cdiv(it, J), E)
     launch(_dequant_kernel, grid, tr, qt.scales.contiguous(), out, N, K, it, code_norm(qt), ot * it * 16 * qt.bits,
-           N, N * K, BN=BN, BK=BK, **code_params(qt))
+           N, N * K, BN=BN, J=J, num_warps=1, **code_params(qt))
     return out
 
 
