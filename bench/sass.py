@@ -138,6 +138,32 @@ def predict(parts: list[tuple[dict, float, float]], bf16_weights: float, launche
                 ratio_vs_bf16=t16 / t)
 
 
+def print_tables(configs: list[dict], shapes: list[dict]) -> None:
+    """The per-configuration table and the per-shape prediction table (also for a saved JSON's lists)."""
+    hdr = f"{'path':<12}{'bits':>4} {'code':<6}{'config':<52}{'regs':>5}{'spill':>9}{'instr/w':>8}" \
+          f"{'alu':>6}{'fma':>6}{'mem':>6}{'other':>6}{'ceil':>6}"
+    print(hdr)
+    for c in configs:
+        st = c["stats"]
+        p = st["per_weight"]
+        cfg = {k: v for k, v in c["config"].items() if k in ("BM", "BN", "BK", "J", "B", "BR", "RUNS", "SWIGLU")}
+        eff = max(p["total"], 2 * p["alu"], 2 * p["fma_heavy"])
+        # spilled registers live in the stack frame: bytes of stack + local, and LDL/STL in the kernel
+        frame = st["stack"] + st["local"]
+        spill = f"{frame}B/{st['local_ops']}" if frame + st["local_ops"] else "0"
+        ceil = "" if c["path"] == "hadamard" else f"{(2 / HBM) / (eff / ISSUE):.2f}x"
+        print(f"{c['path']:<12}{c['bits']:>4} {c['code']:<6}{str(cfg):<52}{st['registers']:>5}{spill:>9}"
+              f"{p['total']:>8.2f}{p['alu']:>6.2f}{p['fma']:>6.2f}{p['mem']:>6.2f}{p['other']:>6.2f}{ceil:>6}")
+    print()
+    print(f"{'shape':<20}{'rows':>5}{'bits':>5} {'code':<6}{'launches':>9}{'issue us':>9}{'mem us':>8}"
+          f"{'pred us':>9}{'bf16 us':>9}{'ratio':>7}")
+    for s in shapes:
+        print(f"{s['shape']:<20}{s['rows']:>5}{s['bits']:>5} {s['code']:<6}"
+              f"{str(s['triton_launches']) + '+' + str(s['torch_launches']):>9}"
+              f"{s['issue_us']:>9.2f}{s['memory_us']:>8.2f}"
+              f"{s['predicted_us']:>9.2f}{s['bf16_us']:>9.2f}{s['ratio_vs_bf16']:>6.2f}x")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -176,25 +202,8 @@ def main(argv=None) -> int:
                 shapes.append(dict(shape=name, kind=kind, rows=rows, bits=bits, code=code, triton_launches=len(recs),
                                    torch_launches=n_torch, paths=[configs[k]["path"] for k in keys], **pred))
 
-    hdr = f"{'path':<12}{'bits':>4} {'code':<6}{'config':<52}{'regs':>5}{'local':>6}{'instr/w':>8}" \
-          f"{'alu':>6}{'fma':>6}{'mem':>6}{'other':>6}{'ceil':>6}"
-    print(hdr)
-    for c in configs.values():
-        st = c["stats"]
-        p = st["per_weight"]
-        cfg = {k: v for k, v in c["config"].items() if k in ("BM", "BN", "BK", "J", "B", "BR", "RUNS", "SWIGLU")}
-        eff = max(p["total"], 2 * p["alu"], 2 * p["fma_heavy"])
-        ceil = "" if c["path"] == "hadamard" else f"{(2 / HBM) / (eff / ISSUE):.2f}x"
-        print(f"{c['path']:<12}{c['bits']:>4} {c['code']:<6}{str(cfg):<52}{st['registers']:>5}{st['local']:>6}"
-              f"{p['total']:>8.2f}{p['alu']:>6.2f}{p['fma']:>6.2f}{p['mem']:>6.2f}{p['other']:>6.2f}{ceil:>6}")
-    print()
-    print(f"{'shape':<20}{'rows':>5}{'bits':>5} {'code':<6}{'launches':>9}{'issue us':>9}{'mem us':>8}{'pred us':>9}{'bf16 us':>9}{'ratio':>7}")
-    for s in shapes:
-        print(f"{s['shape']:<20}{s['rows']:>5}{s['bits']:>5} {s['code']:<6}"
-              f"{str(s['triton_launches']) + '+' + str(s['torch_launches']):>9}{s['issue_us']:>9.2f}{s['memory_us']:>8.2f}"
-              f"{s['predicted_us']:>9.2f}{s['bf16_us']:>9.2f}{s['ratio_vs_bf16']:>6.2f}x")
-
     public = [{k: v for k, v in c.items() if k != "cubin"} for c in configs.values()]
+    print_tables(public, shapes)
     if args.json:
         import triton
 

@@ -74,5 +74,5 @@ def test_every_path_compiles_for_sm90_and_sm80(compiled):
 
 def test_no_local_memory(compiled):
     for c in compiled:
-        assert c["local"] == 0 and c["local_ops"] == 0, f"spills in {c['kernel']} sm_{c['arch']} {c['config']}"
+        assert c["local"] == c["stack"] == c["local_ops"] == 0, f"spills in {c['kernel']} sm_{c['arch']} {c['config']}"
         assert c["registers"] <= 255

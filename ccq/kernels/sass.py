@@ -99,7 +99,8 @@ def disassemble(cubin: bytes) -> list[Instr]:
 
 
 def resources(cubin: bytes) -> dict:
-    """Registers, local memory bytes per thread (spills), stack and shared memory, from cuobjdump."""
+    """Registers, stack frame and local memory bytes per thread (spills land in the stack frame) and
+    shared memory, from cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
