@@ -155,11 +155,11 @@ def print_tables(configs: list[dict], shapes: list[dict]) -> None:
         print(f"{c['path']:<12}{c['bits']:>4} {c['code']:<6}{str(cfg):<52}{st['registers']:>5}{spill:>9}"
               f"{p['total']:>8.2f}{p['alu']:>6.2f}{p['fma']:>6.2f}{p['mem']:>6.2f}{p['other']:>6.2f}{ceil:>6}")
     print()
-    print(f"{'shape':<20}{'rows':>5}{'bits':>5} {'code':<6}{'launches':>9}{'issue us':>9}{'mem us':>8}"
+    print(f"{'shape':<20}{'rows':>5}{'bits':>5} {'code':<6}{'launches':>9}{'warps/SM':>9}{'issue us':>9}{'mem us':>8}"
           f"{'pred us':>9}{'bf16 us':>9}{'ratio':>7}")
     for s in shapes:
         print(f"{s['shape']:<20}{s['rows']:>5}{s['bits']:>5} {s['code']:<6}"
-              f"{str(s['triton_launches']) + '+' + str(s['torch_launches']):>9}"
+              f"{str(s['triton_launches']) + '+' + str(s['torch_launches']):>9}{s.get('warps_per_sm', 0):>9.1f}"
               f"{s['issue_us']:>9.2f}{s['memory_us']:>8.2f}"
               f"{s['predicted_us']:>9.2f}{s['bf16_us']:>9.2f}{s['ratio_vs_bf16']:>6.2f}x")
 
@@ -195,12 +195,16 @@ def main(argv=None) -> int:
                                         stats=st, cubin=kern.asm["cubin"])
                     print(f"compiled {len(configs)}: {rec.name} {bits}b {code} {configs[key]['config']}",
                           file=sys.stderr)
+                warps = 0.0
                 for rec, used in recs:
                     key = config_key(rec)
                     parts.append((configs[key]["stats"]["per_weight"], *work(rec, configs[key]["path"], bits, used)))
+                    if configs[key]["path"] != "hadamard":  # warps in flight of the busiest weight launch
+                        progs = (used or rec.grid[0]) * rec.grid[1] * (rec.grid[2] if len(rec.grid) > 2 else 1)
+                        warps = max(warps, progs * configs[key]["num_warps"] / SMS)
                 pred = predict(parts, w16, len(recs) + n_torch)
                 shapes.append(dict(shape=name, kind=kind, rows=rows, bits=bits, code=code, triton_launches=len(recs),
-                                   torch_launches=n_torch, paths=[configs[k]["path"] for k in keys], **pred))
+                                   torch_launches=n_torch, warps_per_sm=round(warps, 1), paths=[configs[k]["path"] for k in keys], **pred))
 
     public = [{k: v for k, v in c.items() if k != "cubin"} for c in configs.values()]
     print_tables(public, shapes)

@@ -209,7 +209,7 @@ def dot_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-GEMV_BN, GEMV_J, GEMV_WARPS = 32, 8, 1  # one warp: 8 tiles x 4 rows of threads, each thread 8 runs of one tile
+GEMV_BN, GEMV_J, GEMV_WARPS = 32, 32, 4  # each thread: 8 runs of one tile; 4 warps split the K step
 
 
 def gemv_launch(x: torch.Tensor, qt, *, tr: torch.Tensor, scales: torch.Tensor, y: torch.Tensor, n_out: int,
