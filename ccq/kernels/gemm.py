@@ -270,7 +270,10 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
                        scales[0].numel(), out, out.stride(0), n_valid if routed else a.shape[0], n_out, K, KT,
                        top_k, gate_off, code_norm(qt), BM=block_m, BN=BN, BK=BK, ROUTED=routed, GATHER_A=gather_a,
                        SCATTER_Y=scatter_y, SWIGLU=gate_off > 0, DOT=_DOT_DTYPES[a.dtype],
-                       RUNS=_runs(decode), **code_params(qt))
+                       RUNS=_runs(decode), **code_params(qt),
+                       # 4 bits keep two strings per run: let ptxas use more than the 128 registers it
+                       # picks by itself, which spilled (outside the loop) on sm_90
+                       maxnreg=168 if qt.bits == 4 else None)
     return out
 
 
