@@ -125,12 +125,13 @@ def record_shapes(bits: int, code: str):
     return out
 
 
-def predict(parts: list[tuple[dict, float, float]], bf16_weights: float, launches: int) -> dict:
-    """parts: (per-unit counts, units, bytes) of each Triton launch; launches: all kernels incl. torch's."""
+def predict(parts: list[tuple[dict, float, float, int]], bf16_weights: float, launches: int) -> dict:
+    """parts: (per-unit counts, units, bytes, programs) of each Triton launch; launches: all kernels incl.
+    torch's. A launch with fewer programs than SMs issues on that many SMs only."""
     t_issue = t_mem = t = 0.0
-    for n, units, nbytes in parts:
+    for n, units, nbytes, programs in parts:
         eff = max(n["total"], 2 * n["alu"], 2 * n["fma_heavy"])
-        ti, tm = units * eff / ISSUE, nbytes / HBM
+        ti, tm = units * eff / ISSUE * SMS / min(SMS, programs), nbytes / HBM
         t_issue, t_mem, t = t_issue + ti, t_mem + tm, t + max(ti, tm)
     t += launches * LAUNCH_S
     t16 = bf16_weights * 2 / HBM + LAUNCH_S
@@ -198,9 +199,10 @@ def main(argv=None) -> int:
                 warps = 0.0
                 for rec, used in recs:
                     key = config_key(rec)
-                    parts.append((configs[key]["stats"]["per_weight"], *work(rec, configs[key]["path"], bits, used)))
+                    progs = (used or rec.grid[0]) * rec.grid[1] * (rec.grid[2] if len(rec.grid) > 2 else 1)
+                    parts.append((configs[key]["stats"]["per_weight"], *work(rec, configs[key]["path"], bits, used),
+                                  progs))
                     if configs[key]["path"] != "hadamard":  # warps in flight of the busiest weight launch
-                        progs = (used or rec.grid[0]) * rec.grid[1] * (rec.grid[2] if len(rec.grid) > 2 else 1)
                         warps = max(warps, progs * configs[key]["num_warps"] / SMS)
                 pred = predict(parts, w16, len(recs) + n_torch)
                 shapes.append(dict(shape=name, kind=kind, rows=rows, bits=bits, code=code, triton_launches=len(recs),

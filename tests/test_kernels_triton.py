@@ -168,6 +168,18 @@ def test_gemv_split_k_atomics(bits, code):
         close(gemv(xr, qt, split_k=split), want, 1e-5)
 
 
+@pytest.mark.parametrize("decode", ["runs", "gather"])
+def test_gemm_split_k_atomics(decode):
+    """The K-split GEMM (fp32 atomics into a zeroed output) sums to the unsplit result."""
+    from ccq.kernels.gemm import matmul
+
+    qt = random_qt((40, 800), 3, 16, "mcg", False, seed=4)  # 50 tiles: 4 runs-steps of 256, the last partial
+    xr = torch.randn(20, 800, device=DEV)
+    want = xr @ qt.rotated_weight().T
+    for split in (1, 2, 4):
+        close(matmul(xr, qt, decode=decode, split_k=split), want, 1e-5)
+
+
 def test_gemm_decode_name_checked():
     from ccq.kernels.gemm import qlinear
 

@@ -113,16 +113,18 @@ def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc
 
 @triton.jit
 def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc_estride,
-                 y_ptr, y_stride, M, N, K, KT, TOP_K, GATE_OFF, NORM,
+                 y_ptr, y_stride, M, N, K, KT, K_PER_SPLIT, TOP_K, GATE_OFF, NORM,
                  BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
                  FP16SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_Y: tl.constexpr,
-                 SWIGLU: tl.constexpr, DOT: tl.constexpr, RUNS: tl.constexpr):
+                 SWIGLU: tl.constexpr, DOT: tl.constexpr, RUNS: tl.constexpr, ATOMIC: tl.constexpr):
     """Row r of block pid_m: without ROUTED, row r of A and y. With ROUTED, ids[r] is a flat
     (token, slot) index (>= M marks padding): A row ids[r] // TOP_K when GATHER_A, else r;
-    y row ids[r] when SCATTER_Y, else r. SWIGLU: y[:, n] = silu(W'[n] x) * (W'[GATE_OFF + n] x)."""
+    y row ids[r] when SCATTER_Y, else r. SWIGLU: y[:, n] = silu(W'[n] x) * (W'[GATE_OFF + n] x).
+    K is split over grid axis 2 in slices of K_PER_SPLIT, summed into y with fp32 atomics when ATOMIC."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    k_lo = tl.program_id(2) * K_PER_SPLIT
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if e < 0:  # past the last used block
         return
@@ -154,7 +156,7 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
     if SWIGLU:
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     a_row_ptr = a_ptr + a_rows.to(tl.int64)[:, None] * a_stride
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BK):
         tr_k = tr + (k0 // 16) * (16 * BITS)
         if RUNS:
             # 16 dots per step, one per weight c of the runs: A columns k0 + 16 j + c against the
@@ -187,8 +189,11 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
     if SWIGLU:
         up = acc_up * (tl.load(sc_base + GATE_OFF + n, mask=nmask, other=0).to(tl.float32) * NORM)[None, :]
         y = y / (1 + tl.exp(-y)) * up
-    tl.store(y_ptr + y_rows.to(tl.int64)[:, None] * y_stride + n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=valid[:, None] & nmask[None, :])
+    ptrs = y_ptr + y_rows.to(tl.int64)[:, None] * y_stride + n[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, y, mask=valid[:, None] & nmask[None, :])
+    else:
+        tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
 
 def _runs(decode: str | None) -> bool:
@@ -254,31 +259,35 @@ def gemv(xr: torch.Tensor, qt, split_k: int | None = None) -> torch.Tensor:
 def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: int, out: torch.Tensor,
          block_m: int, expert_ids: torch.Tensor, ids: torch.Tensor | None = None, n_valid: int | None = None,
          top_k: int = 1, gather_a: bool = False, scatter_y: bool = False, gate_off: int = 0,
-         decode: str | None = None) -> torch.Tensor:
+         decode: str | None = None, split: int = 1) -> torch.Tensor:
     """Launch `_gemm_kernel`: out[rows, :n_out] = (a @ W'^T)[rows] (or SwiGLU of it when gate_off > 0).
 
     tr/scales: [E, out/16, in/16, 16*bits] / [E, out] (a 2-D weight is a stack of one);
-    expert_ids: the expert of each block of block_m rows (-1: skip); ids: flat routed indices.
+    expert_ids: the expert of each block of block_m rows (-1: skip); ids: flat routed indices;
+    split: K slices (linear outputs only), added atomically into `out`, which must then be zeroed.
     """
     K = a.shape[1]
     KT = tr.shape[-2]
     BN = 64 if n_out >= 64 and not gate_off else 32 if n_out >= 32 else 16  # SwiGLU: two accumulators, two decodes
     BK = 256 if _runs(decode) else 64 if K >= 64 else 32 if K >= 32 else 16
-    grid = (expert_ids.shape[0], triton.cdiv(n_out, BN))
+    k_per = triton.cdiv(triton.cdiv(K, BK), split) * BK
+    grid = (expert_ids.shape[0], triton.cdiv(n_out, BN), triton.cdiv(K, k_per))
     routed = ids is not None
     launch(_gemm_kernel, grid, a, a.stride(0), ids if routed else expert_ids, expert_ids, tr, tr[0].numel(), scales,
                        scales[0].numel(), out, out.stride(0), n_valid if routed else a.shape[0], n_out, K, KT,
-                       top_k, gate_off, code_norm(qt), BM=block_m, BN=BN, BK=BK, ROUTED=routed, GATHER_A=gather_a,
+                       k_per, top_k, gate_off, code_norm(qt), BM=block_m, BN=BN, BK=BK, ROUTED=routed, GATHER_A=gather_a,
                        SCATTER_Y=scatter_y, SWIGLU=gate_off > 0, DOT=_DOT_DTYPES[a.dtype],
-                       RUNS=_runs(decode), **code_params(qt),
+                       RUNS=_runs(decode), ATOMIC=grid[2] > 1, **code_params(qt),
                        # 4 bits keep two strings per run: let ptxas use more than the 128 registers it
                        # picks by itself, which spilled (outside the loop) on sm_90
                        maxnreg=168 if qt.bits == 4 else None)
     return out
 
 
-def matmul(xr: torch.Tensor, qt, decode: str | None = None) -> torch.Tensor:
-    """y [M, out_pad] fp32 = xr [M, in_pad] @ W'^T for a 2-D quantized weight."""
+def matmul(xr: torch.Tensor, qt, decode: str | None = None, split_k: int | None = None) -> torch.Tensor:
+    """y [M, out_pad] fp32 = xr [M, in_pad] @ W'^T for a 2-D quantized weight.
+
+    split_k (GEMM path): K slices summed with atomics; by default enough for ~4 programs per SM."""
     M = xr.shape[0]
     if M == 0:
         return torch.zeros(0, qt.trellis.shape[0] * 16, dtype=torch.float32, device=xr.device)
@@ -287,9 +296,12 @@ def matmul(xr: torch.Tensor, qt, decode: str | None = None) -> torch.Tensor:
     N = qt.trellis.shape[0] * 16
     BM = 16 if M <= 16 else 32 if M <= 32 else 64
     expert_ids = torch.zeros(triton.cdiv(M, BM), dtype=torch.int32, device=xr.device)
-    y = torch.empty(M, N, dtype=torch.float32, device=xr.device)
+    if split_k is None:  # about 4 programs (16 warps) per SM, as few K slices as that allows
+        split_k = sm_count(xr.device) * 4 // (expert_ids.shape[0] * triton.cdiv(N, 64))
+    split = max(1, min(split_k, triton.cdiv(xr.shape[1], 256)))
+    y = (torch.zeros if split > 1 else torch.empty)(M, N, dtype=torch.float32, device=xr.device)
     return gemm(xr.contiguous(), qt.trellis[None], qt.scales[None], qt, n_out=N, out=y, block_m=BM,
-                expert_ids=expert_ids, decode=decode)
+                expert_ids=expert_ids, decode=decode, split=split)
 
 
 def qlinear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, decode: str | None = None) -> torch.Tensor:
