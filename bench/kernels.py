@@ -80,7 +80,7 @@ def check(bits_list) -> list[dict]:
 
     rows = []
     for bits in bits_list:
-        for code in ("mul1", "mcg"):
+        for code in ("mul1", "1mad", "mcg", "3inst"):  # every inline-PTX decode path
             qt = random_packed((200, 520), bits, code)
             for batch, decode in product((1, 37), DECODES):
                 x = torch.randn(batch, 520, device=DEVICE)
@@ -88,13 +88,15 @@ def check(bits_list) -> list[dict]:
                 err = (gemm.qlinear(x, qt, decode=decode) - want).abs().max().item() / want.abs().max().item()
                 rows.append(dict(kind="qlinear", bits=bits, code=code, batch=batch, decode=decode, rel_err=err))
             gu, dn = random_packed((8, 96, 160), bits, code), random_packed((8, 160, 48), bits, code)
-            x = torch.randn(11, 160, device=DEVICE)
-            idx = torch.rand(11, 8, device=DEVICE).topk(3).indices
-            w = torch.rand(11, 3, device=DEVICE)
-            want = reference.qmoe(x, idx, w, gu, dn)
-            for decode in DECODES:
-                err = (moe.qmoe(x, idx, w, gu, dn, decode=decode) - want).abs().max().item() / want.abs().max().item()
-                rows.append(dict(kind="qmoe", bits=bits, code=code, batch=11, decode=decode, rel_err=err))
+            for tokens in (1, 3, 11):  # routed GEMV (<= 4 tokens) and routed GEMM
+                x = torch.randn(tokens, 160, device=DEVICE)
+                idx = torch.rand(tokens, 8, device=DEVICE).topk(3).indices
+                w = torch.rand(tokens, 3, device=DEVICE)
+                want = reference.qmoe(x, idx, w, gu, dn)
+                for decode in DECODES:
+                    got = moe.qmoe(x, idx, w, gu, dn, decode=decode)
+                    err = (got - want).abs().max().item() / want.abs().max().item()
+                    rows.append(dict(kind="qmoe", bits=bits, code=code, batch=tokens, decode=decode, rel_err=err))
     bad = [r for r in rows if not r["rel_err"] < 2e-2]
     if bad:
         raise SystemExit(f"Triton kernels disagree with the torch reference on this GPU: {bad}")

@@ -62,3 +62,26 @@ def test_benchmark_refuses_to_run_without_cuda(tmp_path):
     assert proc.returncode != 0
     assert "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_moe_decode_step_launches_and_has_no_host_sync():
+    """One token through a 28B-shaped MoE layer on meta tensors (a host sync would raise): four Triton
+    launches (two activation transforms, gate_up with SwiGLU, down with the weighted sum) and two torch
+    kernels (zeroing the output, the cast)."""
+    from ccq.kernels import launch, moe
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    def packed(E, out, inp, bits=2):
+        meta_vec = torch.tensor([FORMAT_VERSION, bits, 16, get_code("mul1").code_id, 512, 0, E, out, inp],
+                                dtype=torch.int32)
+        words = meta(E, out // 16, inp // 16, 16 * bits, dtype=torch.int16)
+        return QuantizedTensor(words, meta(E, out, dtype=torch.float16), random_signs(inp, 0).to("meta"), None, meta_vec)
+
+    gu, dn = packed(64, 2 * 1536, 2560), packed(64, 2560, 1536)
+    with launch.record() as recs:
+        step = lambda: moe.qmoe(meta(1, 2560), meta(1, 6, dtype=torch.long), meta(1, 6), gu, dn)  # noqa: E731
+        n_torch = launch.torch_kernels(step)
+    assert [r.name for r in recs] == ["_hadamard_kernel", "_gemv_kernel", "_hadamard_kernel", "_gemv_kernel"]
+    assert n_torch == 2

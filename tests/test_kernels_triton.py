@@ -156,16 +156,33 @@ def test_qmoe_fp16_and_no_tokens():
     assert empty.shape == (0, 32)
 
 
-@pytest.mark.parametrize("bits,code", [(2, "mcg"), (4, "mul1")])
+@pytest.mark.parametrize("bits,code", [(2, "mcg"), (3, "1mad"), (4, "mul1")])
 def test_gemv_split_k_atomics(bits, code):
     """The K-split GEMV (fp32 atomics into a zeroed output) sums to the unsplit result."""
     from ccq.kernels.gemm import gemv
 
-    qt = random_qt((24, 400), bits, 16, code, False, seed=bits)  # 4 K blocks of 128, last one partial
+    qt = random_qt((24, 400), bits, 16, code, False, seed=bits)  # 25 tiles: 4 steps of 8, last one partial
     xr = torch.randn(2, 400, device=DEV)
     want = xr @ qt.rotated_weight().T
     for split in (1, 3, 8):
-        for decode in ("gather", "runs"):
-            close(gemv(xr, qt, split_k=split, decode=decode), want, 1e-5)
+        close(gemv(xr, qt, split_k=split), want, 1e-5)
+
+
+@pytest.mark.parametrize("decode", ["runs", "gather"])
+def test_gemm_split_k_atomics(decode):
+    """The K-split GEMM (fp32 atomics into a zeroed output) sums to the unsplit result."""
+    from ccq.kernels.gemm import matmul
+
+    qt = random_qt((40, 800), 3, 16, "mcg", False, seed=4)  # 50 tiles: 4 runs-steps of 256, the last partial
+    xr = torch.randn(20, 800, device=DEV)
+    want = xr @ qt.rotated_weight().T
+    for split in (1, 2, 4):
+        close(matmul(xr, qt, decode=decode, split_k=split), want, 1e-5)
+
+
+def test_gemm_decode_name_checked():
+    from ccq.kernels.gemm import qlinear
+
+    qt = random_qt((24, 48), 2, 16, "mul1", False)
     with pytest.raises(ValueError, match="decode must be 'gather' or 'runs', got 'lut'"):
-        gemv(xr, qt, decode="lut")
+        qlinear(torch.randn(8, 48, device=DEV), qt, decode="lut")

@@ -1,21 +1,27 @@
 """Triton trellis decode: the value of every weight from its L-bit window, in registers.
 
-`window_offsets` + `decode_at` (or both at once, `decode_block`) are the building blocks of
-every kernel here: given broadcastable row and column indices into the padded rotated
-weight W' [out_pad, in_pad], they gather the two
-16-bit words holding each weight's window, extracts the state and evaluates the computed
-code with 32-bit integer ops (the multiply wraps mod 2**32, as the format says). The
-result is the unscaled code value; callers fold ``norm * scale[row]`` in after the
-reduction, which saves one multiply per weight.
+Two ways to find a weight's state, both exact:
+- runs (every kernel by default): a thread owns whole tile-row runs (16 weights along K); it loads
+  the run's BITS+1 words once (`run_history_offsets`, `run_strings`) and cuts each of the 16
+  windows with a compile-time shift (`run_window`);
+- gather (`window_offsets` + `decode_at`): every weight loads the two 16-bit words holding its
+  window (random access; the GEMM variant the benchmark compares against).
+`code_value` then evaluates the computed code with 32-bit integer ops (the multiply wraps mod
+2**32, as the format says), with inline PTX on a GPU (dp4a, lop3 + fp16 conversions) and a
+pure-Triton twin in the interpreter. The result is the unscaled code value; callers fold
+``norm * scale[row]`` in after the reduction, which saves one multiply per weight.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..codec.codes import get_code
+from .launch import launch
 
 
 @triton.jit
@@ -34,20 +40,48 @@ def window_offsets(rows, cols, KT, BITS: tl.constexpr, L: tl.constexpr):
     return tile + word, tile + (word + 1) % NW, (32 - L - start % 16).to(tl.uint32)
 
 
+# Triton's interpreter cannot run inline PTX: there the kernels take the pure-Triton twin of each asm helper.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "") == "1")
+
+
+@triton.jit
+def byte_sum_bits(x):
+    """uint32 bits of the fp32 number 2**23 + (sum of the four bytes of x): one dp4a on a GPU."""
+    if INTERPRET:
+        y = (x & 0x00FF00FF) + ((x >> 8) & 0x00FF00FF)  # byte pairs summed in two 16-bit lanes
+        return ((y + (y >> 16)) & 0xFFFF) | 0x4B000000
+    else:
+        return tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, 16843009, 1258291200;", "=r,r", [x],
+                                         dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def fp16_pair_sum(x):
+    """fp32 sum of the two fp16 halves of (x & 0x8FFF8FFF) ^ 0x3B603B60 (exact: both are 0.125..2 in size).
+
+    On a GPU one lop3, two fp16->fp32 conversions of the halves in place and one add."""
+    if INTERPRET:
+        x = (x & 0x8FFF8FFF) ^ 0x3B603B60
+        lo = (x & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo + hi
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; .reg .b16 l, h; .reg .f32 a, b;\n"
+            "lop3.b32 t, $1, 0x8FFF8FFF, 0x3B603B60, 0x6a;\n"  # (x & mask) ^ xor
+            "mov.b32 {l, h}, t; cvt.f32.f16 a, l; cvt.f32.f16 b, h; add.f32 $0, a, b; }",
+            "=f,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
 @triton.jit
 def code_value(state, MUL: tl.constexpr, ADD: tl.constexpr, FP16SUM: tl.constexpr):
     """Unscaled value (fp32) of uint32 states under a computed code."""
     x = state * MUL + ADD  # uint32: wraps mod 2**32
     if FP16SUM:
-        x = (x & 0x8FFF8FFF) ^ 0x3B603B60
-        lo = (x & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        v = lo + hi
+        v = fp16_pair_sum(x)
     else:
-        y = (x & 0x00FF00FF) + ((x >> 8) & 0x00FF00FF)  # byte pairs summed in two 16-bit lanes
-        y = (y + (y >> 16)) & 0xFFFF  # byte sum, 0..1020
-        # int -> float without a conversion instruction: 2**23 + y as fp32 bits, minus 2**23 + 510
-        v = (y | 0x4B000000).to(tl.float32, bitcast=True) - 8389118.0
+        # byte sum 0..1020 as fp32 without a conversion instruction: 2**23 + y as fp32 bits, minus 2**23 + 510
+        v = byte_sum_bits(x).to(tl.float32, bitcast=True) - 8389118.0
     return v
 
 
@@ -62,55 +96,48 @@ def decode_at(tr_ptr, off0, off1, shift, mask, L: tl.constexpr, MUL: tl.constexp
 
 
 @triton.jit
-def run_offsets(rows, KT, J: tl.constexpr, BITS: tl.constexpr):
-    """Offsets [BN, J, Q] of the words holding row `rows`' 16-weight run in each of J tiles.
-
-    Tile row r's new bits are words r*BITS .. r*BITS+BITS-1 and its history the word before
-    (circularly), so q = 0..BITS covers every window of the run; Q pads BITS+1 to a power of two.
-    """
+def run_history_offsets(rows, tiles, KT, BITS: tl.constexpr):
+    """Offsets [rows, tiles] of the history word of each run: the word before the tile row's BITS
+    new words (circularly; the row's own words follow it). Add t0 * 16 * BITS to move by t0 tiles."""
     NW: tl.constexpr = 16 * BITS
-    Q: tl.constexpr = 4 if BITS < 4 else 8
-    q = tl.arange(0, Q)
-    word = ((rows % 16)[:, None, None] * BITS - 1 + q[None, None, :] + NW) % NW
-    tile = ((rows // 16)[:, None, None] * KT + tl.arange(0, J)[None, :, None]) * NW
-    return tile + word
+    return ((rows // 16)[:, None] * KT + tiles[None, :]) * NW + ((rows % 16)[:, None] * BITS - 1 + NW) % NW
 
 
 @triton.jit
-def decode_runs(tr_ptr, offs, mask, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr,
-                ADD: tl.constexpr, FP16SUM: tl.constexpr):
-    """Unscaled code values [BN, J*16] from `run_offsets`: each run's BITS+1 words are loaded once
-    and joined into a 64-bit string; the 16 windows are cut out of it with shifts (no per-weight gathers).
+def run_strings(tr_ptr, offs0, mask, BITS: tl.constexpr):
+    """The words of each run as uint64 strings, MSB first: a = words 0..3, b = words 1..4 (4 bits; else a).
 
-    mask: [BN, J, 1] (row and tile in range). The string A holds words 0..3 (bits [0, 64));
-    at 4 bits the last four windows end past bit 64 and are cut from B, words 1..4.
-    """
-    BN: tl.constexpr = offs.shape[0]
-    J: tl.constexpr = offs.shape[1]
-    Q: tl.constexpr = offs.shape[2]
-    q = tl.arange(0, Q)[None, None, :]
-    w = tl.load(tr_ptr + offs, mask=mask & (q <= BITS), other=0).to(tl.uint16).to(tl.uint64)
-    a = tl.sum(tl.where(q < 4, w << (16 * (3 - tl.minimum(q, 3))).to(tl.uint64), 0), axis=2)
-    end = 16 + BITS * (tl.arange(0, 16) + 1)[None, None, :]  # window c: string bits [end - L, end)
-    state = a[:, :, None] >> (64 - tl.minimum(end, 64)).to(tl.uint64)
+    offs0: `run_word_offsets(.., 0, ..)`; word q sits at offs0 + q except the history word of tile
+    row 0, which wraps to the tile's last word (offs0 - 1 + 16 * BITS); each word is loaded once."""
+    NW: tl.constexpr = 16 * BITS
+    a = tl.load(tr_ptr + offs0, mask=mask, other=0).to(tl.uint16).to(tl.uint64) << 48
+    nxt = offs0 + 1 - tl.where((offs0 % NW) == NW - 1, NW, 0)  # word 1 of the run (row's first word)
+    for q in tl.static_range(1, 4):
+        if q <= BITS:
+            w = tl.load(tr_ptr + nxt + (q - 1), mask=mask, other=0)
+            a = a | (w.to(tl.uint16).to(tl.uint64) << (48 - 16 * q))
+    b = a
     if BITS == 4:
-        b = tl.sum(tl.where((q >= 1) & (q <= 4), w << (16 * (4 - tl.minimum(tl.maximum(q, 1), 4))).to(tl.uint64),
-                            0), axis=2)
-        state = tl.where(end <= 64, state, b[:, :, None] >> (80 - tl.maximum(end, 64)).to(tl.uint64))
-    state = (state & ((1 << L) - 1)).to(tl.uint32)
-    return code_value(tl.reshape(state, (BN, J * 16)), MUL, ADD, FP16SUM)
+        b = (a << 16) | tl.load(tr_ptr + nxt + 3, mask=mask, other=0).to(tl.uint16).to(tl.uint64)
+    return a, b
 
 
 @triton.jit
-def decode_block(tr_ptr, rows, cols, KT, mask, BITS: tl.constexpr, L: tl.constexpr,
-                 MUL: tl.constexpr, ADD: tl.constexpr, FP16SUM: tl.constexpr):
-    """Unscaled code values of W'[rows, cols] (fp32); tr_ptr points at one [out/16, in/16, 16*BITS] stack."""
-    off0, off1, shift = window_offsets(rows, cols, KT, BITS, L)
-    return decode_at(tr_ptr, off0, off1, shift, mask, L, MUL, ADD, FP16SUM)
+def run_window(a, b, C: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr):
+    """State (uint32) of weight C (0..15) of each run from its strings a (words 0..3) and b (words 1..4).
+
+    Window C is stream bits [E - L, E) of the run with E = 16 + BITS * (C + 1), a compile-time
+    constant: one funnel shift and one mask per weight."""
+    E: tl.constexpr = 16 + BITS * (C + 1)
+    if E <= 64:
+        st = a >> (64 - E)
+    else:
+        st = b >> (80 - E)
+    return (st & ((1 << L) - 1)).to(tl.uint32)
 
 
 def code_params(qt) -> dict:
-    """The constexpr arguments of `decode_block` for a quantized tensor."""
+    """The constexpr code arguments (BITS, L, MUL, ADD, FP16SUM) of the kernels for a quantized tensor."""
     code = get_code(qt.code)
     return dict(BITS=qt.bits, L=qt.L, MUL=code.mul, ADD=code.add, FP16SUM=code.kind == "fp16sum")
 
@@ -122,17 +149,18 @@ def code_norm(qt) -> float:
 @triton.jit
 def _dequant_kernel(tr_ptr, sc_ptr, out_ptr, N, K, KT, NORM, tr_estride, sc_estride, out_estride,
                     BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
-                    FP16SUM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+                    FP16SUM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr):
+    """W'[rows, tiles] of one expert: each thread decodes whole runs and writes their 16 weights."""
     e = tl.program_id(2).to(tl.int64)
-    rows = pid_n * BN + tl.arange(0, BN)
-    cols = pid_k * BK + tl.arange(0, BK)
-    mask = (rows[:, None] < N) & (cols[None, :] < K)
-    v = decode_block(tr_ptr + e * tr_estride, rows[:, None], cols[None, :], KT, mask, BITS, L, MUL, ADD, FP16SUM)
-    sc = tl.load(sc_ptr + e * sc_estride + rows, mask=rows < N, other=0).to(tl.float32)
-    w = v * (sc * NORM)[:, None]
-    tl.store(out_ptr + e * out_estride + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    tiles = tl.program_id(1) * J + tl.arange(0, J)
+    mask = (rows < N)[:, None] & (tiles < KT)[None, :]
+    a, b = run_strings(tr_ptr + e * tr_estride, run_history_offsets(rows, tiles, KT, BITS), mask, BITS)
+    sc = (tl.load(sc_ptr + e * sc_estride + rows, mask=rows < N, other=0).to(tl.float32) * NORM)[:, None]
+    out = out_ptr + e * out_estride + rows[:, None] * K + 16 * tiles[None, :]
+    for c in tl.static_range(16):
+        w = code_value(run_window(a, b, c, BITS, L), MUL, ADD, FP16SUM) * sc
+        tl.store(out + c, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rotated_weight(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -145,10 +173,10 @@ def rotated_weight(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     for d in lead:
         E *= d
     out = torch.empty(*lead, N, K, dtype=dtype, device=tr.device)
-    BN, BK = 32, 64
-    grid = (triton.cdiv(N, BN), triton.cdiv(K, BK), E)
-    _dequant_kernel[grid](tr, qt.scales.contiguous(), out, N, K, it, code_norm(qt), ot * it * 16 * qt.bits, N,
-                          N * K, BN=BN, BK=BK, **code_params(qt))
+    BN, J = 32, 8
+    grid = (triton.cdiv(N, BN), triton.cdiv(it, J), E)
+    launch(_dequant_kernel, grid, tr, qt.scales.contiguous(), out, N, K, it, code_norm(qt), ot * it * 16 * qt.bits,
+           N, N * K, BN=BN, J=J, num_warps=1, **code_params(qt))
     return out
 
 

@@ -1,76 +1,130 @@
 """Fused trellis-decode GEMV / GEMM: y = x' @ W'^T without materialising W'.
 
-Two kernels share the decode of `decode.py` (window offsets computed once, outside the K loop):
-- `_gemv_kernel` (a few rows, batch-1 decode): CUDA-core FMAs, the K loop split over a second
-  grid axis (fp32 atomics) so that even a short output dim fills the GPU.
-- `_gemm_kernel` (everything else, and the MoE): tensor-core `tl.dot` on blocks of BM rows. A
-  block may gather its input rows (tokens sorted by expert), take its weights from one expert
-  of a stack, fuse SwiGLU over the [gate | up] rows, and scatter its output rows.
+Two kernels share the decode of `decode.py` (offsets computed once, outside the K loop):
+- `_gemv_kernel` (a few rows: batch-1 decode, and the MoE at up to 4 tokens): CUDA-core FMAs
+  accumulated element-wise per run, the K loop split over grid axis 2 (fp32 atomics) so that
+  even a short output dim fills the GPU; routed, one program row per (token, slot).
+- `_gemm_kernel` (more rows, and the MoE beyond 4 tokens): tensor-core `tl.dot` on blocks of
+  BM rows. A block may gather its input rows (tokens sorted by expert), take its weights from
+  one expert of a stack, fuse SwiGLU over the [gate | up] rows, and scatter its output rows.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .decode import code_norm, code_params, decode_at, decode_runs, run_offsets, window_offsets
+from .launch import launch, sm_count
+from .decode import (code_norm, code_params, code_value, decode_at, run_history_offsets, run_strings, run_window,
+                     window_offsets)
 
 GEMV_MAX_ROWS = 4
-# "gather": two 16-bit loads per weight (L1-served); "runs": one load per word of each tile-row run,
-# windows cut from a 64-bit string. Both are exact; which is faster is for a GPU to tell (bench).
-DECODE = "gather"
+# GEMM decode. "runs": each thread decodes whole tile-row runs (compile-time window shifts), 16 dots per
+# K step, one per weight of the runs; "gather": two 16-bit loads per weight (L1-served). Both exact;
+# sass.py predicts "runs" at about a third of the instructions, the benchmark times both.
+DECODE = "runs"
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, x_stride, tr_ptr, sc_ptr, y_ptr, y_stride, M, N, K, KT, K_PER_SPLIT, NORM,
+def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc_estride, y_ptr, y_stride,
+                 w_ptr, M, N, KT, T_PER_SPLIT, TOP_K, N_EXPERTS, GATE_OFF, NORM,
                  BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
-                 FP16SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 ATOMIC: tl.constexpr, RUNS: tl.constexpr):
-    pid_n = tl.program_id(0)
-    k_lo = tl.program_id(1) * K_PER_SPLIT
-    rows = pid_n * BN + tl.arange(0, BN)
+                 FP16SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
+                 ATOMIC: tl.constexpr, ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr):
+    """y[rows, n] = x[rows] . W'[n] on CUDA cores for a few rows, K split over grid axis 2.
+
+    Every run (one tile row: 16 weights along K) is decoded by one thread from a 64-bit string
+    of its words with compile-time shifts (`run_window`), and x * w is accumulated element-wise
+    per (row, output, tile); the tiles are summed once after the K loop.
+    Dense (not ROUTED): rows 0..M-1 of x and y, one expert (expert_ids_ptr unused).
+    ROUTED (MoE, BM = 1, no sorting): program pid_m serves flat slot s = pid_m (of M = T*TOP_K) with
+    expert e = expert_ids[s] (skipped unless 0 <= e < N_EXPERTS). GATHER_A (launch 1): x row s // TOP_K,
+    y row s (with SWIGLU: silu(gate) * up, gate rows n and up rows GATE_OFF + n). Else (launch 2):
+    x row s, y row s // TOP_K += routing weight w[s] * result, atomically (the weighted sum fused).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t_lo = tl.program_id(2) * T_PER_SPLIT
     m = tl.arange(0, BM)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if RUNS:
-        offs = run_offsets(rows, KT, BK // 16, BITS)
-    else:
-        off0, off1, shift = window_offsets(rows[:, None], tl.arange(0, BK)[None, :], KT, BITS, L)
-    for k0 in range(k_lo, k_lo + K_PER_SPLIT, BK):
-        cols = k0 + tl.arange(0, BK)
-        kmask = cols < K
-        tr = tr_ptr + (k0 // 16) * (16 * BITS)
-        if RUNS:
-            tmask = (rows < N)[:, None, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < KT)[None, :, None]
-            w = decode_runs(tr, offs, tmask, BITS, L, MUL, ADD, FP16SUM)
+    if ROUTED:
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if (e < 0) | (e >= N_EXPERTS):  # skipped slot: launch 1 leaves a zero row for launch 2's transform
+            if GATHER_A:
+                n = pid_n * BN + tl.arange(0, BN)
+                tl.store(y_ptr + pid_m.to(tl.int64) * y_stride + n, tl.zeros((BN,), y_ptr.dtype.element_ty),
+                         mask=n < N)
+            return
+        valid = m < 1
+        slot = (pid_m + m).to(tl.int64)
+        if GATHER_A:
+            x_rows = slot // TOP_K
+            y_rows = slot
         else:
-            w = decode_at(tr, off0, off1, shift, (rows[:, None] < N) & kmask[None, :], L, MUL, ADD, FP16SUM)
-        x = tl.load(x_ptr + m[:, None] * x_stride + cols[None, :], mask=(m[:, None] < M) & kmask[None, :],
-                    other=0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    sc = tl.load(sc_ptr + rows, mask=rows < N, other=0).to(tl.float32) * NORM
-    y = acc * sc[None, :]
-    ptrs = y_ptr + m[:, None] * y_stride + rows[None, :]
-    ymask = (m[:, None] < M) & (rows[None, :] < N)
+            x_rows = slot
+            y_rows = slot // TOP_K
+        tr_ptr += e * tr_estride
+        sc_ptr += e * sc_estride
+    else:
+        valid = m < M
+        x_rows = m.to(tl.int64)
+        y_rows = x_rows
+    NW: tl.constexpr = 16 * BITS
+    rows = pid_n * BN + tl.arange(0, BN)
+    tiles = tl.arange(0, J)
+    nmask = rows < N
+    offs = run_history_offsets(rows, tiles, KT, BITS)
+    if SWIGLU:
+        up_offs = run_history_offsets(GATE_OFF + rows, tiles, KT, BITS)
+        acc_up = tl.zeros((BM, BN, J), dtype=tl.float32)
+    acc = tl.zeros((BM, BN, J), dtype=tl.float32)
+    x_row_ptr = x_ptr + x_rows[:, None] * x_stride
+    for t0 in range(t_lo, tl.minimum(t_lo + T_PER_SPLIT, KT), J):
+        tmask = (t0 + tiles) < KT
+        wmask = nmask[:, None] & tmask[None, :]
+        tr = tr_ptr + t0 * NW
+        a, b = run_strings(tr, offs, wmask, BITS)
+        if SWIGLU:
+            ua, ub = run_strings(tr, up_offs, wmask, BITS)
+        xp = x_row_ptr + (t0 + tiles)[None, :] * 16
+        xmask = valid[:, None] & tmask[None, :]
+        for c in tl.static_range(16):
+            xc = tl.load(xp + c, mask=xmask, other=0).to(tl.float32)[:, None, :]
+            acc += xc * code_value(run_window(a, b, c, BITS, L), MUL, ADD, FP16SUM)[None, :, :]
+            if SWIGLU:
+                acc_up += xc * code_value(run_window(ua, ub, c, BITS, L), MUL, ADD, FP16SUM)[None, :, :]
+    y = tl.sum(acc, axis=2) * (tl.load(sc_ptr + rows, mask=nmask, other=0).to(tl.float32) * NORM)[None, :]
+    if SWIGLU:
+        up = tl.sum(acc_up, axis=2) * (tl.load(sc_ptr + GATE_OFF + rows, mask=nmask, other=0).to(tl.float32)
+                                       * NORM)[None, :]
+        y = y / (1 + tl.exp(-y)) * up
+    if ROUTED and not GATHER_A:
+        y = y * tl.load(w_ptr + pid_m + m, mask=valid, other=0).to(tl.float32)[:, None]
+    ptrs = y_ptr + y_rows[:, None] * y_stride + rows[None, :]
+    ymask = valid[:, None] & nmask[None, :]
     if ATOMIC:
         tl.atomic_add(ptrs, y, mask=ymask)
     else:
-        tl.store(ptrs, y, mask=ymask)
+        tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
 @triton.jit
 def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc_estride,
-                 y_ptr, y_stride, M, N, K, KT, TOP_K, GATE_OFF, NORM,
+                 y_ptr, y_stride, M, N, K, KT, K_PER_SPLIT, TOP_K, GATE_OFF, NORM,
                  BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
                  FP16SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_Y: tl.constexpr,
-                 SWIGLU: tl.constexpr, DOT: tl.constexpr, RUNS: tl.constexpr):
+                 SWIGLU: tl.constexpr, DOT: tl.constexpr, RUNS: tl.constexpr, ATOMIC: tl.constexpr):
     """Row r of block pid_m: without ROUTED, row r of A and y. With ROUTED, ids[r] is a flat
     (token, slot) index (>= M marks padding): A row ids[r] // TOP_K when GATHER_A, else r;
-    y row ids[r] when SCATTER_Y, else r. SWIGLU: y[:, n] = silu(W'[n] x) * (W'[GATE_OFF + n] x)."""
+    y row ids[r] when SCATTER_Y, else r. SWIGLU: y[:, n] = silu(W'[n] x) * (W'[GATE_OFF + n] x).
+    K is split over grid axis 2 in slices of K_PER_SPLIT, summed into y with fp32 atomics when ATOMIC."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    k_lo = tl.program_id(2) * K_PER_SPLIT
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if e < 0:  # past the last used block
         return
@@ -92,40 +146,54 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
     nmask = n < N
     tr = tr_ptr + e * tr_estride
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    tiles = tl.arange(0, BK // 16)
     if RUNS:
-        offs = run_offsets(n, KT, BK // 16, BITS)
-        up_offs = run_offsets(GATE_OFF + n, KT, BK // 16, BITS)
+        offs = run_history_offsets(n, tiles, KT, BITS)
+        up_offs = run_history_offsets(GATE_OFF + n, tiles, KT, BITS)
     else:
         off0, off1, shift = window_offsets(n[None, :], tl.arange(0, BK)[:, None], KT, BITS, L)
         up0, up1, up_shift = window_offsets(GATE_OFF + n[None, :], tl.arange(0, BK)[:, None], KT, BITS, L)
     if SWIGLU:
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        kmask = cols < K
-        a = tl.load(a_ptr + a_rows.to(tl.int64)[:, None] * a_stride + cols[None, :],
-                    mask=valid[:, None] & kmask[None, :], other=0).to(DOT)
-        wmask = kmask[:, None] & nmask[None, :]
+    a_row_ptr = a_ptr + a_rows.to(tl.int64)[:, None] * a_stride
+    for k0 in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BK):
         tr_k = tr + (k0 // 16) * (16 * BITS)
         if RUNS:
-            tmask = nmask[:, None, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < KT)[None, :, None]
-            w = tl.trans(decode_runs(tr_k, offs, tmask, BITS, L, MUL, ADD, FP16SUM))
+            # 16 dots per step, one per weight c of the runs: A columns k0 + 16 j + c against the
+            # runs' c-th weights, so each thread's runs stay whole and no decoded weight moves
+            tmask = (k0 // 16 + tiles) < KT
+            rmask = nmask[:, None] & tmask[None, :]
+            sa, sb = run_strings(tr_k, offs, rmask, BITS)
+            if SWIGLU:
+                ua, ub = run_strings(tr_k, up_offs, rmask, BITS)
+            ap = a_row_ptr + (k0 + 16 * tiles)[None, :]
+            amask = valid[:, None] & tmask[None, :]
+            for c in tl.static_range(16):
+                a = tl.load(ap + c, mask=amask, other=0).to(DOT)
+                w = code_value(run_window(sa, sb, c, BITS, L), MUL, ADD, FP16SUM)
+                acc = tl.dot(a, tl.trans(w.to(DOT)), acc)
+                if SWIGLU:
+                    wu = code_value(run_window(ua, ub, c, BITS, L), MUL, ADD, FP16SUM)
+                    acc_up = tl.dot(a, tl.trans(wu.to(DOT)), acc_up)
         else:
-            w = decode_at(tr_k, off0, off1, shift, wmask, L, MUL, ADD, FP16SUM)
-        acc = tl.dot(a, w.to(DOT), acc)
-        if SWIGLU:
-            if RUNS:
-                wu = tl.trans(decode_runs(tr_k, up_offs, tmask, BITS, L, MUL, ADD, FP16SUM))
-            else:
+            cols = k0 + tl.arange(0, BK)
+            kmask = cols < K
+            a = tl.load(a_row_ptr + cols[None, :], mask=valid[:, None] & kmask[None, :], other=0).to(DOT)
+            wmask = kmask[:, None] & nmask[None, :]
+            acc = tl.dot(a, decode_at(tr_k, off0, off1, shift, wmask, L, MUL, ADD, FP16SUM).to(DOT), acc)
+            if SWIGLU:
                 wu = decode_at(tr_k, up0, up1, up_shift, wmask, L, MUL, ADD, FP16SUM)
-            acc_up = tl.dot(a, wu.to(DOT), acc_up)
+                acc_up = tl.dot(a, wu.to(DOT), acc_up)
     sc_base = sc_ptr + e * sc_estride
     y = acc * (tl.load(sc_base + n, mask=nmask, other=0).to(tl.float32) * NORM)[None, :]
     if SWIGLU:
         up = acc_up * (tl.load(sc_base + GATE_OFF + n, mask=nmask, other=0).to(tl.float32) * NORM)[None, :]
         y = y / (1 + tl.exp(-y)) * up
-    tl.store(y_ptr + y_rows.to(tl.int64)[:, None] * y_stride + n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=valid[:, None] & nmask[None, :])
+    ptrs = y_ptr + y_rows.to(tl.int64)[:, None] * y_stride + n[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, y, mask=valid[:, None] & nmask[None, :])
+    else:
+        tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
 
 def _runs(decode: str | None) -> bool:
@@ -139,73 +207,101 @@ def _runs(decode: str | None) -> bool:
 def dot_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """Tensor-core operand type for activations of `dtype` (fp32 runs as tf32 on GPUs).
 
-    Triton's CPU interpreter computes bf16 `tl.dot` on the raw bits, so there bf16 runs as fp32.
+    Triton's interpreter computes bf16 `tl.dot` on the raw bits, so there bf16 runs as fp32.
     """
-    if dtype == torch.bfloat16 and device.type != "cuda":
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "") == "1":
         return torch.float32
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def gemv(xr: torch.Tensor, qt, split_k: int | None = None, decode: str | None = None) -> torch.Tensor:
+GEMV_BN, GEMV_J, GEMV_WARPS = 32, 32, 4  # each thread: 8 runs of one tile; 4 warps split the K step
+
+
+def gemv_launch(x: torch.Tensor, qt, *, tr: torch.Tensor, scales: torch.Tensor, y: torch.Tensor, n_out: int,
+                split: int, rows: int = 1, expert_ids=None, weights=None, top_k: int = 1, gather_a: bool = False,
+                gate_off: int = 0) -> None:
+    """Launch `_gemv_kernel` (dense, or ROUTED when expert_ids is given: see there); rows: programs on
+    axis 0 (routed: one per flat slot); split: K slices (from `gemv_split`), summed atomically into y."""
+    KT = tr.shape[-2]
+    t_per = triton.cdiv(triton.cdiv(KT, GEMV_J), split) * GEMV_J
+    routed = expert_ids is not None
+    launch(_gemv_kernel, (rows, triton.cdiv(n_out, GEMV_BN), triton.cdiv(KT, t_per)), x, x.stride(0),
+           expert_ids if routed else x, tr, tr[0].numel() if routed else 0, scales, scales[0].numel() if routed else 0,
+           y, y.stride(0), weights if weights is not None else x, rows if routed else x.shape[0], n_out, KT, t_per,
+           top_k, tr.shape[0] if routed else 1, gate_off, code_norm(qt),
+           BM=1 if routed else triton.next_power_of_2(x.shape[0]), BN=GEMV_BN, J=GEMV_J,
+           ATOMIC=split > 1 or (routed and not gather_a), ROUTED=routed, GATHER_A=gather_a, SWIGLU=gate_off > 0,
+           num_warps=GEMV_WARPS, **code_params(qt))
+
+
+def gemv_split(device: torch.device, programs: int, KT: int, split_k: int | None = None) -> int:
+    """K slices for a GEMV of `programs` (rows x output blocks): by default enough for ~8 programs per SM."""
+    if split_k is None:
+        split_k = sm_count(device) * 8 // max(1, programs)
+    steps = triton.cdiv(KT, GEMV_J)
+    per = triton.cdiv(steps, max(1, min(steps, split_k)))
+    return triton.cdiv(steps, per)
+
+
+def gemv(xr: torch.Tensor, qt, split_k: int | None = None) -> torch.Tensor:
     """y [M, out_pad] fp32 = xr [M, in_pad] @ W'^T for M <= GEMV_MAX_ROWS (2-D qt).
 
     split_k: K slices summed with atomics; by default enough for ~8 programs per SM.
     """
-    M, K = xr.shape
-    ot, KT = qt.trellis.shape[0], qt.trellis.shape[1]
-    N = ot * 16
-    BN, BK = 16, 128
-    n_blocks = triton.cdiv(N, BN)
-    k_blocks = triton.cdiv(K, BK)
-    if split_k is None:
-        target = torch.cuda.get_device_properties(xr.device).multi_processor_count * 8 if xr.is_cuda else 1
-        split_k = target // n_blocks
-    split = max(1, min(k_blocks, split_k))
-    k_per = triton.cdiv(k_blocks, split) * BK
-    split = triton.cdiv(K, k_per)
+    M = xr.shape[0]
+    N = qt.trellis.shape[0] * 16
+    split = gemv_split(xr.device, triton.cdiv(N, GEMV_BN), qt.trellis.shape[1], split_k)
     y = (torch.zeros if split > 1 else torch.empty)(M, N, dtype=torch.float32, device=xr.device)
-    _gemv_kernel[(n_blocks, split)](xr, xr.stride(0), qt.trellis, qt.scales, y, N, M, N, K, KT, k_per,
-                                    code_norm(qt), BM=triton.next_power_of_2(M), BN=BN, BK=BK,
-                                    ATOMIC=split > 1, RUNS=_runs(decode), **code_params(qt))
+    gemv_launch(xr, qt, tr=qt.trellis, scales=qt.scales, y=y, n_out=N, split=split)
     return y
 
 
 def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: int, out: torch.Tensor,
          block_m: int, expert_ids: torch.Tensor, ids: torch.Tensor | None = None, n_valid: int | None = None,
          top_k: int = 1, gather_a: bool = False, scatter_y: bool = False, gate_off: int = 0,
-         decode: str | None = None) -> torch.Tensor:
+         decode: str | None = None, split: int = 1) -> torch.Tensor:
     """Launch `_gemm_kernel`: out[rows, :n_out] = (a @ W'^T)[rows] (or SwiGLU of it when gate_off > 0).
 
     tr/scales: [E, out/16, in/16, 16*bits] / [E, out] (a 2-D weight is a stack of one);
-    expert_ids: the expert of each block of block_m rows (-1: skip); ids: flat routed indices.
+    expert_ids: the expert of each block of block_m rows (-1: skip); ids: flat routed indices;
+    split: K slices (linear outputs only), added atomically into `out`, which must then be zeroed.
     """
     K = a.shape[1]
     KT = tr.shape[-2]
-    BN = 64 if n_out >= 64 else 32 if n_out >= 32 else 16
-    BK = 64 if K >= 64 else 32 if K >= 32 else 16
-    grid = (expert_ids.shape[0], triton.cdiv(n_out, BN))
+    BN = 64 if n_out >= 64 and not gate_off else 32 if n_out >= 32 else 16  # SwiGLU: two accumulators, two decodes
+    BK = 256 if _runs(decode) else 64 if K >= 64 else 32 if K >= 32 else 16
+    k_per = triton.cdiv(triton.cdiv(K, BK), split) * BK
+    grid = (expert_ids.shape[0], triton.cdiv(n_out, BN), triton.cdiv(K, k_per))
     routed = ids is not None
-    _gemm_kernel[grid](a, a.stride(0), ids if routed else expert_ids, expert_ids, tr, tr[0].numel(), scales,
+    launch(_gemm_kernel, grid, a, a.stride(0), ids if routed else expert_ids, expert_ids, tr, tr[0].numel(), scales,
                        scales[0].numel(), out, out.stride(0), n_valid if routed else a.shape[0], n_out, K, KT,
-                       top_k, gate_off, code_norm(qt), BM=block_m, BN=BN, BK=BK, ROUTED=routed, GATHER_A=gather_a,
+                       k_per, top_k, gate_off, code_norm(qt), BM=block_m, BN=BN, BK=BK, ROUTED=routed, GATHER_A=gather_a,
                        SCATTER_Y=scatter_y, SWIGLU=gate_off > 0, DOT=_DOT_DTYPES[a.dtype],
-                       RUNS=_runs(decode), **code_params(qt))
+                       RUNS=_runs(decode), ATOMIC=grid[2] > 1, **code_params(qt),
+                       # 4 bits keep two strings per run: let ptxas use more than the 128 registers it
+                       # picks by itself, which spilled (outside the loop) on sm_90
+                       maxnreg=168 if qt.bits == 4 else None)
     return out
 
 
-def matmul(xr: torch.Tensor, qt, decode: str | None = None) -> torch.Tensor:
-    """y [M, out_pad] fp32 = xr [M, in_pad] @ W'^T for a 2-D quantized weight."""
+def matmul(xr: torch.Tensor, qt, decode: str | None = None, split_k: int | None = None) -> torch.Tensor:
+    """y [M, out_pad] fp32 = xr [M, in_pad] @ W'^T for a 2-D quantized weight.
+
+    split_k (GEMM path): K slices summed with atomics; by default enough for ~4 programs per SM."""
     M = xr.shape[0]
     if M == 0:
         return torch.zeros(0, qt.trellis.shape[0] * 16, dtype=torch.float32, device=xr.device)
     if M <= GEMV_MAX_ROWS:
-        return gemv(xr.float().contiguous(), qt, decode=decode)
+        return gemv(xr.float().contiguous(), qt)
     N = qt.trellis.shape[0] * 16
     BM = 16 if M <= 16 else 32 if M <= 32 else 64
     expert_ids = torch.zeros(triton.cdiv(M, BM), dtype=torch.int32, device=xr.device)
-    y = torch.empty(M, N, dtype=torch.float32, device=xr.device)
+    if split_k is None:  # about 4 programs (16 warps) per SM, as few K slices as that allows
+        split_k = sm_count(xr.device) * 4 // (expert_ids.shape[0] * triton.cdiv(N, 64))
+    split = max(1, min(split_k, triton.cdiv(xr.shape[1], 256)))
+    y = (torch.zeros if split > 1 else torch.empty)(M, N, dtype=torch.float32, device=xr.device)
     return gemm(xr.contiguous(), qt.trellis[None], qt.scales[None], qt, n_out=N, out=y, block_m=BM,
-                expert_ids=expert_ids, decode=decode)
+                expert_ids=expert_ids, decode=decode, split=split)
 
 
 def qlinear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, decode: str | None = None) -> torch.Tensor:

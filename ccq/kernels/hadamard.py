@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCALE,
@@ -28,8 +30,7 @@ def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCAL
     pair = tl.arange(0, 2)
     sign = (1 - 2 * pair).to(tl.float32)
     for st in tl.static_range(LOGB):
-        H: tl.constexpr = 1 << st
-        x4 = tl.reshape(x, (BR, B // (2 * H), 2, H))
+        x4 = tl.reshape(x, (BR, B // (2 << st), 2, 1 << st))
         a = tl.sum(x4, axis=2)
         d = tl.sum(x4 * sign[None, None, :, None], axis=2)
         x4 = tl.where((pair == 0)[None, None, :, None], a[:, :, None, :], d[:, :, None, :])
@@ -52,7 +53,7 @@ def transform(x: torch.Tensor, signs: torch.Tensor, block: int, out_dtype: torch
     y = torch.empty(rows, n_pad, dtype=out_dtype, device=x.device)
     if rows:
         br = max(1, min(triton.next_power_of_2(rows), 4096 // block, 16))
-        _hadamard_kernel[(triton.cdiv(rows, br), n_pad // block)](
+        launch(_hadamard_kernel, (triton.cdiv(rows, br), n_pad // block),
             x2, signs, y, rows, x2.shape[1], x2.stride(0), n_pad, block ** -0.5,
             B=block, LOGB=int(math.log2(block)), BR=br, SIGN_AFTER=sign_after)
     return y.reshape(*lead, n_pad)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from .gemm import dot_dtype, gemm
+from .gemm import GEMV_BN, GEMV_MAX_ROWS, dot_dtype, gemm, gemv_launch, gemv_split
 from .hadamard import transform
 
 
@@ -62,6 +62,8 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     H_out, inter = down.shape[-2], down.shape[-1]
     if T == 0:
         return torch.zeros(0, H_out, dtype=hidden.dtype, device=hidden.device)
+    if T <= GEMV_MAX_ROWS:
+        return _qmoe_gemv(hidden, top_k_index, top_k_weights, gate_up, down, act)
     ddt = dot_dtype(hidden.dtype, hidden.device)
     ids, expert_ids = align(top_k_index, E, block_m)
     rows = ids.shape[0]
@@ -89,3 +91,38 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         y = transform(y, down.signs_out, down.had_out, sign_after=True)
     y = y[:, :H_out].view(T, K, H_out) * top_k_weights.float()[..., None]
     return y.sum(1).to(hidden.dtype)
+
+
+def _qmoe_gemv(hidden, top_k_index, top_k_weights, gate_up, down, act):
+    """A few tokens (decode): one GEMV program row per (token, slot), no sorting, weighted sum fused.
+
+    Launches at one token: input transform, gate_up (+SwiGLU), down's input transform, zeroing of
+    the output, down (routing weight and sum over slots by atomics), the cast. No host sync, so the
+    layer can be captured in a CUDA graph.
+    """
+    T, K = top_k_index.shape
+    slots = T * K
+    H_out, inter = down.shape[-2], down.shape[-1]
+    flat = top_k_index.reshape(-1)
+    xr = transform(hidden, gate_up.signs_in, gate_up.had_in, torch.float32)
+    if gate_up.signs_out is None and act is F.silu:
+        h = torch.empty(slots, inter, dtype=torch.float32, device=hidden.device)
+        gemv_launch(xr, gate_up, tr=gate_up.trellis, scales=gate_up.scales, y=h, n_out=inter, split=1, rows=slots,
+                    expert_ids=flat, top_k=K, gather_a=True, gate_off=inter)
+    else:
+        gu_pad = gate_up.trellis.shape[-3] * 16
+        gu = torch.empty(slots, gu_pad, dtype=torch.float32, device=hidden.device)
+        gemv_launch(xr, gate_up, tr=gate_up.trellis, scales=gate_up.scales, y=gu, n_out=gu_pad, split=1, rows=slots,
+                    expert_ids=flat, top_k=K, gather_a=True)
+        if gate_up.signs_out is not None:
+            gu = transform(gu, gate_up.signs_out, gate_up.had_out, sign_after=True)
+        h = act(gu[:, :inter]) * gu[:, inter:2 * inter]
+    hr = transform(h, down.signs_in, down.had_in, torch.float32)
+    h_pad = down.trellis.shape[-3] * 16
+    y = torch.zeros(T, h_pad, dtype=torch.float32, device=hidden.device)
+    split = gemv_split(hidden.device, slots * triton.cdiv(h_pad, GEMV_BN), down.trellis.shape[-2])
+    gemv_launch(hr, down, tr=down.trellis, scales=down.scales, y=y, n_out=h_pad, split=split, rows=slots,
+                expert_ids=flat, weights=top_k_weights.reshape(-1), top_k=K)
+    if down.signs_out is not None:
+        y = transform(y, down.signs_out, down.had_out, sign_after=True)
+    return y[:, :H_out].to(hidden.dtype)

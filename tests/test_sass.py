@@ -1,0 +1,78 @@
+"""The dispatcher's kernel configurations compile for real GPUs (sm_90, sm_80) with no spills, without a GPU.
+
+The interpreter tests cannot see layouts, `tl.dot` operand types or register blow-up; this
+test records the launches `qlinear` and `qmoe` make (meta tensors, `launch.record`), compiles
+each with Triton for sm_90 and sm_80 and reads the cubins with the wheel's cuobjdump/nvdisasm.
+It runs in a subprocess because the kernel tests in this session may have switched Triton to
+its interpreter (TRITON_INTERPRET is read when the kernels are defined).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# qlinear at batch 1 (Hadamard + GEMV) and at 16 rows (GEMM), qmoe at one token (the routed GEMV
+# launches) and at 8 tokens (the routed GEMM launches), dequantize: every kernel path, each bit width and code
+# kind once. sm_80 for the dense kernels only (the MoE launches are the same kernels), to keep it short.
+SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, "bench")
+from kernels import random_packed
+from ccq.kernels import launch, sass, decode, gemm, moe
+def meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+with launch.record() as r:
+    gemm.qlinear(meta(1, 2560), random_packed((3072, 2560), 2, "mul1", device="meta"))
+    gemm.qlinear(meta(16, 1536), random_packed((2560, 1536), 3, "1mad", device="meta"))
+dense = list(r)
+with launch.record() as r:
+    gu = random_packed((8, 2 * 1536, 2560), 4, "mcg", device="meta")
+    dn = random_packed((8, 2560, 1536), 4, "mcg", device="meta")
+    for tokens in (1, 8):
+        moe.qmoe(meta(tokens, 2560), meta(tokens, 6, dtype=torch.long), meta(tokens, 6), gu, dn)
+    decode.dequantize(dn)
+seen, out = set(), []
+for rec in dense + list(r):
+    key = (rec.name, tuple(sorted((k, str(v)) for k, v in rec.constexprs().items())))
+    if key in seen:
+        continue
+    seen.add(key)
+    for arch in (90, 80) if rec in dense and rec.name != "_hadamard_kernel" else (90,):
+        st = sass.analyse(sass.compile_launch(rec, arch).asm["cubin"])
+        out.append(dict(kernel=rec.name, arch=arch, config={k: str(v) for k, v in rec.constexprs().items()}, **st))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_every_path_compiles_for_sm90_and_sm80(compiled):
+    kernels = {(c["kernel"], c["arch"]) for c in compiled}
+    assert {("_hadamard_kernel", 90), ("_gemv_kernel", 90), ("_gemv_kernel", 80), ("_gemm_kernel", 90),
+            ("_gemm_kernel", 80), ("_dequant_kernel", 90)} <= kernels
+    for name in ("_gemv_kernel", "_gemm_kernel"):  # both MoE launches, routed, on each path
+        routed = {c["config"]["GATHER_A"] for c in compiled if c["kernel"] == name and c["config"]["ROUTED"] == "True"}
+        assert routed == {"True", "False"}, name
+
+
+def test_no_local_memory(compiled):
+    for c in compiled:
+        assert c["local"] == c["stack"] == c["local_ops"] == 0, f"spills in {c['kernel']} sm_{c['arch']} {c['config']}"
+        assert c["registers"] <= 255
