@@ -6,14 +6,14 @@ K = 2^k successors (m << k) | n share), a step is
 
     B_t[a*K + n] = min_p  B_{t-1}[p*(Q/K) + a] + w_t * (x_t - code(p*Q + a*K + n))^2
 
-so the loop carries only Q costs (16,384 fp32 at L = 16, 2 bits), the code values are
-computed from the state (the codes are hashes, no table), the min over p is a tree of
-strict compares on a [Q/K, K, K] tensor (lowest p wins ties, as in the numba search) and only
-the back-pointers (one byte per m and step) go to global memory. The same arithmetic in the
-same order as the numba search, with FMA contraction off, gives bit-identical costs, so both
-backends pick the same states. The two tail-biting passes are two launches of the forward
-kernel (free start on the tile rotated by T/2, then start/end forced to the overlap), each
-followed by a batched backtrace kernel.
+so the loop carries only Q costs (16,384 fp32 at L = 16, 2 bits) as K register tensors (the
+rows p), the code values are computed from the state (the codes are hashes, no table), the
+min over p is a strict compare in increasing p (the lowest p wins ties, as in the numba
+search), and only the back-pointers (one byte per m and step) go to global memory. The same
+arithmetic in the same order as the numba search, with FMA contraction off, gives
+bit-identical costs, so both backends pick the same states. The two tail-biting passes are
+two launches of the forward kernel (free start on the tile rotated by T/2, then start/end
+forced to the overlap), each followed by the end-state selection and a batched backtrace.
 """
 
 from __future__ import annotations
@@ -27,8 +27,15 @@ import triton.language as tl
 
 from .codes import FP16_MASK, FP16_XOR, Code, get_code
 
-# back-pointer scratch per launch (bytes): bounds device memory for large batches
-BP_BUDGET = 1 << 32
+# back-pointer scratch per launch: a quarter of the free device memory, at least 1 GB (a tile
+# takes 256 * 2^(L-k) bytes: 4 MB at L = 16, 2 bits, so an H200 takes ~8,000 tiles per launch)
+BP_MIN_BYTES = 1 << 30
+
+
+def _bp_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        return max(BP_MIN_BYTES, torch.cuda.mem_get_info(device)[0] // 4)
+    return BP_MIN_BYTES
 
 
 FP16_MASK_C = tl.constexpr(FP16_MASK)
@@ -214,7 +221,7 @@ def viterbi_tiles_triton(x: torch.Tensor, w, code: str | Code, k: int, L: int, v
     N, T = x.shape
     Q = 1 << (L - k)
     half = T // 2
-    chunk = max(1, min(N, BP_BUDGET // (T * Q)))
+    chunk = max(1, min(N, _bp_budget(x.device) // (T * Q)))
     bp = torch.empty((chunk, T, Q), dtype=torch.uint8, device=x.device)
     last = torch.empty((chunk, Q), dtype=torch.float32, device=x.device)
     states = torch.empty((N, T), dtype=torch.int32, device=x.device)
