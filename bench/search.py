@@ -7,7 +7,7 @@ The prediction (model in docs/CODEC.md): compile `_forward` for sm_90, take the 
 time-step loop, count instructions per thread and step, and turn them into SM clocks per step:
 issue (4 warp-instructions/clock/SM), the integer pipe (half rate), shared memory (128 B/clock)
 and a stall per barrier when one CTA fills the SM. A weight costs two steps (two tail-biting
-passes); HBM traffic is the back-pointer rows. Prints a table and writes
+passes); HBM traffic is the packed back-pointer rows. Prints a table and writes
 bench/results/codec-search-<device>.json.
 """
 
@@ -102,13 +102,13 @@ def predict(k: int, L: int, ops: collections.Counter, meta: dict, hw: dict = H20
     smem = ops["smem_bytes"] * threads / hw["smem_bytes_per_clock"]
     bars = ops["BAR"] * BARRIER_STALL_CLOCKS if ctas == 1 else 0
     clocks = max(issue, integer, smem) + bars  # SM clocks per step of one tile
-    Q = 1 << (L - k)
+    bp_bytes = (1 << (L - 2 * k)) * {2: 1, 3: 4, 4: 8}[k]  # one packed word of K back-pointers per a
     compute = hw["sms"] * hw["clock_hz"] / (2 * clocks)  # two passes: two steps per weight
-    memory = hw["hbm_bytes_per_s"] / (2 * Q)  # one back-pointer byte per class m per step
+    memory = hw["hbm_bytes_per_s"] / (2 * bp_bytes)
     return {"bits": k, "L": L, **meta, "ctas_per_sm": ctas, "loop_instr_per_thread": instr,
             "int_instr_per_thread": n_int, "states_per_thread": (1 << L) / threads,
             "instr_per_state": instr * threads / (1 << L), "barriers_per_step": ops["BAR"],
-            "smem_bytes_per_step": ops["smem_bytes"] * threads, "hbm_bytes_per_step": Q,
+            "smem_bytes_per_step": ops["smem_bytes"] * threads, "hbm_bytes_per_step": bp_bytes,
             "clocks_per_step": {"issue": issue, "int": integer, "smem": smem, "barriers": bars},
             "weights_per_s_compute": compute, "weights_per_s_memory": memory,
             "weights_per_s": min(compute, memory), "opcodes": dict(ops.most_common())}

@@ -9,7 +9,8 @@ K = 2^k successors (m << k) | n share), a step is
 so the loop carries only Q costs (16,384 fp32 at L = 16, 2 bits) as K register tensors (the
 rows p), the code values are computed from the state (the codes are hashes, no table), the
 min over p is a strict compare in increasing p (the lowest p wins ties, as in the numba
-search), and only the back-pointers (one byte per m and step) go to global memory. The same
+search), and only the back-pointers go to global memory (per step and class a, the K
+pointers of the states a*K + n packed k bits each into one word: 4 KB per step at L = 16). The same
 arithmetic in the same order as the numba search, with FMA contraction off, gives
 bit-identical costs, so both backends pick the same states. The two tail-biting passes are
 two launches of the forward kernel (free start on the tile rotated by T/2, then start/end
@@ -28,7 +29,7 @@ import triton.language as tl
 from .codes import FP16_MASK, FP16_XOR, Code, get_code
 
 # back-pointer scratch per launch: a quarter of the free device memory, at least 1 GB (a tile
-# takes 256 * 2^(L-k) bytes: 4 MB at L = 16, 2 bits, so an H200 takes ~8,000 tiles per launch)
+# takes 256 * 2^(L-k) * k/8 bytes or so: 1 MB at L = 16, 2 bits, ~30,000 tiles on an H200)
 BP_MIN_BYTES = 1 << 30
 
 
@@ -60,7 +61,7 @@ def _forward(x_ptr, w_ptr, ov_ptr, bp_ptr, last_ptr, T, SHIFT,
              L: tl.constexpr, KB: tl.constexpr, CONSTRAINED: tl.constexpr,
              MUL: tl.constexpr, ADD: tl.constexpr, BYTESUM: tl.constexpr, NORM: tl.constexpr,
              ASM: tl.constexpr, VEC_N: tl.constexpr):
-    """Viterbi over one tile (x[(t + SHIFT) % T]): back-pointers into bp[tile, t, m] (rows 1..T-1;
+    """Viterbi over one tile (x[(t + SHIFT) % T]): back-pointers into bp[tile, t, a] (rows 1..T-1;
     row 0 gets the last step's), the last step's costs B_{T-1} into last[tile].
 
     VEC_N: the K successors n of a predecessor class as one [Q/K, K] tensor (few, large ops: the
@@ -69,6 +70,7 @@ def _forward(x_ptr, w_ptr, ov_ptr, bp_ptr, last_ptr, T, SHIFT,
     Q: tl.constexpr = 1 << (L - KB)
     QK: tl.constexpr = Q // K
     NV: tl.constexpr = K if VEC_N else 1
+    PK: tl.constexpr = tl.uint8 if KB == 2 else (tl.uint32 if KB == 3 else tl.uint64)
     tile = tl.program_id(0).to(tl.int64)
     a = tl.arange(0, QK)
     # s*mul + add = (a*K + v)*mul + ((p*Q + g*NV)*mul + add) for s = p*Q + a*K + g*NV + v
@@ -84,7 +86,7 @@ def _forward(x_ptr, w_ptr, ov_ptr, bp_ptr, last_ptr, T, SHIFT,
             bs = bs + (tl.zeros([QK], tl.float32),)
     row = x_ptr + tile * T
     wrow = w_ptr + tile * T
-    bprow = bp_ptr + tile * T * Q
+    bprow = bp_ptr + tile * T * QK
     for t in range(0, T):
         j = (t + SHIFT) % T
         xt = tl.load(row + j)
@@ -92,7 +94,7 @@ def _forward(x_ptr, w_ptr, ov_ptr, bp_ptr, last_ptr, T, SHIFT,
         # a loop-variant zero (x is finite) keeps the compiler from hoisting 2^L code values
         zero = (xt != xt).to(tl.uint32)
         outs = ()
-        idxs = ()
+        pk = tl.zeros([QK, 1], PK)  # the K back-pointers of class a, k bits each (n = 0 lowest)
         for g in tl.static_range(K // NV):  # B_t[a*K + n] = min_p bs[p][a] + err(p*Q + a*K + n)
             for p in tl.static_range(K):
                 h = hash_a + (((p * Q + g * NV) * MUL + ADD) % 4294967296 + zero)
@@ -119,11 +121,13 @@ def _forward(x_ptr, w_ptr, ov_ptr, bp_ptr, last_ptr, T, SHIFT,
                     best = tl.where(take, c, best)
                     arg = tl.where(take, p, arg)
             outs = outs + (best,)
-            idxs = idxs + (arg.to(tl.uint8),)
+            if VEC_N:
+                pk = tl.sum(arg.to(PK) << (KB * tl.arange(0, K)[None, :]).to(PK), axis=1, keep_dims=True).to(PK)
+            else:
+                pk = pk | (arg.to(PK) << (KB * g))
         bflat = _join_groups(outs, K // NV)  # B_t in natural order m
-        aflat = _join_groups(idxs, K // NV)
         # row t+1 is read by the backtrace; the last step's row lands in the unused row 0
-        tl.store(bprow + ((t + 1) % T) * Q + m, aflat)
+        tl.store(bprow + ((t + 1) % T) * QK + a, tl.reshape(pk, [QK]))
         # next step's rows: bs[p] = B_t[p*QK : (p+1)*QK], split off bit by bit of p
         rows = (tl.reshape(tl.permute(tl.reshape(bflat, [K, QK]), [1, 0]), [QK] + [2] * KB),)
         for level in tl.static_range(KB):
@@ -148,7 +152,7 @@ def _select_end(bp_ptr, last_ptr, ov_ptr, end_ptr, cost_ptr, T,
     tile = tl.program_id(0).to(tl.int64)
     m = tl.arange(0, Q)
     b = tl.load(last_ptr + tile * Q + m)
-    p = tl.load(bp_ptr + tile * T * Q + m).to(tl.int32)
+    p = ((tl.load(bp_ptr + tile * T * (Q // K) + (m >> KB)) >> (KB * (m & (K - 1)))) & (K - 1)).to(tl.int32)
     if CONSTRAINED:  # the end's low L-k bits are the overlap: m = ov
         ov = tl.load(ov_ptr + tile)
         top = tl.min(tl.where(m == ov, b, float("inf")), axis=0)
@@ -166,6 +170,7 @@ def _select_end(bp_ptr, last_ptr, ov_ptr, end_ptr, cost_ptr, T,
 def _backtrace(bp_ptr, end_ptr, out_ptr, N, T, STOP,
                L: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr):
     """Follow the back-pointers of BLOCK tiles from their end states down to t = STOP."""
+    K: tl.constexpr = 1 << KB
     Q: tl.constexpr = 1 << (L - KB)
     tiles = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = tiles < N
@@ -174,7 +179,8 @@ def _backtrace(bp_ptr, end_ptr, out_ptr, N, T, STOP,
     tl.store(out_ptr + tiles * T + T - 1, s, mask=ok)
     for t in range(T - 1, STOP, -1):
         m = s >> KB
-        j = tl.load(bp_ptr + (tiles * T + t) * Q + m, mask=ok, other=0).to(tl.int32)
+        word = tl.load(bp_ptr + (tiles * T + t) * (Q // K) + (m >> KB), mask=ok, other=0)
+        j = ((word >> (KB * (m & (K - 1)))) & (K - 1)).to(tl.int32)
         s = m | (j << (L - KB))
         tl.store(out_ptr + tiles * T + t - 1, s, mask=ok)
 
@@ -221,8 +227,9 @@ def viterbi_tiles_triton(x: torch.Tensor, w, code: str | Code, k: int, L: int, v
     N, T = x.shape
     Q = 1 << (L - k)
     half = T // 2
-    chunk = max(1, min(N, _bp_budget(x.device) // (T * Q)))
-    bp = torch.empty((chunk, T, Q), dtype=torch.uint8, device=x.device)
+    word = {2: torch.uint8, 3: torch.int32, 4: torch.int64}[k]  # K back-pointers of k bits
+    chunk = max(1, min(N, _bp_budget(x.device) // (T * (Q >> k) * word.itemsize)))
+    bp = torch.empty((chunk, T, Q >> k), dtype=word, device=x.device)
     last = torch.empty((chunk, Q), dtype=torch.float32, device=x.device)
     states = torch.empty((N, T), dtype=torch.int32, device=x.device)
     costs = torch.empty(N, dtype=torch.float32, device=x.device)
