@@ -18,7 +18,6 @@ from .config import TrellisConfig
 from .hadamard import fwht, hadamard_block_size, random_signs, rotate_in
 from .tensor import TILE, QuantizedTensor, make_meta, matrix_to_tiles, tiles_to_matrix
 from .bitstream import states_to_words
-from .viterbi_numba import viterbi_tiles
 from .viterbi_torch import viterbi_tiles_torch
 
 SEARCH_BACKENDS = ("numba", "triton", "torch")
@@ -73,6 +72,9 @@ class _Searcher:
         if self.backend == "torch":
             states, _ = viterbi_tiles_torch(x.to(self.device), w.to(self.device), self.table_t, k, L)
             return states.cpu()
+        # numba is imported on first use: importing ccq must not load llvmlite
+        from .viterbi_numba import viterbi_tiles
+
         states, _ = viterbi_tiles(x.cpu().numpy(), w.cpu().numpy(), self.table, k, L,
                                   self.cfg.tailbite_candidates)
         return torch.from_numpy(states)
