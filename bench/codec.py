@@ -1,6 +1,7 @@
 """Codec benchmark: MSE on i.i.d. N(0,1) weights at 2/3/4 bits next to the published
 reference points, bits per weight of a 4096 x 4096 matrix, search speed (weights/s) on the
-CPU (numba) and, when present, the GPU, plus the BlockLDLQ and incoherence checks.
+CPU (numba) and, when present, the GPU (Triton), plus the BlockLDLQ and incoherence checks.
+bench/search.py adds the H200 prediction from the compiled search kernel.
 
     python bench/codec.py [--weights 131072] [--out bench/results]
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -25,7 +27,6 @@ from ccq.codec import packed_nbytes
 from ccq.codec.codes import code_table
 from ccq.codec.quality import gaussian_quality
 from ccq.codec.viterbi_numba import viterbi_tiles
-from ccq.codec.viterbi_torch import viterbi_tiles_torch
 
 
 def quality(bits: int, n_weights: int, code: str, L: int) -> dict:
@@ -43,11 +44,13 @@ def search_speed(bits: int, L: int, tiles: int, device: str, repeats: int = 3) -
         viterbi_tiles(x[:2], 1.0, code, bits, L)  # compile
         run = lambda: viterbi_tiles(x, 1.0, code, bits, L)  # noqa: E731
     else:
-        xt, ct = torch.from_numpy(x).cuda(), torch.from_numpy(code).cuda()
-        viterbi_tiles_torch(xt[:2], 1.0, ct, bits, L)
+        from ccq.codec.viterbi_triton import viterbi_tiles_triton
+
+        xt = torch.from_numpy(x).cuda()
+        viterbi_tiles_triton(xt[:2], 1.0, "mul1", bits, L)
 
         def run():
-            viterbi_tiles_torch(xt, 1.0, ct, bits, L, batch=1024)
+            viterbi_tiles_triton(xt, 1.0, "mul1", bits, L)
             torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -93,9 +96,9 @@ def main():
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{numba.config.NUMBA_NUM_THREADS}core"
-    res = {"device": device_name, "torch": torch.__version__, "numba": numba.__version__, "ccq": ccq.__version__,
+    res = {"device": device_name, "cpus": len(os.sched_getaffinity(0)), "load_avg": os.getloadavg(), "torch": torch.__version__, "numba": numba.__version__, "ccq": ccq.__version__,
            "python": platform.python_version(), "quality": [], "search_speed": []}
-    print(f"device: {device_name}")
+    print(f"device: {device_name}, {res['cpus']} CPUs, load average {res['load_avg'][0]:.2f}")
     print("| bits | ccq MSE | best published | R(D) | Lloyd-Max | bpw (4096x4096) | quantize w/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for bits in (2, 3, 4):
@@ -106,7 +109,7 @@ def main():
               f"{q['bpw_4096x4096']:.4f} | {q['weights_per_s']:.0f} |", flush=True)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
-        for bits in (2, 4):
+        for bits in (2, 3, 4):
             s = search_speed(bits, 16, 64 if dev == "cpu" else 4096, dev)
             res["search_speed"].append(s)
             print(f"search {dev} L=16 {bits}-bit: {s['weights_per_s']:.0f} weights/s (median of 3, {s['tiles']} tiles)",

@@ -8,6 +8,9 @@ from the later columns via U_b,rest, exactly as GPTQ does one column at a time.
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import torch
 
 from .codes import code_table
@@ -16,6 +19,23 @@ from .hadamard import fwht, hadamard_block_size, random_signs, rotate_in
 from .tensor import TILE, QuantizedTensor, make_meta, matrix_to_tiles, tiles_to_matrix
 from .bitstream import states_to_words
 from .viterbi_torch import viterbi_tiles_torch
+
+SEARCH_BACKENDS = ("numba", "triton", "torch")
+
+
+def search_backend(device: torch.device) -> str:
+    """The Viterbi search for `device`: `CCQ_SEARCH` when set, else Triton on CUDA and numba elsewhere."""
+    forced = os.environ.get("CCQ_SEARCH", "").strip().lower()
+    if forced in SEARCH_BACKENDS:
+        return forced
+    if forced:
+        raise ValueError(f"CCQ_SEARCH must be one of {', '.join(SEARCH_BACKENDS)}, got {forced!r}")
+    return "triton" if device.type == "cuda" else "numba"
+
+
+def _triton_search():
+    """viterbi_triton, imported on first use so that TRITON_INTERPRET set before it applies."""
+    return importlib.import_module(".viterbi_triton", __package__).viterbi_tiles_triton
 
 
 def _pad16(n: int) -> int:
@@ -30,16 +50,26 @@ def _check_finite(t: torch.Tensor, what: str):
 
 
 class _Searcher:
-    """Runs the Viterbi search on the chosen device over [N, 256] target/weight arrays."""
+    """Runs the Viterbi search (backend: `search_backend`) over [N, 256] target/weight arrays;
+    every call gets all the tiles it searches at once (one launch per pass on the GPU)."""
 
     def __init__(self, cfg: TrellisConfig, device: torch.device):
         self.cfg, self.device = cfg, device
+        self.backend = search_backend(device)
+        if self.backend == "triton":
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
+                raise RuntimeError(f"CCQ_SEARCH=triton needs a CUDA device (got {device.type}); set "
+                                   "TRITON_INTERPRET=1 to run the kernel in Triton's interpreter")
+            self.triton = _triton_search()
         self.table = code_table(cfg.code, cfg.L)
         self.table_t = torch.from_numpy(self.table).to(device)
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         k, L = self.cfg.bits, self.cfg.L
-        if self.device.type == "cuda":
+        if self.backend == "triton":
+            states, _ = self.triton(x.to(self.device), w.to(self.device), self.cfg.code, k, L)
+            return states.cpu()
+        if self.backend == "torch":
             states, _ = viterbi_tiles_torch(x.to(self.device), w.to(self.device), self.table_t, k, L)
             return states.cpu()
         # numba is imported on first use: importing ccq must not load llvmlite (vLLM's CPU worker,
