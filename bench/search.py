@@ -20,8 +20,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from triton.compiler import ASTSource
 import ccq
 from ccq.codec.codes import code_table, get_code
 from ccq.codec.viterbi_numba import viterbi_tiles
+from ccq.kernels import sass
 from ccq.codec.viterbi_triton import _forward, num_warps_for, viterbi_tiles_triton
 
 H200 = {"sms": 132, "clock_hz": 1.98e9, "issue_per_sm_clock": 4, "int_per_sm_clock": 2, "smem_bytes_per_clock": 128,
@@ -43,11 +42,10 @@ BARRIER_STALL_CLOCKS = 30  # a BAR.SYNC drains the SM's pipes when its only CTA 
 INT_OPS = ("IADD3", "IMAD", "IDP", "ISETP", "IABS", "LOP3", "SHF", "SEL", "PRMT", "LEA", "VIADD", "MOV", "P2R",
            "VIMNMX", "VIMNMX3", "IADD")
 SMEM_OPS = ("LDS", "STS", "LDSM")
-NVBIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def compile_sm90(k: int, L: int, code: str = "mul1") -> tuple[list[str], dict]:
-    """SASS lines and metadata of the forward kernel compiled for sm_90 (free pass, GPU layout)."""
+def compile_sm90(k: int, L: int, code: str = "mul1") -> tuple[list[sass.Instr], dict]:
+    """Instructions and metadata of the forward kernel compiled for sm_90 (free pass, GPU layout)."""
     c = get_code(code)
     sig = {"x_ptr": "*fp32", "w_ptr": "*fp32", "ov_ptr": "*i32", "bp_ptr": "*u8", "last_ptr": "*fp32", "T": "i32",
            "SHIFT": "i32"}
@@ -57,35 +55,21 @@ def compile_sm90(k: int, L: int, code: str = "mul1") -> tuple[list[str], dict]:
     nw = num_warps_for(k, L)
     kern = triton.compile(ASTSource(fn=_forward, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": nw, "enable_fp_fusion": False})
-    with tempfile.TemporaryDirectory() as d:
-        cubin = Path(d) / "k.cubin"
-        cubin.write_bytes(kern.asm["cubin"])
-        sass = subprocess.run([NVBIN / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([NVBIN / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True,
-                               check=True).stdout
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    return sass.splitlines(), {"num_warps": nw, "registers": regs, "spill_stack_bytes": stack,
-                               "shared_bytes": kern.metadata.shared}
+    res = sass.resources(kern.asm["cubin"])
+    return sass.disassemble(kern.asm["cubin"]), {"num_warps": nw, "registers": res["registers"],
+                                                 "spill_stack_bytes": res["stack"],
+                                                 "shared_bytes": kern.metadata.shared}
 
 
-def hot_loop(sass: list[str]) -> collections.Counter:
-    """Opcode counts of the longest backward branch's body: the time-step loop."""
-    labels = {line.split(":")[0]: i for i, line in enumerate(sass) if line.startswith(".L_x_")}
-    span = None
-    for i, line in enumerate(sass):
-        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
-        if m and labels.get(m.group(1), i) < i and (span is None or i - labels[m.group(1)] > span[1] - span[0]):
-            span = (labels[m.group(1)], i)
+def loop_ops(instrs: list[sass.Instr]) -> collections.Counter:
+    """Opcode counts of the time-step loop (the largest loop), plus its shared-memory bytes."""
     ops = collections.Counter()
-    for line in sass[span[0] : span[1] + 1]:
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?", line)
-        if m:
-            op = m.group(2)
-            width = re.search(r"\.(64|128)\b", m.group(3) or "")
-            ops[op] += 1
-            if op in SMEM_OPS:
-                ops["smem_bytes"] += int(width.group(1)) // 8 if width else 4
+    for ins in sass.hot_loop(instrs):
+        ops[ins.op] += 1
+        if ins.op in SMEM_OPS:
+            mods = re.search(rf"{ins.op}((?:\.[A-Z0-9_]+)*)", ins.text).group(1)
+            width = re.search(r"\.(64|128)\b", mods)
+            ops["smem_bytes"] += int(width.group(1)) // 8 if width else 4
     return ops
 
 
@@ -154,8 +138,8 @@ def main():
           "predicted H200 weights/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for bits in (2, 3, 4):
-        sass, meta = compile_sm90(bits, args.L)
-        p = predict(bits, args.L, hot_loop(sass), meta)
+        instrs, meta = compile_sm90(bits, args.L)
+        p = predict(bits, args.L, loop_ops(instrs), meta)
         res["predicted_h200"].append(p)
         c = p["clocks_per_step"]
         print(f"| {bits} | {p['instr_per_state']:.2f} | {p['int_instr_per_thread'] / p['states_per_thread']:.2f} | "
