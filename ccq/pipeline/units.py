@@ -221,7 +221,8 @@ class Pipeline:
             writing.result()
 
     def release(self, unit: Unit):
-        """Send the written unit back to the meta device: peak memory stays about one unit."""
+        """Send the unit back to the meta device (a shard write in flight keeps its own references): the
+        model holds about one unit."""
         from accelerate.utils import set_module_tensor_to_device
 
         if unit.index == 0:
