@@ -2,8 +2,9 @@
 
 The model skeleton is built on the meta device by the family's adapter; shard 1 holds
 everything outside the decoder layers (embeddings, vision tower, resampler, final norm, head),
-shards 2.. hold one decoder layer each. Only the unit being processed is materialised, so peak
-memory is about one layer plus the calibration activations. The vision tower and resampler are
+shards 2.. hold one decoder layer each. Only the unit being processed is materialised, and the
+next unit's read or the previous unit's write runs beside it (`Pipeline`), so peak memory is
+about two layers plus the calibration activations. The vision tower and resampler are
 calibrated on the calibration images; without images they fall back to data-free search. The
 activations are saved at every layer boundary so `resume=True` continues bit-exactly.
 """
@@ -39,11 +40,12 @@ def open_model_dir(model_dir):
 def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, samples: int = 128,
                        seq_len: int = 2048, overrides=(), resume: bool = False, overwrite: bool = False,
                        device: str = "cpu", seed: int = 0, rotate_output: bool = False, progress: bool = True,
-                       settings: QuantSettings | None = None, **options) -> dict:
+                       settings: QuantSettings | None = None, overlap: bool = True, **options) -> dict:
     """Quantize model_dir into the packed checkpoint out_dir; returns the report dict.
 
     settings: a QuantSettings; without it one is made from bits, overrides, seed, rotate_output
-    and the codec options (L, code, hadamard_block, ...).
+    and the codec options (L, code, hadamard_block, ...). overlap=False reads, quantizes and
+    writes one unit after another (about one layer in memory).
     """
     t_start = time.perf_counter()
     if settings is None:  # bad codec options fail before any output
@@ -54,7 +56,8 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
     settings = dataclasses.replace(settings, codec=dataclasses.replace(settings.codec, device=dev.type))
     src, arch, model, names = open_model_dir(model_dir)
     plan = quant_plan(model, settings.bits, settings.overrides)
-    pipe = Pipeline(model, plan, settings, get=names.get, device=dev, progress=progress)
+    pipe = Pipeline(model, plan, settings, get=names.get, device=dev, progress=progress,
+                    overlap=overlap)
     probe = arch.adapter.checkpoint_names(MetaView(src), model)
     for unit in pipe.units:  # every tensor resolvable, with the right shape, before any output
         for name in unit.params:

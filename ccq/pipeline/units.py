@@ -17,10 +17,20 @@ unit goes through the same stages, in `Pipeline.step`:
 
 Unit 0's calibration inputs are the batches themselves: its Hessians come from one pass that
 stops at decoder layer 0, and its "forward" records layer 0's inputs.
+
+Disk I/O overlaps the compute (`overlap=True`): while unit i is calibrated and quantized on the
+device, a writer thread writes unit i-1's shard and then a reader thread reads unit i+1's weights
+from the source shards into host memory. Reading (file I/O, the NaN/Inf check, checkpoint
+conversions) and writing (device-to-host copies, serialisation) are mostly native code that runs
+beside the main thread's kernels, so the device need not wait for the disk. One unit's I/O is in
+flight at a time, so memory holds about two units (the one computed, the one read or written);
+shards are written in unit order, and a read or write error surfaces on the main thread as the
+same error it is without the threads.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -65,15 +75,17 @@ class Pipeline:
 
     get: name -> tensor reads a unit's weights (None: the model is already in memory).
     writer: a CheckpointWriter (None: keep the quantized model in memory). batches: calibration
-    input dicts (None: data-free). device: where units are materialised and run.
+    input dicts (None: data-free). device: where units are materialised and run. overlap: read
+    the next unit and write the previous one in background threads (False: one after another,
+    about one unit in memory).
     """
 
     def __init__(self, model: nn.Module, plan: dict[str, int], settings: QuantSettings, *, batches=None,
-                 get=None, writer=None, device="cpu", progress: bool = False):
+                 get=None, writer=None, device="cpu", progress: bool = False, overlap: bool = True):
         self.model, self.plan, self.settings = model, plan, settings
         self.batches, self.get, self.writer = batches, get, writer
         self.device = torch.device(device)
-        self.progress = progress
+        self.progress, self.overlap = progress, overlap
         self.layers_name, self.layers = decoder_layers(model)
         params = unit_params(model, self.layers_name, len(self.layers))
         self.units = []
@@ -83,18 +95,32 @@ class Pipeline:
                                            not n.startswith(self.layers_name + "."))]
             self.units.append(Unit(i, prefix, names, planned))
         self.acts = None  # the current unit's calibration inputs [(hidden, layer kwargs)]
+        self.reads = self.writes = None  # the reader and writer threads, while `run` runs
+        self.after: dict[int, int] = {}  # unit index -> the unit to read ahead while it runs
+        self.reading: tuple[int, Future] | None = None  # (unit index, its weights), read ahead
+        self.writing: Future | None = None  # the shard write in flight
 
     def run(self) -> list[dict]:
-        """Every unit in order (units a resumed writer already holds are skipped); the report."""
+        """Every unit in order (units a resumed writer already holds are skipped); the report.
+
+        Leaving, even on an error, waits for the read and the write in flight, so a failed run
+        leaves complete shards only and `writer.abort` races with nothing."""
         report = []
-        with tqdm(total=len(self.units), desc="ccq quantize", unit="layer", disable=not self.progress) as bar:
-            for unit in self.units:
-                if self.writer is not None and self.writer.done(unit.index):
-                    report += self.writer.report_of(unit.index)
-                    self.acts = None
-                else:
-                    report += self.step(unit, bar)
-                bar.update(1)
+        todo = [u.index for u in self.units if self.writer is None or not self.writer.done(u.index)]
+        self.after = dict(zip(todo, todo[1:])) if self.overlap else {}
+        try:
+            with (ThreadPoolExecutor(1, "ccq-read") as self.reads, ThreadPoolExecutor(1, "ccq-write") as self.writes,
+                  tqdm(total=len(self.units), desc="ccq quantize", unit="layer", disable=not self.progress) as bar):
+                for unit in self.units:
+                    if unit.index in todo:
+                        report += self.step(unit, bar)
+                    else:
+                        report += self.writer.report_of(unit.index)
+                        self.acts = None
+                    bar.update(1)
+                self.wait_write()
+        finally:
+            self.reads = self.writes = self.reading = self.writing = None
         return report
 
     def step(self, unit: Unit, bar) -> list[dict]:
@@ -113,7 +139,15 @@ class Pipeline:
             self.acts = torch.load(self.writer.path(f"calib-acts-{unit.index - 1}.pt"), weights_only=False)
         if self.get is None:
             return
-        materialise(self.model, unit.params, self.get, self.device)
+        if self.reading is not None and self.reading[0] == unit.index:
+            weights = self.reading[1].result()  # a read error surfaces here, as it would unthreaded
+        else:
+            weights = self.read(unit)
+        self.reading = None
+        if unit.index in self.after:
+            nxt = self.units[self.after[unit.index]]
+            self.reading = (nxt.index, self.reads.submit(self.read, nxt, self.writing))
+        materialise(self.model, unit.params, weights.pop, self.device)
         if unit.index == 0:
             retie(self.model, tied_targets(self.model))
 
@@ -151,19 +185,44 @@ class Pipeline:
     def write(self, unit: Unit, entries: list[dict]):
         if self.writer is None:
             return
-        if self.acts is not None:
-            torch.save(self.acts, self.writer.path(f"calib-acts-{unit.index}.pt"))
         if unit.index == 0:
             tensors = persistent_tensors(self.model, "", skip=self.layers_name)
         else:
             tensors = persistent_tensors(self.layers[unit.index - 1], unit.prefix)
-        self.writer.write_shard(unit.index, tensors, entries)
-        if unit.index > 0 and self.acts is not None:
-            self.writer.path(f"calib-acts-{unit.index - 1}.pt").unlink(missing_ok=True)
+        tensors = {k: v.detach() for k, v in tensors.items()}  # still the unit's data once it is released
+        self.wait_write()
+        self.writing = self.writes.submit(self.save, unit.index, tensors, entries, self.acts)
+        if not self.overlap:
+            self.wait_write()
         self.release(unit)
 
+    # -- the reader and writer threads -------------------------------------------------------
+
+    def read(self, unit: Unit, writing: Future | None = None) -> dict[str, torch.Tensor]:
+        """The unit's weights, in host memory, once the shard write `writing` is done (one unit's
+        I/O at a time); a failed write fails the read, so its error surfaces at the next load."""
+        if writing is not None:
+            writing.result()
+        return {name: self.get(name) for name in unit.params}
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor], entries: list[dict], acts):
+        """Unit `index`'s shard, with the activations a resume starts from; in this order, so a
+        shard the writer records as done always has its activations on disk."""
+        if acts is not None:
+            torch.save(acts, self.writer.path(f"calib-acts-{index}.pt"))
+        self.writer.write_shard(index, tensors, entries)
+        if index > 0 and acts is not None:
+            self.writer.path(f"calib-acts-{index - 1}.pt").unlink(missing_ok=True)
+
+    def wait_write(self):
+        """Wait for the shard write in flight; its error surfaces here."""
+        writing, self.writing = self.writing, None
+        if writing is not None:
+            writing.result()
+
     def release(self, unit: Unit):
-        """Send the written unit back to the meta device: peak memory stays about one unit."""
+        """Send the unit back to the meta device (a shard write in flight keeps its own references): the
+        model holds about one unit."""
         from accelerate.utils import set_module_tensor_to_device
 
         if unit.index == 0:
