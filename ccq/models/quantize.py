@@ -74,13 +74,14 @@ def quantize_module(model: nn.Module, name: str, bits: int, hessians: dict | Non
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrides=(), seed: int = 0,
-                   rotate_output: bool = False, **options) -> nn.Module:
+                   rotate_output: bool = False, target_bpw: float | None = None, **options) -> nn.Module:
     """Quantize a loaded transformers model in place (any model made of nn.Linear layers).
 
     calibration: None (data-free) or an iterable of model input dicts (or input_id tensors);
     Hessians are captured in one pass of the 16-bit model. options: codec options (L, code,
-    hadamard_block, ...). Sets `model.config.quantization_config` and keeps the report in
-    `model.ccq_report`.
+    hadamard_block, ...). target_bpw: choose 2, 3 or 4 bits per module (modules no override names)
+    for this average bits per weight (ccq.calibration.allocate). Sets
+    `model.config.quantization_config` and keeps the report in `model.ccq_report`.
     """
     from ..format.qconfig import make_quantization_config
 
@@ -97,10 +98,17 @@ def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrid
                 else:
                     model(**batch)
         hessians = cap.result()
+    if target_bpw is not None:  # the allocator's call site
+        from ..calibration.allocate import allocate_model
+
+        plan = allocate_model(model, plan, overrides, hessians, target_bpw, seed=seed, rotate_output=rotate_output,
+                              **options)
     report = []
     for name, b in plan.items():
         report += quantize_module(model, name, b, hessians, seed, rotate_output, **options)
     model.config.quantization_config = make_quantization_config(model, bits, plan, overrides, seed=seed,
                                                                 rotate_output=rotate_output, **options)
+    if target_bpw is not None:
+        model.config.quantization_config["target_bpw"] = target_bpw
     model.ccq_report = report
     return model

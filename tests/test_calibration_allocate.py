@@ -1,0 +1,81 @@
+"""Bits per module for a target bpw: the knapsack, the sampled cost, and quantize_model(target_bpw=...)."""
+
+import itertools
+
+import pytest
+import torch
+
+from ccq.calibration.allocate import allocate, budget_bytes, choose_bits, measure_costs
+from ccq.codec import proxy_loss, quantize_tensor
+
+
+def _brute(costs, sizes, budget):
+    mods = list(costs)
+    best = None
+    for bits in itertools.product(*(list(costs[m]) for m in mods)):
+        if sum(sizes[m][b] for m, b in zip(mods, bits)) <= budget:
+            c = sum(costs[m][b] for m, b in zip(mods, bits))
+            best = c if best is None else min(best, c)
+    return best
+
+
+def _convex_instance(g, n):
+    """Random modules whose cost falls by shrinking steps per extra byte (as distortion-rate curves do)."""
+    costs, sizes = {}, {}
+    for i in range(n):
+        numel = int(torch.randint(1, 20, (1,), generator=g)) * 64
+        scale = float(torch.rand(1, generator=g)) * 10 + 0.1
+        costs[f"m{i}"] = {b: scale * numel * 4.0 ** -b for b in (2, 3, 4)}
+        sizes[f"m{i}"] = {b: numel * b // 8 + 16 for b in (2, 3, 4)}
+    return costs, sizes
+
+
+def test_choose_bits_is_within_one_upgrade_of_the_optimum():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        costs, sizes = _convex_instance(g, 5)
+        lo = sum(min(s.values()) for s in sizes.values())
+        hi = sum(max(s.values()) for s in sizes.values())
+        budget = lo + int(float(torch.rand(1, generator=g)) * (hi - lo))
+        choice = choose_bits(costs, sizes, budget)
+        used = sum(sizes[m][b] for m, b in choice.items())
+        assert used <= budget
+        got = sum(costs[m][b] for m, b in choice.items())
+        best = _brute(costs, sizes, budget)
+        step = max(c[b] - c[b + 1] for c in costs.values() for b in (2, 3))
+        assert best - 1e-9 <= got <= best + step  # the LP-relaxation bound of the greedy knapsack
+
+
+def test_choose_bits_edges():
+    costs = {"a": {2: 10.0, 3: 3.0, 4: 1.0}, "b": {2: 1.0, 3: 0.5, 4: 0.4}}
+    sizes = {"a": {2: 20, 3: 30, 4: 40}, "b": {2: 20, 3: 30, 4: 40}}
+    assert choose_bits(costs, sizes, 40) == {"a": 2, "b": 2}
+    assert choose_bits(costs, sizes, 50) == {"a": 3, "b": 2}  # the bigger drop first
+    assert choose_bits(costs, sizes, 80) == {"a": 4, "b": 4}
+    with pytest.raises(ValueError, match="below the smallest packed size"):
+        choose_bits(costs, sizes, 39)
+    with pytest.raises(ValueError, match="positive"):
+        budget_bytes(100, float("nan"))
+
+
+def test_sampled_cost_tracks_the_full_proxy_loss():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(192, 32, generator=g)
+    x = torch.randn(256, 32, generator=g) * torch.linspace(0.1, 3, 32)
+    h = x.T @ x / 256
+    est = measure_costs(w, h, (2, 3), rows=48, L=8)
+    for b in (2, 3):
+        full = proxy_loss(w, quantize_tensor(w, b, h, L=8).dequantize(), h)
+        assert est[b] == pytest.approx(full, rel=0.25)
+    assert est[2] > 2.5 * est[3]
+
+
+def test_allocate_spends_bits_where_the_cost_is():
+    g = torch.Generator().manual_seed(2)
+    weights = {"loud": [(torch.randn(64, 64, generator=g) * 10, None)],
+               "quiet": [(torch.randn(64, 64, generator=g) * 0.1, None)]}
+    chosen, costs = allocate(weights, 3.0, candidates=(2, 3), rows=16, L=8)
+    assert chosen == {"loud": 3, "quiet": 2}
+    assert costs["loud"][2] > costs["loud"][3]
+    with pytest.raises(ValueError, match="below the smallest size"):
+        allocate(weights, 1.0, candidates=(2, 3), rows=16, L=8)
