@@ -10,7 +10,8 @@ Q4_1 weights, dequantized to fp32, are the reference model); metrics: perplexity
 per token and top-1 agreement. Text: English prose from Python's own documentation (pydoc_data.topics,
 shipped with every Python): calibration from its first half, evaluation from its second half.
 
-Methods (space separated): fp, ccq:BITS (calibrated), ccq-df:BITS (data-free), ccq:t2.1 / ccq-df:t2.1
+Methods (space separated): fp, ccq:BITS (calibrated), ccq-df:BITS (data-free), ccq-rt:BITS (no data:
+calibrated on random token ids), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1
 (bits chosen per module for a target bpw), rtn:BITS:gGROUP, gptq:BITS:gGROUP. Every method quantizes the
 same modules (every Linear except the head; MiniLM's unused pooler stays fp32) on the same calibration
 tokens. Prints one JSON line per method and writes all of them to --out.
@@ -66,6 +67,7 @@ def token_chunks(tok, paras, n, length):
 
 def quantize(model, method, calib, L):
     """Quantize a copy of `model` by `method`; returns (model, bpw, seconds)."""
+    from ccq.calibration.data import random_token_batches
     from ccq.calibration.hessian import HessianCapture
     from ccq.models.policy import quant_plan
     from ccq.models.quantize import quantize_model
@@ -74,7 +76,8 @@ def quantize(model, method, calib, L):
     kind, _, arg = method.partition(":")
     t0 = time.perf_counter()
     if kind.startswith("ccq"):
-        data = None if kind == "ccq-df" else calib
+        data = {"ccq-df": None, "ccq-rt": random_token_batches(m.config.vocab_size, len(calib), calib[0].shape[1]),
+                "ccq": calib}[kind]
         if arg.startswith("t"):
             quantize_model(m, 2, data, overrides=KEEP, L=L, target_bpw=float(arg[1:]))
         else:

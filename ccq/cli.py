@@ -135,7 +135,11 @@ def demo(bits, size, L, seed, matrix_only):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device):
+@click.option("--target-bpw", type=float, default=None,
+              help="Choose 2, 3 or 4 bits per module for this average bits per weight (--bits is then ignored "
+                   "except for --module-bits patterns).")
+def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device,
+             target_bpw):
     """Quantize an ERNIE-4.5-VL (or any nn.Linear transformers) MODEL_DIR into a packed checkpoint."""
     from .calibration.streaming import quantize_model_dir
     from .models.policy import parse_override
@@ -145,9 +149,11 @@ def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L
     overrides = [run_guarded(parse_override, m) for m in module_bits]
     report = run_guarded(quantize_model_dir, model_dir, out, bits, calibration=calibration, samples=samples,
                          seq_len=seq_len, overrides=overrides, resume=resume, overwrite=overwrite, device=device,
-                         seed=seed, L=L, code=code)
+                         seed=seed, L=L, code=code, target_bpw=target_bpw)
     t = report["totals"]
-    click.echo(f"wrote {out}: {t['quantized_tensors']} quantized tensors, {t['quantized_bytes'] / 2**20:.1f} MiB packed, "
+    bpw = t["quantized_bytes"] * 8 / max(1, sum(g["weights"] for g in t["by_group"].values()))
+    click.echo(f"wrote {out}: {t['quantized_tensors']} quantized tensors, {t['quantized_bytes'] / 2**20:.1f} MiB packed "
+               f"({bpw:.3f} bpw), "
                f"{len(report['fallbacks'])} data-free fallbacks, {t['wall_seconds']:.1f} s")
 
 

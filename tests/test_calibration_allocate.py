@@ -79,3 +79,54 @@ def test_allocate_spends_bits_where_the_cost_is():
     assert costs["loud"][2] > costs["loud"][3]
     with pytest.raises(ValueError, match="below the smallest size"):
         allocate(weights, 1.0, candidates=(2, 3), rows=16, L=8)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("llama") / "m"
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(path))
+    return path
+
+
+def _bpw(report):
+    return sum(e["bytes"] for e in report) * 8 / sum(torch.Size(e["shape"]).numel() for e in report)
+
+
+def test_quantize_model_meets_the_target_and_mixes_bits(llama_dir):
+    import ccq
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(llama_dir)).eval()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    ccq.quantize_model(model, calibration=[ids], target_bpw=3.6, overrides=[("*.o_proj", 16)], L=8)
+    bits = {e["tensor"]: e["bits"] for e in model.ccq_report}
+    assert len(set(bits.values())) >= 2
+    assert not any(n.endswith("o_proj") for n in bits)
+    assert 3.2 < _bpw(model.ccq_report) <= 3.6
+    qc = model.config.quantization_config
+    assert qc["target_bpw"] == 3.6 and qc["modules"] == bits
+
+
+def test_cli_target_bpw_streams_and_inspect_shows_the_mix(llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from ccq.cli import main
+    from ccq.format.inspect import summarize
+
+    out = tmp_path / "q"
+    r = CliRunner().invoke(main, ["quantize", str(llama_dir), "-o", str(out), "--target-bpw", "3.5", "--L", "8",
+                                  "--module-bits", "*.layers.0.mlp.down_proj=4"])
+    assert r.exit_code == 0, r.output
+    s = summarize(out)
+    assert s["target_bpw"] == 3.5 and len(s["modules_by_bits"]) >= 2
+    import json
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["modules"]["model.layers.0.mlp.down_proj"] == 4
+    r = CliRunner().invoke(main, ["quantize", str(llama_dir), "-o", str(tmp_path / "bad"), "--target-bpw", "1.5"])
+    assert r.exit_code != 0 and "below the smallest size" in r.output
+    assert not (tmp_path / "bad").exists()

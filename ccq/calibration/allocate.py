@@ -99,7 +99,7 @@ def allocate(weights: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]],
              fixed: dict[str, tuple[int, int]] | None = None, candidates=CANDIDATES, *, rows: int = 128,
              seed: int = 0, rotate_output: bool = False, cost_fn=None, **options) -> tuple[dict[str, int], dict]:
     """Choose bits for modules {module: [(weight, hessian or None), ...]} (a fused-experts module
-    has two weights) so that they and the `fixed` modules ({module: (numel, bytes)}, bits set by
+    has two weights; a weight may be a zero-argument callable that loads it, so only one is in memory) so that they and the `fixed` modules ({module: (numel, bytes)}, bits set by
     the user) average at most `target_bpw`. Returns ({module: bits}, {module: {bits: cost}}).
 
     cost_fn(module, weight, hessian) -> {bits: cost} replaces the measurement (tests, plans without weights).
@@ -107,19 +107,20 @@ def allocate(weights: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]],
     from ..models.quantize import tensor_seed
 
     fixed = fixed or {}
-    numel = sum(w.numel() for ws in weights.values() for w, _ in ws) + sum(n for n, _ in fixed.values())
-    budget = budget_bytes(numel, target_bpw) - sum(b for _, b in fixed.values())
-    costs, sizes = {}, {}
+    costs, sizes, numel = {}, {}, sum(n for n, _ in fixed.values())
     for m, ws in weights.items():
         costs[m] = {b: 0.0 for b in candidates}
         sizes[m] = {b: 0 for b in candidates}
         for i, (w, h) in enumerate(ws):
+            w = w() if callable(w) else w
+            numel += w.numel()
             c = cost_fn(m, w, h) if cost_fn else measure_costs(w, h, candidates, rows=rows,
                                                                seed=tensor_seed(seed, f"{m}.{i}"),
                                                                rotate_output=rotate_output, **options)
             for b in candidates:
                 costs[m][b] += c[b]
                 sizes[m][b] += packed_nbytes(tuple(w.shape), b, rotate_output)
+    budget = budget_bytes(numel, target_bpw) - sum(b for _, b in fixed.values())
     try:
         return choose_bits(costs, sizes, budget), costs
     except ValueError:
@@ -128,29 +129,37 @@ def allocate(weights: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]],
                          f"({low:.3f} bpw at {min(candidates)} bits)") from None
 
 
-def module_weights(model: torch.nn.Module, names, hessians: dict | None) -> dict[str, list]:
-    """{module: [(weight, hessian or None), ...]} of planned modules of an in-memory model
-    (hessians keyed by weight name, as HessianCapture gives them)."""
+def module_weights(model: torch.nn.Module, names, hessians: dict | None = None, get=None) -> dict[str, list]:
+    """{module: [(weight, hessian or None), ...]} of planned modules (hessians keyed by weight name,
+    as HessianCapture gives them). get(parameter name) -> tensor: read the weights from a source
+    checkpoint instead of the model (which may then live on the meta device); they come as loaders."""
     mods = dict(model.named_modules())
     out = {}
     for name in names:
         mod = mods[name]
-        keys = [name] if isinstance(mod, torch.nn.Linear) else [f"{name}.gate_up_proj", f"{name}.down_proj"]
-        tensors = [mod.weight] if isinstance(mod, torch.nn.Linear) else [mod.gate_up_proj, mod.down_proj]
-        out[name] = [(t, None if hessians is None else hessians.get(k)) for t, k in zip(tensors, keys)]
+        linear = isinstance(mod, torch.nn.Linear)
+        keys = [name] if linear else [f"{name}.gate_up_proj", f"{name}.down_proj"]
+        params = [f"{name}.weight"] if linear else keys
+
+        def load(p):
+            return (lambda: get(p)) if get is not None else model.get_parameter(p)
+
+        out[name] = [(load(p), None if hessians is None else hessians.get(k)) for p, k in zip(params, keys)]
     return out
 
 
 def allocate_model(model: torch.nn.Module, plan: dict[str, int], overrides, hessians: dict | None,
-                   target_bpw: float, *, rotate_output: bool = False, **options) -> dict[str, int]:
-    """`plan` with the bits of every module that no override names chosen for `target_bpw`."""
+                   target_bpw: float, *, get=None, rotate_output: bool = False, **options) -> dict[str, int]:
+    """`plan` with the bits of every module that no override names chosen for `target_bpw`
+    (weights from the model, or read one at a time through `get` as in :func:`module_weights`)."""
     from fnmatch import fnmatchcase
 
+    budget_bytes(1, target_bpw)  # a bad target fails before any search
     fixed_names = [n for n in plan if any(fnmatchcase(n, p) for p, _ in overrides)]
     fixed = {}
-    for n, ws in module_weights(model, fixed_names, None).items():
+    for n, ws in module_weights(model, fixed_names).items():  # shapes only
         fixed[n] = (sum(w.numel() for w, _ in ws),
                     sum(packed_nbytes(tuple(w.shape), plan[n], rotate_output) for w, _ in ws))
-    free = module_weights(model, [n for n in plan if n not in fixed], hessians)
+    free = module_weights(model, [n for n in plan if n not in fixed], hessians, get)
     chosen, _ = allocate(free, target_bpw, fixed, rotate_output=rotate_output, **options)
     return {n: chosen.get(n, b) for n, b in plan.items()}

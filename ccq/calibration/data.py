@@ -128,3 +128,11 @@ def image_sample(img, text, tok, proc, config, seq_len) -> dict:
     moe = mm | (ids == config.image_start_token_id).long() | (ids == config.image_end_token_id).long()
     return {"input_ids": ids, "pixel_values": pix["pixel_values"], "image_grid_thw": grid,
             "mm_token_type_ids": mm, "moe_mm_token_type_ids": moe}
+
+
+def random_token_batches(vocab_size: int, samples: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """Calibration without data: `samples` windows of uniformly random token ids. The 16-bit
+    model's own embeddings, norms and attention turn them into activations whose per-channel
+    scales and correlations are the model's, which is what the Hessians need."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab_size, (1, seq_len), generator=g)} for _ in range(samples)]

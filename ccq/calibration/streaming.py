@@ -202,12 +202,18 @@ def _calibration_fingerprint(path) -> list:
 def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, samples: int = 128,
                        seq_len: int = 2048, overrides=(), resume: bool = False, overwrite: bool = False,
                        device: str = "cpu", seed: int = 0, rotate_output: bool = False, progress: bool = True,
-                       **options) -> dict:
-    """Quantize model_dir into the packed checkpoint out_dir; returns the report dict."""
+                       target_bpw: float | None = None, **options) -> dict:
+    """Quantize model_dir into the packed checkpoint out_dir; returns the report dict.
+
+    target_bpw: choose 2, 3 or 4 bits per module for this average (see docs/QUALITY.md)."""
     t_start = time.perf_counter()
     if bits not in (2, 3, 4):
         raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
     TrellisConfig(bits=bits, rotate_output=rotate_output, **options)  # bad codec options fail before any output
+    if target_bpw is not None:
+        from .allocate import budget_bytes
+
+        budget_bytes(1, target_bpw)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     src, config, cls, resolve = open_source(model_dir)
@@ -230,15 +236,22 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
         batches = calibration_batches(calibration, src.dir, config, samples, seq_len)
     dev = torch.device(device)
     opts = dict(options, device="cuda" if dev.type == "cuda" else "cpu")
-    settings = {"bits": bits, "overrides": list(overrides), "options": opts, "seed": seed,
+    settings = {"bits": bits, "overrides": list(overrides), "options": opts, "seed": seed, "target_bpw": target_bpw,
                 "rotate_output": rotate_output, "samples": samples, "seq_len": seq_len,
                 "calibration": None if calibration is None else _calibration_fingerprint(calibration)}
     writer = CheckpointWriter(out_dir, len(units), fingerprint(src, settings), overwrite=overwrite, resume=resume)
     try:
+        if target_bpw is not None:  # the allocator's call site: a data-free first pass over the source weights
+            from .allocate import allocate_model
+
+            plan = allocate_model(model, plan, overrides, None, target_bpw, get=get, seed=seed,
+                                  rotate_output=rotate_output, **opts)
         report = _run(model, units, layers_name, layers, plan, get, writer, batches, dev, seed, rotate_output,
                       opts, progress)
         qc = make_quantization_config(model, bits, plan, overrides, seed=seed, rotate_output=rotate_output,
                                       **{k: v for k, v in opts.items() if k != "device"})
+        if target_bpw is not None:
+            qc["target_bpw"] = target_bpw
         cfg = json.loads(config.to_json_string(use_diff=False))
         cfg["quantization_config"] = qc
         full = _summary(report, bits, opts, calibration, samples, seq_len, time.perf_counter() - t_start)
