@@ -12,7 +12,9 @@ shipped with every Python): calibration from its first half, evaluation from its
 
 Methods (space separated): fp, ccq:BITS (calibrated), ccq-df:BITS (data-free), ccq-rt:BITS (no data:
 calibrated on random token ids), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1
-(bits chosen per module for a target bpw), rtn:BITS:gGROUP, gptq:BITS:gGROUP. Every method quantizes the
+(bits chosen per module for a target bpw), rtn:BITS:gGROUP, gptq:BITS:gGROUP. For the lm, the ccq methods run
+the streaming `ccq quantize` path (layer by layer, each calibrated on the quantized layers' outputs) and take a
+`:ft` suffix for layer-wise fine-tuning (ccq:2:ft, ccq:t2.1:ft). Every method quantizes the
 same modules (every Linear except the head; MiniLM's unused pooler stays fp32) on the same calibration
 tokens. Prints one JSON line per method and writes all of them to --out.
 """
@@ -59,7 +61,7 @@ def split_text():
 
 def token_chunks(tok, paras, n, length):
     """n chunks of `length` tokens cut from the concatenated paragraphs (no padding)."""
-    ids = tok("\n\n".join(paras), return_tensors="pt")["input_ids"][0]
+    ids = tok("\n\n".join(paras), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if ids.numel() < n * length:
         raise SystemExit(f"only {ids.numel()} tokens of text for {n} x {length}")
     return [ids[i * length:(i + 1) * length][None] for i in range(n)]
@@ -158,15 +160,71 @@ def lm_scores(model, windows, ref_logp=None):
     return out, logps
 
 
-def run_lm(args):
+def lm_dir(gguf: Path, work: Path) -> Path:
+    """The GGUF model as a plain fp32 transformers folder (what `ccq quantize` reads)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = Path(args.gguf)
+    out = work / "fp32"
+    if not (out / "config.json").exists():
+        m = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        cfg = m.config
+        del cfg.quantization_config
+        clean = type(m)(cfg)
+        clean.load_state_dict(m.state_dict())
+        clean.save_pretrained(str(out))
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+    return out
+
+
+def dense_copy(model):
+    """Every QuantLinear replaced by an nn.Linear holding its decoded weight (fast CPU evaluation)."""
+    from ccq.models.quant_modules import QuantLinear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear):
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            lin.weight.data = mod.qt.dequantize()
+            if mod.bias is not None:
+                lin.bias.data = mod.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    return model
+
+
+def stream_quantize(src, method, calib_file, args, work):
+    """ccq quantize through the streaming path (sequential calibration, optional fine-tuning)."""
+    import ccq
+    from ccq.calibration.streaming import quantize_model_dir
+
+    kind, _, rest = method.partition(":")
+    arg, _, flag = rest.partition(":")
+    out = work / method.replace(":", "_")
+    kw = {"target_bpw": float(arg[1:])} if arg.startswith("t") else {}
+    t0 = time.perf_counter()
+    rep = quantize_model_dir(src, out, int(arg) if not kw else 2, calibration=calib_file, samples=args.samples,
+                             seq_len=args.seq_len, L=args.L, overwrite=True, progress=False,
+                             finetune_steps=args.finetune_steps if flag == "ft" else 0, **kw)
+    sec = time.perf_counter() - t0
+    t = rep["totals"]
+    bpw = t["quantized_bytes"] * 8 / sum(g["weights"] for g in t["by_group"].values())
+    return dense_copy(ccq.load(out).float().eval()), bpw, sec, sorted({e["bits"] for e in rep["tensors"]})
+
+
+def run_lm(args):
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(args.gguf or "")
     if not gguf.is_file():
         raise SystemExit(f"--gguf {gguf}: no such file (see the module docstring for where it comes from)")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    work = Path(args.work or tempfile.mkdtemp(prefix="ccq-real-"))
+    src = lm_dir(gguf, work)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     calib_text, eval_text = split_text()
+    calib_file = work / "calibration.txt"
+    calib_file.write_text("\n".join(calib_text))
     calib = token_chunks(tok, calib_text, args.samples, args.seq_len)
     windows = token_chunks(tok, eval_text, args.eval_windows, args.seq_len)
     ref, ref_logp = lm_scores(model, windows)
@@ -175,7 +233,10 @@ def run_lm(args):
     for method in args.methods:
         if method == "fp":
             continue
-        m, bpw, sec, bits = quantize(model, method, calib, args.L)
+        if method.startswith("ccq"):
+            m, bpw, sec, bits = stream_quantize(src, method, calib_file, args, work)
+        else:
+            m, bpw, sec, bits = quantize(model, method, calib, args.L)
         row = {"method": method, "bits": bits, "bpw": round(bpw, 4), **lm_scores(m, windows, ref_logp)[0],
                "seconds": round(sec, 1)}
         print(json.dumps(row), flush=True)
@@ -197,6 +258,8 @@ def main():
     ap.add_argument("--sentences", type=int, default=256, help="minilm: evaluation sentences")
     ap.add_argument("--eval-windows", type=int, default=16, help="lm: evaluation windows of --seq-len tokens")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--finetune-steps", type=int, default=200, help="steps per layer for the :ft methods")
+    ap.add_argument("--work", default=None, help="lm: folder for the fp32 model and the packed outputs [a temp dir]")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

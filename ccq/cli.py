@@ -138,8 +138,11 @@ def demo(bits, size, L, seed, matrix_only):
 @click.option("--target-bpw", type=float, default=None,
               help="Choose 2, 3 or 4 bits per module for this average bits per weight (--bits is then ignored "
                    "except for --module-bits patterns).")
+@click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="With --calibration: Adam steps per decoder layer tuning its 16-bit parameters (scales, norms, "
+                   "biases) to the 16-bit layer's outputs; 0 = off.")
 def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device,
-             target_bpw):
+             target_bpw, finetune_steps):
     """Quantize an ERNIE-4.5-VL (or any nn.Linear transformers) MODEL_DIR into a packed checkpoint."""
     from .calibration.streaming import quantize_model_dir
     from .models.policy import parse_override
@@ -149,7 +152,7 @@ def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L
     overrides = [run_guarded(parse_override, m) for m in module_bits]
     report = run_guarded(quantize_model_dir, model_dir, out, bits, calibration=calibration, samples=samples,
                          seq_len=seq_len, overrides=overrides, resume=resume, overwrite=overwrite, device=device,
-                         seed=seed, L=L, code=code, target_bpw=target_bpw)
+                         seed=seed, L=L, code=code, target_bpw=target_bpw, finetune_steps=finetune_steps)
     t = report["totals"]
     bpw = t["quantized_bytes"] * 8 / max(1, sum(g["weights"] for g in t["by_group"].values()))
     click.echo(f"wrote {out}: {t['quantized_tensors']} quantized tensors, {t['quantized_bytes'] / 2**20:.1f} MiB packed "

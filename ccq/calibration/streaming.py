@@ -202,10 +202,12 @@ def _calibration_fingerprint(path) -> list:
 def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, samples: int = 128,
                        seq_len: int = 2048, overrides=(), resume: bool = False, overwrite: bool = False,
                        device: str = "cpu", seed: int = 0, rotate_output: bool = False, progress: bool = True,
-                       target_bpw: float | None = None, **options) -> dict:
+                       target_bpw: float | None = None, finetune_steps: int = 0, **options) -> dict:
     """Quantize model_dir into the packed checkpoint out_dir; returns the report dict.
 
-    target_bpw: choose 2, 3 or 4 bits per module for this average (see docs/QUALITY.md)."""
+    target_bpw: choose 2, 3 or 4 bits per module for this average (see docs/QUALITY.md).
+    finetune_steps: with calibration, tune each quantized layer's 16-bit parameters for this many
+    steps (ccq.calibration.finetune) before the next layer calibrates on its outputs; 0 = off."""
     t_start = time.perf_counter()
     if bits not in (2, 3, 4):
         raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
@@ -237,6 +239,7 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
     dev = torch.device(device)
     opts = dict(options, device="cuda" if dev.type == "cuda" else "cpu")
     settings = {"bits": bits, "overrides": list(overrides), "options": opts, "seed": seed, "target_bpw": target_bpw,
+                "finetune_steps": finetune_steps,
                 "rotate_output": rotate_output, "samples": samples, "seq_len": seq_len,
                 "calibration": None if calibration is None else _calibration_fingerprint(calibration)}
     writer = CheckpointWriter(out_dir, len(units), fingerprint(src, settings), overwrite=overwrite, resume=resume)
@@ -247,7 +250,7 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
             plan = allocate_model(model, plan, overrides, None, target_bpw, get=get, seed=seed,
                                   rotate_output=rotate_output, **opts)
         report = _run(model, units, layers_name, layers, plan, get, writer, batches, dev, seed, rotate_output,
-                      opts, progress)
+                      opts, progress, finetune_steps)
         qc = make_quantization_config(model, bits, plan, overrides, seed=seed, rotate_output=rotate_output,
                                       **{k: v for k, v in opts.items() if k != "device"})
         if target_bpw is not None:
@@ -268,13 +271,15 @@ def _check_shape(model, name, t):
         raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, the config expects {expected}")
 
 
-def _run(model, units, layers_name, layers, plan, get, writer, batches, dev, seed, rotate_output, opts, progress):
+def _run(model, units, layers_name, layers, plan, get, writer, batches, dev, seed, rotate_output, opts, progress,
+         finetune_steps=0):
     with tqdm(total=len(units), desc="ccq quantize", unit="layer", disable=not progress) as bar:
         return _run_units(model, units, layers_name, layers, plan, get, writer, batches, dev, seed, rotate_output,
-                          opts, bar)
+                          opts, bar, finetune_steps)
 
 
-def _run_units(model, units, layers_name, layers, plan, get, writer, batches, dev, seed, rotate_output, opts, bar):
+def _run_units(model, units, layers_name, layers, plan, get, writer, batches, dev, seed, rotate_output, opts, bar,
+               finetune_steps=0):
     report = []
     n_layers = len(layers)
     acts = None
@@ -320,10 +325,21 @@ def _run_units(model, units, layers_name, layers, plan, get, writer, batches, de
                 for h, kw in acts:
                     layer(h.to(dev), **_to(kw, dev))
             hessians = cap.result()
+        targets = None
+        if acts is not None and finetune_steps:  # the 16-bit layer's outputs, for the fine-tuning below
+            targets = [_first(layer(h.to(dev), **_to(kw, dev))).detach() for h, kw in acts]
         entries = []
         for name in tqdm(names, desc=f"layer {i}/{n_layers}", unit="module", leave=False, disable=bar.disable):
             bar.set_postfix_str(name[len(prefix) + 1:])
             entries += quantize_module(model, name, plan[name], hessians, seed, rotate_output, **opts)
+        if targets is not None:  # the fine-tuning call site
+            from .finetune import finetune_layer
+
+            bar.set_postfix_str("finetune")
+            tuned = finetune_layer(layer, [(h.to(dev), _to(kw, dev)) for h, kw in acts], targets,
+                                   steps=finetune_steps, seed=seed + i)
+            for e in entries:
+                e["layer_finetune"] = tuned
         if acts is not None:
             acts = [(_first(layer(h.to(dev), **_to(kw, dev))).detach().cpu(), kw) for h, kw in acts]
             torch.save(acts, writer.path(f"calib-acts-{i + 1}.pt"))
