@@ -181,7 +181,9 @@ def inspect(checkpoint):
 @click.option("--module-bits", "module_bits", multiple=True, metavar="PATTERN=BITS",
               help="Bits for modules matching an fnmatch pattern (2, 3, 4, or 16 to keep 16-bit); repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def plan(config, bits, gpus, context, batch, reserve, module_bits, as_json):
+@click.option("--target-bpw", type=float, default=None,
+              help="Size of a `ccq quantize --target-bpw` run: 2, 3 or 4 bits per module averaging this.")
+def plan(config, bits, gpus, context, batch, reserve, module_bits, as_json, target_bpw):
     """Packed size by module group, KV cache and GPU placement of CONFIG, without weights.
 
     CONFIG is a config.json, a model folder or a built-in name (ernie-4.5-vl-28b-a3b,
@@ -196,6 +198,10 @@ def plan(config, bits, gpus, context, batch, reserve, module_bits, as_json):
     if bits not in (2, 3, 4):
         raise CcqError(f"--bits must be 2, 3 or 4, got {bits}")
     overrides = [run_guarded(parse_override, m) for m in module_bits]
+    if target_bpw is not None:
+        from .calibration.allocate import target_overrides
+
+        overrides = run_guarded(target_overrides, config, bits, overrides, target_bpw)
     sizes = run_guarded(parse_gpus, gpus)
     res = run_guarded(plan_footprint, config, bits, overrides=overrides, gpus=sizes, context=context, batch=batch,
                       reserve=run_guarded(parse_size, reserve))

@@ -130,3 +130,21 @@ def test_cli_target_bpw_streams_and_inspect_shows_the_mix(llama_dir, tmp_path):
     r = CliRunner().invoke(main, ["quantize", str(llama_dir), "-o", str(tmp_path / "bad"), "--target-bpw", "1.5"])
     assert r.exit_code != 0 and "below the smallest size" in r.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_plan_target_bpw_shows_the_bigger_size(llama_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from ccq.cli import main
+
+    def total(*extra):
+        r = CliRunner().invoke(main, ["plan", str(llama_dir), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    base, mixed, four = total(), total("--target-bpw", "3.5"), total("--bits", "4")
+    assert base["total_bytes"] < mixed["total_bytes"] < four["total_bytes"]
+    r = CliRunner().invoke(main, ["plan", str(llama_dir), "--target-bpw", "1"])
+    assert r.exit_code != 0 and "below the smallest size" in r.output

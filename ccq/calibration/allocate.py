@@ -163,3 +163,26 @@ def allocate_model(model: torch.nn.Module, plan: dict[str, int], overrides, hess
     free = module_weights(model, [n for n in plan if n not in fixed], hessians, get)
     chosen, _ = allocate(free, target_bpw, fixed, rotate_output=rotate_output, **options)
     return {n: chosen.get(n, b) for n, b in plan.items()}
+
+
+# MSE per weight of the codec on unit Gaussian data at L = 16 (docs/CODEC.md)
+GAUSSIAN_MSE = {2: 0.0683, 3: 0.0177, 4: 0.0045}
+
+
+def target_overrides(spec, bits: int, overrides, target_bpw: float, rotate_output: bool = False) -> list:
+    """`overrides` plus one exact-name override per module for `target_bpw`, chosen without weights
+    (`ccq plan`): every weight counts the same (Gaussian MSE per weight), so this gives the size a
+    `--target-bpw` run will have, not which modules its measured costs will favour."""
+    from ..calibration.streaming import build_skeleton
+    from ..models.policy import quant_plan
+    from ..plan import configs
+
+    config, cls, _ = configs.resolve(spec)
+    model = build_skeleton(cls, config)
+    plan = quant_plan(model, bits, overrides)
+
+    def cost(m, w, h):
+        return {b: GAUSSIAN_MSE[b] * w.numel() for b in CANDIDATES}
+
+    chosen = allocate_model(model, plan, overrides, None, target_bpw, rotate_output=rotate_output, cost_fn=cost)
+    return list(overrides) + [(n, b) for n, b in chosen.items() if b != plan[n]]
