@@ -90,7 +90,9 @@ def finetune_layer(layer: nn.Module, inputs: list, targets: list[torch.Tensor], 
             return sum(float(loss_of(i)) for i in range(len(inputs))) / len(inputs)
 
     before = mean_loss()
-    opt = torch.optim.Adam([{"params": gains, "lr": lr}, {"params": others, "lr": lr * 0.1}])
+    groups = [g for g in ({"params": gains, "lr": lr}, {"params": others, "lr": lr * 0.1}) if g["params"]]
+    opt = torch.optim.Adam(groups) if groups else None
+    steps = steps if opt else 0
     g = torch.Generator().manual_seed(seed)
     order = []
     with torch.enable_grad():
