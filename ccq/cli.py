@@ -162,7 +162,14 @@ def demo(bits, size, L, seed, matrix_only):
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Where layers run and the search runs [default: cuda when available, else cpu].")
-def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device):
+@click.option("--target-bpw", type=float, default=None,
+              help="Choose 2, 3 or 4 bits per module for this average bits per weight (--bits then only sets "
+                   "the bits of --module-bits patterns without their own).")
+@click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="With --calibration: Adam steps per decoder layer tuning its 16-bit parameters (scales, norms, "
+                   "biases) to the 16-bit layer's outputs; 0 = off.")
+def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device,
+             target_bpw, finetune_steps):
     """Quantize MODEL_DIR (ERNIE-4.5-VL, Qwen3-MoE, Mixtral, DeepSeek-V3, ... or any nn.Linear transformers
     model) into a packed checkpoint."""
     from .models.policy import parse_override
@@ -170,12 +177,15 @@ def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L
     from .pipeline import quantize_model_dir
 
     overrides = [run_guarded(parse_override, m) for m in module_bits]
-    settings = run_guarded(QuantSettings.of, bits, overrides=overrides, seed=seed, L=L, code=code)
+    settings = run_guarded(QuantSettings.of, bits, overrides=overrides, seed=seed, L=L, code=code,
+                           target_bpw=target_bpw, finetune_steps=finetune_steps)
     report = run_guarded(quantize_model_dir, model_dir, out, calibration=calibration, samples=samples,
                          seq_len=seq_len, resume=resume, overwrite=overwrite, device=default_device(device),
                          settings=settings)
     t = report["totals"]
-    click.echo(f"wrote {out}: {t['quantized_tensors']} quantized tensors, {t['quantized_bytes'] / 2**20:.1f} MiB packed, "
+    bpw = t["quantized_bytes"] * 8 / max(1, sum(g["weights"] for g in t["by_group"].values()))
+    click.echo(f"wrote {out}: {t['quantized_tensors']} quantized tensors, {t['quantized_bytes'] / 2**20:.1f} MiB packed "
+               f"({bpw:.3f} bpw), "
                f"{len(report['fallbacks'])} data-free fallbacks, {t['wall_seconds']:.1f} s")
 
 
@@ -203,7 +213,9 @@ def inspect(checkpoint):
 @click.option("--tp", type=click.IntRange(1), default=1, show_default=True,
               help="Also show what each GPU holds under vLLM tensor parallelism of this size.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def plan(config, bits, gpus, context, batch, reserve, module_bits, tp, as_json):
+@click.option("--target-bpw", type=float, default=None,
+              help="Size of a `ccq quantize --target-bpw` run: 2, 3 or 4 bits per module averaging this.")
+def plan(config, bits, gpus, context, batch, reserve, module_bits, tp, as_json, target_bpw):
     """Packed size by module group, KV cache and GPU placement of CONFIG, without weights.
 
     CONFIG is a config.json, a model folder or a built-in name: ernie-4.5-vl-28b-a3b,
@@ -216,6 +228,12 @@ def plan(config, bits, gpus, context, batch, reserve, module_bits, tp, as_json):
     from .plan.gpus import parse_gpus, parse_size
 
     overrides = [run_guarded(parse_override, m) for m in module_bits]
+    if target_bpw is not None:
+        from .calibration.allocate import target_overrides
+        from .models.settings import QuantSettings
+
+        settings = run_guarded(QuantSettings.of, bits, overrides=overrides, target_bpw=target_bpw)
+        overrides = run_guarded(target_overrides, config, settings)
     sizes = run_guarded(parse_gpus, gpus)
     res = run_guarded(plan_footprint, config, bits, overrides=overrides, gpus=sizes, context=context, batch=batch,
                       reserve=run_guarded(parse_size, reserve), tp=tp)

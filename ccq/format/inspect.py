@@ -49,7 +49,7 @@ def summarize(path) -> dict:
     bits_used: dict[str, int] = {}
     for b in qc["modules"].values():
         bits_used[str(b)] = bits_used.get(str(b), 0) + 1
-    return {"bits": qc["bits"], "L": qc["L"], "code": qc["code"], "modules_by_bits": bits_used,
+    return {"bits": qc["bits"], "target_bpw": qc.get("target_bpw"), "L": qc["L"], "code": qc["code"], "modules_by_bits": bits_used,
             "modules_kept_16bit": qc.get("modules_kept_16bit", []), "groups": groups,
             "total_bytes": sum(g["bytes"] for g in groups.values()), "fallbacks": report.get("fallbacks", [])}
 
@@ -57,7 +57,8 @@ def summarize(path) -> dict:
 def describe(path) -> str:
     s = summarize(path)
     lines = [f"{path}: ccq {s['bits']}-bit (L={s['L']}, code={s['code']}), "
-             f"quantized modules by bits: {json.dumps(s['modules_by_bits'])}",
+             f"quantized modules by bits: {json.dumps(s['modules_by_bits'])}"
+             + (f" (chosen for a target of {s['target_bpw']} bpw)" if s["target_bpw"] is not None else ""),
              f"{'group':<16} {'tensors':>8} {'MiB':>10}"]
     for g, v in sorted(s["groups"].items()):
         lines.append(f"{g:<16} {v['tensors']:>8} {v['bytes'] / 2**20:>10.2f}")

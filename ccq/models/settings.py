@@ -1,13 +1,14 @@
 """`QuantSettings`: the one object that says how a model is quantized.
 
 The codec options (a `TrellisConfig`: bits, L, code, Hadamard blocks, rotate_output, ...), the
-per-module overrides and the seed travel together from the CLI or API through the pipeline into
+per-module overrides, the seed, the target bits per weight and the fine-tuning steps travel together from the CLI or API through the pipeline into
 the checkpoint's `quantization_config`, and are read back from it by the loaders.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..codec.config import BITS, TrellisConfig
@@ -19,11 +20,16 @@ RUN_ONLY = ("device",)  # codec options that change where the search runs, not t
 @dataclass(frozen=True)
 class QuantSettings:
     """codec: the default TrellisConfig; overrides: (fnmatch pattern, bits 2/3/4/16) pairs, the
-    last match wins; seed: the sign seed of every tensor."""
+    last match wins; seed: the sign seed of every tensor; target_bpw: choose 2, 3 or 4 bits for
+    every module no override names so that the quantized modules average this
+    (ccq.calibration.allocate); finetune_steps: with calibration, Adam steps per decoder layer
+    tuning its 16-bit parameters (ccq.calibration.finetune), 0 = off."""
 
     codec: TrellisConfig = TrellisConfig()
     overrides: tuple[tuple[str, int], ...] = ()
     seed: int = 0
+    target_bpw: float | None = None
+    finetune_steps: int = 0
 
     def __post_init__(self):
         over = tuple((str(p), int(b)) for p, b in self.overrides)
@@ -31,11 +37,16 @@ class QuantSettings:
             if b not in BITS + (KEEP,):
                 raise ValueError(f"module override {p}={b}: bits must be 2, 3, 4 or 16, got {b}")
         object.__setattr__(self, "overrides", over)
+        if self.target_bpw is not None and not (math.isfinite(self.target_bpw) and self.target_bpw > 0):
+            raise ValueError(f"target bpw must be a positive number, got {self.target_bpw!r}")
+        if self.finetune_steps < 0:
+            raise ValueError(f"finetune steps must be 0 or more, got {self.finetune_steps}")
 
     @classmethod
-    def of(cls, bits: int = 2, *, overrides=(), seed: int = 0, **codec_options) -> "QuantSettings":
+    def of(cls, bits: int = 2, *, overrides=(), seed: int = 0, target_bpw: float | None = None,
+           finetune_steps: int = 0, **codec_options) -> "QuantSettings":
         """Settings from the keyword form the API and CLI take (codec_options: TrellisConfig fields)."""
-        return cls(TrellisConfig(bits=bits, **codec_options), tuple(overrides), seed)
+        return cls(TrellisConfig(bits=bits, **codec_options), tuple(overrides), seed, target_bpw, finetune_steps)
 
     @property
     def bits(self) -> int:
@@ -48,11 +59,13 @@ class QuantSettings:
     def to_dict(self) -> dict:
         """The serialisable form (what `quantization_config` and the run fingerprint hold)."""
         codec = {k: v for k, v in self.codec.to_dict().items() if k not in RUN_ONLY}
-        return {**codec, "seed": self.seed, "overrides": [[p, b] for p, b in self.overrides]}
+        return {**codec, "seed": self.seed, "overrides": [[p, b] for p, b in self.overrides],
+                "target_bpw": self.target_bpw, "finetune_steps": self.finetune_steps}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSettings":
         """Read back `to_dict` output (or a `quantization_config`; unknown keys are ignored)."""
         fields = {f.name for f in dataclasses.fields(TrellisConfig)} - set(RUN_ONLY)
         codec = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
-        return cls(TrellisConfig(**codec), tuple(tuple(o) for o in d.get("overrides", ())), int(d.get("seed", 0)))
+        return cls(TrellisConfig(**codec), tuple(tuple(o) for o in d.get("overrides", ())), int(d.get("seed", 0)),
+                   d.get("target_bpw"), int(d.get("finetune_steps", 0)))

@@ -23,7 +23,8 @@ def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrid
     transformers' fused experts, with a decoder layer list).
 
     calibration: None (data-free) or an iterable of model input dicts (or input_id tensors).
-    options: codec options (L, code, hadamard_block, ...), or pass `settings`. Sets
+    options: codec options (L, code, hadamard_block, ...) and `target_bpw` / `finetune_steps`
+    (see QuantSettings), or pass `settings`. Sets
     `model.config.quantization_config` and keeps the report in `model.ccq_report`.
     """
     if settings is None:
@@ -32,7 +33,25 @@ def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrid
     batches = None
     if calibration is not None:
         batches = [{"input_ids": b} if isinstance(b, torch.Tensor) else dict(b) for b in calibration]
+    if settings.target_bpw is not None:
+        plan = _allocate(model, plan, settings, batches)
     device = next(p.device for p in model.parameters())
     model.ccq_report = Pipeline(model, plan, settings, batches=batches, device=device).run()
     model.config.quantization_config = make_quantization_config(model, settings, plan)
     return model
+
+
+def _allocate(model: nn.Module, plan: dict[str, int], settings: QuantSettings, batches) -> dict[str, int]:
+    """Bits per module for `settings.target_bpw`, costed with the Hessians of one pass of the 16-bit
+    model over the calibration batches (the model is in memory, so this pass is cheap), or data-free."""
+    from ..calibration.allocate import allocate_model
+    from ..calibration.hessian import HessianCapture
+
+    hessians = None
+    if batches is not None:
+        mods = dict(model.named_modules())
+        with HessianCapture({n: mods[n] for n in plan}) as cap:
+            for batch in batches:
+                model(**batch)
+        hessians = cap.result()
+    return allocate_model(model, plan, settings, hessians)

@@ -62,6 +62,10 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
     for unit in pipe.units:  # every tensor resolvable, with the right shape, before any output
         for name in unit.params:
             check_shape(model, name, probe.get(name))
+    if settings.target_bpw is not None:  # bits per module from a data-free pass over the source weights
+        from ..calibration.allocate import allocate_model
+
+        pipe.plan = allocate_model(model, plan, settings, get=names.get)
     batches = None
     if calibration is not None:
         from ..calibration.data import calibration_batches
@@ -74,7 +78,7 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
     try:
         report = pipe.run()
         cfg = json.loads(arch.config.to_json_string(use_diff=False))
-        cfg["quantization_config"] = make_quantization_config(model, settings, plan)
+        cfg["quantization_config"] = make_quantization_config(model, settings, pipe.plan)
         full = summary(report, settings, calibration, samples, seq_len, time.perf_counter() - t_start)
         writer.finish(cfg, full, copy_from=src.dir)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as e:

@@ -7,9 +7,10 @@ unit goes through the same stages, in `Pipeline.step`:
 1. load      materialise the unit's weights (from the source shards; a no-op in memory)
 2. hessians  run the unit's calibration inputs through the 16-bit unit, capturing the input
              Hessians of its planned modules
-3. quantize  replace every planned module by its quantized twin (bit allocation that measures
-             the cost of several widths belongs here, fine-tuning of the unit's 16-bit
-             parameters right after it)
+3. quantize  replace every planned module by its quantized twin, at the bits the plan gives it
+             (with a target bpw, `ccq.calibration.allocate` chose them before the first unit)
+   finetune  with `finetune_steps`, tune the layer's 16-bit parameters so that it reproduces
+             the 16-bit layer's outputs (captured in step 2)
 4. forward   run the inputs through the quantized unit: the next unit's inputs, so layer i
              is calibrated on the outputs of the quantized layers < i
 5. write     the unit's tensors to its shard, with the activations a resume starts from
@@ -126,8 +127,9 @@ class Pipeline:
     def step(self, unit: Unit, bar) -> list[dict]:
         """load -> hessians -> quantize -> forward -> write, for one unit."""
         self.load(unit)
-        hessians = self.hessians(unit)
+        hessians, targets = self.hessians(unit)
         entries = self.quantize(unit, hessians, bar)
+        self.finetune(unit, targets, entries)
         self.forward(unit)
         self.write(unit, entries)
         return entries
@@ -151,18 +153,36 @@ class Pipeline:
         if unit.index == 0:
             retie(self.model, tied_targets(self.model))
 
-    def hessians(self, unit: Unit) -> dict | None:
+    def hessians(self, unit: Unit) -> tuple[dict | None, list | None]:
+        """The planned modules' input Hessians, and (when fine-tuning) the 16-bit layer's outputs
+        of the same pass: the targets the quantized layer is tuned to reproduce."""
         if self.batches is None:
-            return None
+            return None, None
         mods = dict(self.model.named_modules())
+        keep = self.settings.finetune_steps > 0 and unit.index > 0
+        targets = [] if keep else None
         with HessianCapture({n: mods[n] for n in unit.planned}) as cap:
             if unit.index == 0:  # vision tower / resampler statistics from the calibration images
                 capture_layer_inputs(self.model, self.layers, self.batches)
             else:
                 layer = self.layers[unit.index - 1]
                 for h, kw in self.acts:
-                    layer(h.to(self.device), **to_device(kw, self.device))
-        return cap.result()
+                    out = layer(h.to(self.device), **to_device(kw, self.device))
+                    if keep:
+                        targets.append(first_output(out).detach())
+        return cap.result(), targets
+
+    def finetune(self, unit: Unit, targets: list | None, entries: list[dict]):
+        """Tune the quantized layer's 16-bit parameters to its 16-bit outputs (ccq.calibration.finetune)."""
+        if targets is None:
+            return
+        from ..calibration.finetune import finetune_layer
+
+        inputs = [(h.to(self.device), to_device(kw, self.device)) for h, kw in self.acts]
+        stats = finetune_layer(self.layers[unit.index - 1], inputs, targets, steps=self.settings.finetune_steps,
+                               seed=self.settings.seed + unit.index - 1)
+        for e in entries:
+            e["layer_finetune"] = stats
 
     def quantize(self, unit: Unit, hessians: dict | None, bar) -> list[dict]:
         entries = []
