@@ -67,12 +67,19 @@ def token_chunks(tok, paras, n, length):
     return [ids[i * length:(i + 1) * length][None] for i in range(n)]
 
 
+def random_token_batches(vocab_size: int, samples: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """Calibration without data: windows of uniformly random token ids. The 16-bit model's own
+    embeddings, norms and attention turn them into activations with the model's per-channel scales
+    and correlations, which is what the Hessians need."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab_size, (1, seq_len), generator=g)} for _ in range(samples)]
+
+
 def quantize(model, method, calib, L, keep=KEEP):
     """Quantize a copy of `model` by `method`; returns (model, bpw, seconds)."""
-    from ccq.calibration.data import random_token_batches
+    from ccq import quantize_model
     from ccq.calibration.hessian import HessianCapture
     from ccq.models.policy import quant_plan
-    from ccq.models.quantize import quantize_model
 
     m = copy.deepcopy(model)
     kind, _, arg = method.partition(":")
@@ -194,7 +201,7 @@ def dense_copy(model):
 def stream_quantize(src, method, calib_file, args, work, keep):
     """ccq quantize through the streaming path (sequential calibration, optional fine-tuning)."""
     import ccq
-    from ccq.calibration.streaming import quantize_model_dir
+    from ccq.pipeline import quantize_model_dir
 
     kind, _, rest = method.partition(":")
     arg, _, flag = rest.partition(":")

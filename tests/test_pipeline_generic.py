@@ -54,3 +54,31 @@ def test_cli_streams_a_generic_model(llama_dir, tmp_path):
     ids = torch.randint(0, 96, (1, 10))
     with torch.no_grad():
         assert torch.isfinite(m(input_ids=ids).logits).all()
+
+
+def test_quantize_model_calibrates_a_bert_style_encoder():
+    """Encoders keep their layers in `encoder.layer` and take the attention mask by position: every
+    layer is still calibrated (Hessians for all its Linears) and beats the data-free search."""
+    import copy
+
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)
+    ref = BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[:, 12:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        want = ref(**batch).last_hidden_state
+
+    def err(model):
+        with torch.no_grad():
+            return float((model(**batch).last_hidden_state - want).norm() / want.norm())
+
+    calibrated = ccq.quantize_model(copy.deepcopy(ref), 2, [batch], L=8, overrides=[("pooler.*", 16)])
+    free = ccq.quantize_model(copy.deepcopy(ref), 2, None, L=8, overrides=[("pooler.*", 16)])
+    assert len(calibrated.ccq_report) == 12 and all(e["hessian"] for e in calibrated.ccq_report)
+    assert err(calibrated) < err(free)

@@ -7,6 +7,8 @@ and stops the forward. Layer i is then run on the outputs of layers < i, nothing
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -16,13 +18,16 @@ class _Stop(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for decoder layer 0 to record its inputs, then stops the forward."""
+    """Stands in for decoder layer 0 to record its inputs, then stops the forward. Arguments
+    passed by position (BERT's encoder passes the attention mask so) are stored by name."""
 
-    def __init__(self, store: list):
+    def __init__(self, store: list, layer: nn.Module):
         super().__init__()
         self.store = store
+        self.names = list(inspect.signature(layer.forward).parameters)[1:]
 
     def forward(self, hidden_states, *args, **kwargs):
+        kwargs = {**dict(zip(self.names, args)), **kwargs}
         self.store.append((hidden_states.detach(), {k: v for k, v in kwargs.items() if k != "past_key_values"}))
         raise _Stop
 
@@ -47,7 +52,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches) -> li
     """Run the model's embedding/vision part on every batch and record layer 0's inputs (on the CPU)."""
     store = []
     first = layers[0]
-    layers[0] = _Catcher(store)
+    layers[0] = _Catcher(store, first)
     dev = next(p.device for p in model.parameters() if p.device.type != "meta")
     try:
         for batch in batches:

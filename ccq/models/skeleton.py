@@ -41,10 +41,11 @@ def retie(model: nn.Module, tied: dict[str, str]):
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder's layer list: the biggest ModuleList named `layers` or `h`."""
+    """The decoder's layer list: the biggest ModuleList named `layers`, `h` or `layer` (BERT-style
+    encoders)."""
     best = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h") and len(mod):
+        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "layer") and len(mod):
             size = sum(p.numel() for p in mod.parameters())
             if best is None or size > best[2]:
                 best = (name, mod, size)
