@@ -1,10 +1,19 @@
-"""Session fixtures shared by the pipeline tests: one tiny ERNIE-4.5-VL and one calibration parquet."""
+"""Session fixtures shared by the pipeline tests: one tiny ERNIE-4.5-VL and one calibration parquet.
 
-import numpy as np
-import pytest
+The Triton kernels run in Triton's interpreter on this CPU-only suite. The variable is set here,
+before any test module is collected: a module that imports transformers' model code can import
+Triton, which then keeps the setting it saw (test_sass.py compiles in a subprocess without it).
+"""
 
-from ccq.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl
-from pipeline_helpers import WORDS
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ccq.tiny import PIPELINE_ERNIE_OPTIONS, build_tiny_ernie_vl  # noqa: E402
+from pipeline_helpers import WORDS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
