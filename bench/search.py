@@ -19,8 +19,6 @@ import json
 import os
 import platform
 import re
-import statistics
-import time
 from pathlib import Path
 
 import numba
@@ -31,10 +29,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import ccq
-from ccq.codec.codes import code_table, get_code
-from ccq.codec.viterbi_numba import viterbi_tiles
+from ccq.codec.codes import get_code
+from ccq.codec.viterbi_triton import _forward, num_warps_for
 from ccq.kernels import sass
-from ccq.codec.viterbi_triton import _forward, num_warps_for, viterbi_tiles_triton
+from codec import search_speed  # bench/codec.py: the same timing loop
 
 H200 = {"sms": 132, "clock_hz": 1.98e9, "issue_per_sm_clock": 4, "int_per_sm_clock": 2, "smem_bytes_per_clock": 128,
         "hbm_bytes_per_s": 4.3e12, "regs_per_sm": 65536, "smem_per_sm": 228 * 1024, "max_warps_per_sm": 64}
@@ -98,29 +96,6 @@ def predict(k: int, L: int, ops: collections.Counter, meta: dict, hw: dict = H20
             "weights_per_s": min(compute, memory), "opcodes": dict(ops.most_common())}
 
 
-def measure(bits: int, L: int, tiles: int, device: str, repeats: int = 3) -> dict:
-    """Weights/s of the whole two-pass search, median of `repeats` runs after a warm-up."""
-    x = np.random.default_rng(0).standard_normal((tiles, 256)).astype(np.float32)
-    if device == "cpu":
-        code = code_table("mul1", L)
-        viterbi_tiles(x[:2], 1.0, code, bits, L)
-        run = lambda: viterbi_tiles(x, 1.0, code, bits, L)  # noqa: E731
-    else:
-        xt = torch.from_numpy(x).cuda()
-        viterbi_tiles_triton(xt[:2], 1.0, "mul1", bits, L)
-
-        def run():
-            viterbi_tiles_triton(xt, 1.0, "mul1", bits, L)
-            torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"device": device, "bits": bits, "L": L, "tiles": tiles, "median_s": med, "weights_per_s": tiles * 256 / med}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, default=64, help="tiles per CPU measurement (GPU: 64x more)")
@@ -148,7 +123,7 @@ def main():
               f"{p['weights_per_s'] / 1e6:.1f}M |", flush=True)
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for bits in (2, 3, 4):
-            m = measure(bits, args.L, args.tiles * (64 if device == "cuda" else 1), device)
+            m = search_speed(bits, args.L, args.tiles * (64 if device == "cuda" else 1), device)
             res["measured"].append(m)
             print(f"search {device} L={args.L} {bits}-bit: {m['weights_per_s']:,.0f} weights/s "
                   f"(median of 3, {m['tiles']} tiles)", flush=True)
