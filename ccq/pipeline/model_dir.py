@@ -33,7 +33,9 @@ def open_model_dir(model_dir):
     src = SourceCheckpoint(model_dir)
     arch = resolve(src.config, str(src.dir / "config.json"))
     model = build_skeleton(arch.cls, arch.config)
-    return src, arch, model, arch.adapter.checkpoint_names(src, model)
+    # the names get a skeleton of their own: checkpoint conversions look parameters up in it from
+    # the reader thread while the pipeline swaps modules of `model` (layer 0 during input capture)
+    return src, arch, model, arch.adapter.checkpoint_names(src, build_skeleton(arch.cls, arch.config))
 
 
 @torch.no_grad()
