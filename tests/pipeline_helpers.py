@@ -44,3 +44,8 @@ def write_remote_flavour(src, dst):
     native = json.loads((dst / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps(remote_config(native), indent=2))
     return dst
+
+
+def files(d) -> dict[str, bytes]:
+    """The bytes of every file of a packed folder but the report (which holds timings)."""
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "quantization_report.json"}

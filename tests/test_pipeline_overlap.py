@@ -10,7 +10,7 @@ from ccq.cli import main
 from ccq.format.source import SourceCheckpoint
 from ccq.format.writer import CheckpointWriter
 from ccq.pipeline import quantize_model_dir, units
-from pipeline_helpers import WORDS
+from pipeline_helpers import WORDS, files
 
 WAIT = 60  # seconds; only reached when the overlap is broken (the run would otherwise deadlock)
 
@@ -21,10 +21,6 @@ def text_jsonl(tmp_path_factory):
     rows = [{"text": " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(24))} for i in range(2)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
-
-
-def files(d):
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "quantization_report.json"}
 
 
 def untimed(report):

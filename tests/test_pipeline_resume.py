@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from ccq.pipeline import quantize_model_dir, units
 from ccq.cli import main
 from ccq.tiny import build_tiny_ernie_vl
-from pipeline_helpers import WORDS
+from pipeline_helpers import WORDS, files
 
 
 def run_cli(*args):
@@ -21,10 +21,6 @@ def text_jsonl(tmp_path_factory):
     rows = [{"text": " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(30))} for i in range(4)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
-
-
-def files(d):
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "quantization_report.json"}
 
 
 def test_resume_after_kill_is_byte_identical_and_refuses_changed_options(tiny_ernie, text_jsonl, tmp_path,
