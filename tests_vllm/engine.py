@@ -29,8 +29,48 @@ def vllm_greedy(model_dir, prompts: list[list[int]], max_tokens: int, **engine_a
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _fix_ernie_vl_cpu_rope() -> None:
+    """vLLM 0.32 bug, CPU only: `MRotaryEmbedding.forward_cpu` passes `offsets` to `forward_native`,
+    whose ERNIE-4.5-VL override takes (positions, query, key), so any ERNIE-4.5-VL forward on the CPU
+    raises TypeError. The CUDA path (`forward_cuda`) is unaffected; the tests run the same
+    `forward_native` vLLM's CPU path means to run."""
+    from vllm.model_executor.layers.rotary_embedding.ernie45_vl_rope import Ernie4_5_VLRotaryEmbedding
+
+    def forward_cpu(self, positions, query, key=None, offsets=None):
+        assert offsets is None
+        return self.forward_native(positions, query, key)
+
+    Ernie4_5_VLRotaryEmbedding.forward_cpu = forward_cpu
+
+
+def _fix_cpu_router_bias() -> None:
+    """vLLM 0.32 bug, CPU only: `CPURouter` ignores `e_score_correction_bias` in plain softmax top-k
+    routing (ERNIE-4.5's router statistics), where the CUDA router (`topk_softmax`) picks the top-k of
+    softmax + bias and weights them by the softmax. The tests route as the CUDA path does."""
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+
+    plain = CPURouter._compute_routing
+
+    def compute_routing(self, hidden_states, router_logits, indices_type, **kwargs):
+        bias = self.e_score_correction_bias
+        if (bias is None or self.use_grouped_topk or self.scoring_func != "softmax"
+                or self.custom_routing_function is not None or self.routed_scaling_factor != 1.0):
+            return plain(self, hidden_states, router_logits, indices_type, **kwargs)
+        scores = torch.softmax(router_logits.float(), dim=-1)
+        ids = torch.topk(scores + bias, self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids.to(torch.int32)
+
+    CPURouter._compute_routing = compute_routing
+
+
 def _run_vllm(model_dir, prompts: list[list[int]], max_tokens: int, **engine_args) -> list[dict]:
     from vllm import LLM, SamplingParams
+
+    _fix_ernie_vl_cpu_rope()
+    _fix_cpu_router_bias()
 
     args = dict(skip_tokenizer_init=True, enforce_eager=True, dtype="float32", max_model_len=64, max_num_seqs=4,
                 kv_cache_memory_bytes=32 << 20, seed=0)

@@ -9,6 +9,9 @@ checkpoint's config.json `quantization_config` (quant_method "ccq") selects the 
   tile rows, and runs as its own `ccq.kernels.qlinear`.
 - Fused MoE blocks (`CcqMoEMethod`): the packed `experts.gate_up_proj` / `experts.down_proj`
   stacks load as stored (no per-expert split) and run through `ccq.kernels.qmoe`.
+- ERNIE-4.5-VL: vLLM's model code reads Baidu's flat config and tensor names; `register` makes
+  vLLM read ccq's native config.json in that layout (`ErnieVLServingConfig`) and `CcqConfig`
+  renames the checkpoint's tensors for vLLM's loader (`ERNIE_VL_NAMES`). Language model only.
 - Tensor parallelism: every rank loads only its piece, cut by `ccq.serving.tensor_parallel`
   (linear layers along tile boundaries, refusing cuts that split a tile; experts by whole
   experts). vLLM's expert parallelism (--enable-expert-parallel) is not supported.
@@ -37,10 +40,12 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
+from transformers import PreTrainedConfig
 
 from .. import kernels
 from ..codec.tensor import META_FIELDS, FORMAT_VERSION, QuantizedTensor, packed_layout
 from ..format.qconfig import QUANT_METHOD, check_quantization_config
+from ..models.arch import ernie_vl
 from .tensor_parallel import (
     Span,
     block_of,
@@ -55,11 +60,64 @@ from .tensor_parallel import (
 # vLLM layer name -> the checkpoint modules it fuses, for models that do not declare them
 DEFAULT_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 SUPPORTED_VLLM = ">=0.32,<0.33"
+ERNIE_VL = "Ernie4_5_VLMoeForConditionalGeneration"
+
+# ERNIE-4.5-VL checkpoint names (transformers' native model) -> the names vLLM's ERNIE-4.5-VL loader
+# reads before its own `hf_to_vllm_mapper` ("model." -> "language_model.model."). Its loader takes
+# any tensor whose name holds "q_proj", ..., "up_proj" for a q/k/v/gate/up shard and any holding
+# "mlp.experts" for a Baidu per-expert tensor, so the packed expert stacks go straight to this
+# plugin's parameters (`w13`, `w2`, named apart from both). The two [1, E] router statistics fill
+# the rows of vLLM's one [2, E] tensor (shard id = row). Also renames the config's module names.
+ERNIE_VL_NAMES = WeightsMapper(
+    orig_to_new_substr={
+        "model.language_model.": "model.",
+        "model.vision_tower.": "vision_model.",
+        **{f".mlp.{m}_moe.experts.{w}.": f".mlp.{m}_experts.routed_experts.{held}."
+           for m in ("text", "vision") for w, held in (("gate_up_proj", "w13"), ("down_proj", "w2"))},
+        ".mlp.text_moe.experts": ".mlp.text_experts",
+        ".mlp.vision_moe.experts": ".mlp.vision_experts",
+        ".mlp.text_moe.gate.weight": ".mlp.text_experts_gate.weight",
+        ".mlp.vision_moe.gate.weight": ".mlp.vision_experts_gate.weight",
+    },
+    orig_to_new_stacked={
+        ".mlp.text_moe.gate.moe_statics.e_score_correction_bias": (".mlp.e_score_correction_bias", 0),
+        ".mlp.vision_moe.gate.moe_statics.e_score_correction_bias": (".mlp.e_score_correction_bias", 1),
+    },
+)
+ERNIE_VL_TOWERS = ("vision_model.", "resampler_model.")
+HELD = {"gate_up_proj": "w13", "down_proj": "w2"}  # checkpoint expert stack -> this plugin's holder module
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: make `--quantization ccq` known to vLLM."""
+    """The `vllm.general_plugins` entry point: make `--quantization ccq` known to vLLM, and let vLLM
+    read ERNIE-4.5-VL's native config.json (vLLM 0.32 knows only Baidu's remote-code layout)."""
+    from vllm.transformers_utils import config as vllm_hf_config
+
     register_quantization_config(QUANT_METHOD)(CcqConfig)
+    vllm_hf_config._CONFIG_REGISTRY.setdefault(ernie_vl.NATIVE, ErnieVLServingConfig)
+
+
+class ErnieVLServingConfig(PreTrainedConfig):
+    """ERNIE-4.5-VL's native config.json (model_type `ernie4_5_vl_moe`, as ccq writes it) in Baidu's
+    flat layout, which vLLM's ERNIE-4.5-VL model code reads (`ernie_vl.remote_config_dict`); M-RoPE
+    sections in `rope_parameters` as vLLM detects them."""
+
+    model_type = ernie_vl.NATIVE
+
+    def __init__(self, text_config=None, vision_config=None, **kwargs):
+        vision = vision_config or {}
+        if text_config is not None:  # config.json as written; without it, the defaults transformers asks for
+            text = text_config if isinstance(text_config, dict) else text_config.to_dict()
+            flat = ernie_vl.remote_config_dict({**kwargs, "model_type": ernie_vl.NATIVE, "text_config": text,
+                                                "vision_config": vision})
+            flat.pop("model_type")
+            vision = flat.pop("vision_config")
+            half = (flat["head_dim"] // 2 - flat["freq_allocation"]) // 2
+            flat["rope_parameters"] = {"rope_type": "default", "rope_theta": flat["rope_theta"],
+                                       "mrope_section": [half, half, flat["freq_allocation"]]}
+            kwargs.update(flat)
+        self.vision_config = vision if isinstance(vision, PreTrainedConfig) else PreTrainedConfig(**vision)
+        super().__init__(**kwargs)
 
 
 class CcqConfig(QuantizationConfig):
@@ -71,6 +129,8 @@ class CcqConfig(QuantizationConfig):
         self.modules: dict[str, int] = dict(qc["modules"])
         self.rotate_output = bool(qc.get("rotate_output", False))
         self.hadamard_block = int(qc.get("hadamard_block", 512))
+        self.names = WeightsMapper()  # checkpoint -> vLLM loader names of the model family, where they differ
+        self.towers: tuple[str, ...] = ()  # vLLM modules this plugin does not serve
 
     def get_name(self):
         return QUANT_METHOD
@@ -90,17 +150,23 @@ class CcqConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "CcqConfig":
         return cls(config)
 
-    @staticmethod
-    def get_checkpoint_weight_mapper():
+    def maybe_update_config(self, model_name, hf_config=None, revision=None) -> None:
+        """Pick the model family's checkpoint names (vLLM calls this with the model's config)."""
+        if ERNIE_VL in (getattr(hf_config, "architectures", None) or []):
+            self.names, self.towers = ERNIE_VL_NAMES, ERNIE_VL_TOWERS
+
+    def get_checkpoint_weight_mapper(self):
         """ccq writes transformers' in-memory tensor names; where they differ from the on-disk names
         vLLM's model code reads, rename (ERNIE-4.5 keeps its router statistics under the router in
-        memory, `mlp.gate.moe_statics.`, and beside it on disk, `mlp.moe_statics.`)."""
+        memory, `mlp.gate.moe_statics.`, and beside it on disk, `mlp.moe_statics.`; ERNIE-4.5-VL:
+        `ERNIE_VL_NAMES`)."""
         mapper = QuantizationConfig.get_checkpoint_weight_mapper()
-        return mapper | WeightsMapper(orig_to_new_substr={".mlp.gate.moe_statics.": ".mlp.moe_statics."})
+        return mapper | WeightsMapper(orig_to_new_substr={".mlp.gate.moe_statics.": ".mlp.moe_statics."}) | self.names
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
-        """Module names in the config are transformers' names: rename them as the model does."""
-        self.modules = hf_to_vllm_mapper.get_rename_mapper().apply_dict(self.modules)
+        """Module names in the config are transformers' names: rename them as the checkpoint's
+        tensors are renamed, then as the model does."""
+        self.modules = hf_to_vllm_mapper.get_rename_mapper().apply_dict(self.names.apply_dict(self.modules))
 
     def parts_of(self, prefix: str) -> list[str]:
         """Checkpoint module names a vLLM layer is made of (q/k/v for qkv_proj, ...)."""
@@ -111,6 +177,9 @@ class CcqConfig(QuantizationConfig):
         return [f"{base}.{p}" if base else p for p in fused]
 
     def get_quant_method(self, layer: nn.Module, prefix: str):
+        if prefix.startswith(self.towers):
+            _check_towers_off(prefix)
+            return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
         if isinstance(layer, LinearBase):
             parts = self.parts_of(prefix)
             bits = {p: self.modules.get(p) for p in parts}
@@ -126,6 +195,17 @@ class CcqConfig(QuantizationConfig):
                 return UnquantizedFusedMoEMethod(layer.moe_config)
             return CcqMoEMethod(self, prefix, b, layer.moe_config)
         return None
+
+
+def _check_towers_off(prefix: str) -> None:
+    """vLLM builds the vision tower and resampler in any case, on the meta device and never loaded
+    when every image/video limit is 0; ccq serves the language model only."""
+    from vllm.config import get_current_vllm_config
+
+    mm = get_current_vllm_config().model_config.get_multimodal_config()
+    if any(mm.get_limit_per_prompt(m) for m in ("image", "video")):
+        raise ValueError(f"{prefix}: ccq serves ERNIE-4.5-VL's language model only; start vLLM with "
+                         "--language-model-only (LLM(..., language_model_only=True))")
 
 
 # The kernels run as opaque custom ops, so vLLM's torch.compile (fullgraph) and CUDA graphs
@@ -313,31 +393,39 @@ class CcqMoEMethod(FusedMoEMethodBase):
         for w, s in shapes.items():
             holder = nn.Module()
             for field, (shp, dtype) in packed_layout((self.count, *s), self.bits, rot).items():
-                _register(holder, field, shp, dtype, None)
-            layer.register_module(w, holder)
+                _register(holder, field, shp, dtype, lambda param, loaded, w=w, field=field:
+                          self._load(w, field, param, loaded))
+            layer.register_module(HELD[w], holder)
         # vLLM's expert loader splits per-expert tensors; ccq's stacks load whole, through this method
+        # (models whose loader looks parameters up by name call the parameters' loaders instead)
         layer.load_weights = lambda weights: self._load_weights(layer, weights)
+        if self.config.towers:  # ERNIE-4.5-VL: text and vision statistics are rows of one [2, E] tensor
+            _set_row_loader(layer.e_score_correction_bias, self.prefix)
 
     def _load_weights(self, layer, weights):
         for name, loaded in weights:
             w, _, field = name.partition(".")
-            holder = getattr(layer, w, None) if w in self.full_layout else None
+            holder = getattr(layer, HELD[w], None) if w in HELD else None
             param = getattr(holder, field, None) if holder is not None else None
             if param is None:
                 raise ValueError(f"{self.prefix}: unexpected checkpoint tensor {name} for ccq experts")
-            full = f"{self.prefix}.{name}"
-            _check_shape(full, loaded, self.full_layout[w][field][0])
-            if field == "meta":
-                _check_meta(full, loaded, self.bits, self.had_in[w])
-            param.data.copy_(expert_piece(field, loaded, self.first, self.count))
-            yield name
+            self._load(w, field, param, loaded)
+            yield f"{HELD[w]}.{field}"
+
+    def _load(self, w: str, field: str, param, loaded: torch.Tensor) -> None:
+        """Check one field of a checkpoint stack `w` and copy this rank's experts of it."""
+        full = f"{self.prefix}.{w}.{field}"
+        _check_shape(full, loaded, self.full_layout[w][field][0])
+        if field == "meta":
+            _check_meta(full, loaded, self.bits, self.had_in[w])
+        param.data.copy_(expert_piece(field, loaded, self.first, self.count))
 
     def process_weights_after_loading(self, layer) -> None:
         def qt(holder):
             return _packed(holder.trellis, holder.scales, holder.signs_in, getattr(holder, "signs_out", None),
                            holder.meta)
 
-        self.op_args = (*_op_args(qt(layer.gate_up_proj)), *_op_args(qt(layer.down_proj)))
+        self.op_args = (*_op_args(qt(layer.w13)), *_op_args(qt(layer.w2)))
 
     def get_fused_moe_quant_config(self, layer):
         return None
@@ -347,3 +435,22 @@ class CcqMoEMethod(FusedMoEMethodBase):
             local = topk_ids.long() - self.first
             topk_ids = torch.where((local >= 0) & (local < self.count), local, self.count)
         return _qmoe_op(x, topk_ids, topk_weights, *self.op_args)
+
+
+def _set_row_loader(stats: torch.Tensor | None, prefix: str) -> None:
+    """Give the parameter that `stats` (one modality's router statistics) is a row of a loader that
+    fills the row named by the loaded tensor's shard id (set by `ERNIE_VL_NAMES`)."""
+    param = stats._base if stats is not None else None
+    if not isinstance(param, nn.Parameter) or param.dim() != 2:
+        raise ValueError(f"{prefix}: expected the router statistics to be a row of one [modalities, experts] tensor")
+    if getattr(param, "weight_loader", None) is not None:
+        return
+
+    def load_row(p, loaded: torch.Tensor) -> None:
+        row = getattr(loaded, "shard_id", None)
+        if row not in range(p.shape[0]) or loaded.numel() != p.shape[1]:
+            raise ValueError(f"{prefix}: router statistics of shape {tuple(loaded.shape)} (row {row}) do not fit "
+                             f"{tuple(p.shape)}")
+        p.data[row].copy_(loaded.reshape(-1))
+
+    set_weight_attrs(param, {"weight_loader": load_row})

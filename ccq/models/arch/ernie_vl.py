@@ -72,6 +72,57 @@ def native_config_dict(raw: dict) -> dict:
     return out
 
 
+def remote_config_dict(native: dict) -> dict:
+    """Baidu's flat `ernie4_5_moe_vl` config dict of the same model (the inverse of `native_config_dict`).
+
+    vLLM's ERNIE-4.5-VL model code reads this layout (`moe_num_experts` as a [text, vision] pair,
+    `im_patch_id`, `pixel_hidden_size`, ...), while ccq writes the native one. MoE layers must be one
+    contiguous run up to the last layer (`moe_layer_start_index`..`moe_layer_end_index`, interval 1).
+    """
+    if native.get("model_type") != NATIVE:
+        raise ValueError(f"not a native ERNIE-4.5-VL config (model_type {native.get('model_type')!r})")
+    t, v = native.get("text_config") or {}, native.get("vision_config") or {}
+    layers = t["num_hidden_layers"]
+    types = t.get("mlp_layer_types") or ["dense"] + ["sparse"] * (layers - 1)
+    sparse = [i for i, kind in enumerate(types) if kind == "sparse"]
+    if not sparse or sparse != list(range(sparse[0], layers)):
+        raise ValueError(f"config.json: mlp_layer_types {types} is not one run of MoE layers up to the last; "
+                         "Baidu's config layout cannot describe it")
+    heads = t["num_attention_heads"]
+    head_dim = t["hidden_size"] // heads
+    rope = t.get("rope_parameters") or {}
+    h, w, fa = rope.get("mrope_section") or [(head_dim // 2 - 20) // 2] * 2 + [20]
+    if h != w or h != (head_dim // 2 - fa) // 2:
+        raise ValueError(f"config.json: mrope_section {[h, w, fa]} is not Baidu's [(d/2 - f)/2, (d/2 - f)/2, f] "
+                         f"for head dim {head_dim}")
+    n_exp = t.get("moe_num_experts", 64)
+    embed = v.get("hidden_size", 1280)
+    out = {"architectures": ["Ernie4_5_VLMoeForConditionalGeneration"], "model_type": REMOTE,
+           **{k: t[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "num_key_value_heads", "hidden_act", "max_position_embeddings",
+                                "rms_norm_eps", "use_bias", "moe_intermediate_size", "moe_k", "moe_num_shared_experts",
+                                "pad_token_id", "bos_token_id", "eos_token_id") if k in t},
+           "head_dim": head_dim, "rope_theta": float(rope.get("rope_theta", 500000.0)), "freq_allocation": fa,
+           "rope_3d": True, "moe_num_experts": [n_exp, n_exp], "moe_layer_start_index": [sparse[0]] * 2,
+           "moe_layer_end_index": [layers - 1] * 2, "moe_layer_interval": 1,
+           "tie_word_embeddings": native.get("tie_word_embeddings", t.get("tie_word_embeddings", True)),
+           "pixel_hidden_size": embed, "spatial_conv_size": v.get("spatial_merge_size", 2),
+           "temporal_conv_size": v.get("temporal_merge_size", 2), "use_temporal_conv": True,
+           "vision_config": {"depth": v.get("depth", 32), "embed_dim": embed, "hidden_size": embed,
+                             "mlp_ratio": v.get("intermediate_size", 4 * embed) / embed,
+                             "num_heads": v.get("num_heads", 16), "in_channels": v.get("in_channels", 3),
+                             "patch_size": v.get("patch_size", 14),
+                             "spatial_merge_size": v.get("spatial_merge_size", 2),
+                             "hidden_act": v.get("hidden_act", "quick_gelu")}}
+    if "image_token_id" in native:
+        out["im_patch_id"] = native["image_token_id"]
+    for k in ("image_start_token_id", "image_end_token_id", "video_start_token_id", "video_end_token_id",
+              "video_token_id", "dtype", "quantization_config"):
+        if k in native:
+            out[k] = native[k]
+    return out
+
+
 class ErnieVL(Adapter):
     name = "ernie4_5_vl"
     model_types = (NATIVE, REMOTE)
