@@ -1,8 +1,9 @@
 """Decode throughput of vLLM serving a ccq checkpoint against the bf16 model of the same shape (GPU).
 
 The model is the ERNIE-4.5-VL config's language model as an ERNIE-4.5 text MoE
-(`Ernie4_5_MoeForCausalLM`: same layers, experts and routing; vLLM's ERNIE-4.5-VL model reads
-Baidu's per-expert layout, which the ccq plugin does not map yet) with random weights:
+(`Ernie4_5_MoeForCausalLM`: same layers, experts and routing; the bench predates the plugin's
+ERNIE-4.5-VL mapping, which serves the VL model's language model with --language-model-only)
+with random weights:
 `ccq synth` writes the packed checkpoint at --bits, vLLM's dummy loader makes the bf16 baseline.
 Each engine runs in its own process on one GPU with vLLM's defaults (torch.compile, CUDA graphs);
 for each batch size, decode tokens/s = batch * (new tokens - 1) / (generation time - prefill time),

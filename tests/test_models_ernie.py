@@ -65,6 +65,30 @@ def test_remote_config_maps_to_the_same_architecture(tiny_ernie, tmp_path):
     assert a.image_token_id == b.image_token_id
 
 
+def test_baidu_layout_round_trip_and_refusals(tiny_ernie):
+    """`remote_config_dict` (what vLLM's ERNIE-4.5-VL code reads) converts back to the same native config."""
+    from ccq.models.arch.ernie_vl import native_config_dict, remote_config_dict
+
+    native = json.loads((tiny_ernie / "config.json").read_text())
+    remote = remote_config_dict(native)
+    assert remote["moe_num_experts"] == [4, 4] and remote["moe_layer_start_index"] == [1, 1]
+    assert remote["im_patch_id"] == native["image_token_id"]
+    back = native_config_dict(remote)
+    for key in ("hidden_size", "num_hidden_layers", "moe_num_experts", "moe_intermediate_size", "mlp_layer_types",
+                "num_key_value_heads", "moe_k", "moe_num_shared_experts"):
+        assert back["text_config"][key] == native["text_config"][key], key
+    assert back["text_config"]["rope_parameters"]["mrope_section"] == \
+        native["text_config"]["rope_parameters"]["mrope_section"]
+    for key in ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "spatial_merge_size"):
+        assert back["vision_config"][key] == native["vision_config"][key], key
+    gap = json.loads(json.dumps(native))
+    gap["text_config"]["mlp_layer_types"] = ["dense", "sparse", "dense"]
+    with pytest.raises(ValueError, match=r"mlp_layer_types \['dense', 'sparse', 'dense'\] is not one run"):
+        remote_config_dict(gap)
+    with pytest.raises(ValueError, match="not a native ERNIE-4.5-VL config"):
+        remote_config_dict(remote)
+
+
 def test_default_policy_and_overrides(tiny_ernie):
     _, _, skel, _ = open_model_dir(tiny_ernie)
     plan = quant_plan(skel, 2)

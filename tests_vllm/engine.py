@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def vllm_greedy(model_dir, prompts: list[list[int]], max_tokens: int, **engine_args) -> list[dict]:
-    """[{tokens, logprobs}] per prompt; logprobs of the chosen tokens, as vLLM reports them."""
+    """[{tokens, logprobs}] per prompt; logprobs of the chosen tokens, as vLLM reports them. With
+    `moe_block=(layer, hidden)` (ERNIE-4.5-VL) one more entry, {moe_block: output of that MoE block on
+    `moe_block_inputs(hidden)`}."""
     args = json.dumps({"model_dir": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, **engine_args})
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     r = subprocess.run([sys.executable, "-m", "tests_vllm.engine", args], cwd=ROOT, env=env, capture_output=True,
@@ -66,7 +68,27 @@ def _fix_cpu_router_bias() -> None:
     CPURouter._compute_routing = compute_routing
 
 
-def _run_vllm(model_dir, prompts: list[list[int]], max_tokens: int, **engine_args) -> list[dict]:
+def moe_block_inputs(hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of 6 tokens and their modality (True: image/video token) for one ERNIE-4.5-VL MoE block."""
+    x = torch.randn(6, hidden, generator=torch.Generator().manual_seed(0))
+    return x, torch.tensor([False, True, True, False, True, False])
+
+
+def _ernie_vl_moe_block(vllm_config, layer: int, hidden: int):
+    """What vLLM's ERNIE-4.5-VL MoE block `layer` makes of `moe_block_inputs` (text and vision experts);
+    text-only prompts never reach the vision experts."""
+    def run(model):
+        from vllm.config import set_current_vllm_config
+        from vllm.forward_context import set_forward_context
+
+        x, visual = moe_block_inputs(hidden)
+        with torch.no_grad(), set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config):
+            return model.language_model.model.layers[layer].mlp(x, visual[:, None]).tolist()
+    return run
+
+
+def _run_vllm(model_dir, prompts: list[list[int]], max_tokens: int, moe_block: tuple[int, int] | None = None,
+              **engine_args) -> list[dict]:
     from vllm import LLM, SamplingParams
 
     _fix_ernie_vl_cpu_rope()
@@ -84,6 +106,8 @@ def _run_vllm(model_dir, prompts: list[list[int]], max_tokens: int, **engine_arg
         c = o.outputs[0]
         res.append({"tokens": list(c.token_ids),
                     "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]})
+    if moe_block is not None:
+        res.append({"moe_block": llm.apply_model(_ernie_vl_moe_block(llm.llm_engine.vllm_config, *moe_block))[0]})
     return res
 
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from ccq.cli import main
 
-from .engine import ccq_greedy, vllm_greedy
-from .models import tiny_ernie45_moe, tiny_qwen3, tiny_qwen3_moe
+from .engine import ccq_greedy, moe_block_inputs, vllm_greedy
+from .models import tiny_ernie45_moe, tiny_ernie45_vl, tiny_qwen3, tiny_qwen3_moe
 
 PROMPTS = [[1, 5, 9, 33, 70], [7, 3, 101, 12, 45, 90, 2, 64, 11]]
 STEPS = 6
@@ -40,6 +40,7 @@ def _check_matches_ccq_load(ckpt, **engine_args):
         ref = ccq_greedy(ckpt, prompt, STEPS)
         assert g["tokens"] == ref["tokens"]
         torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(ref["logprobs"]), atol=2e-3, rtol=0)
+    return got
 
 
 def test_dense_qwen3_from_ccq_quantize(dense_ckpt):
@@ -61,3 +62,30 @@ def test_ernie45_moe_shared_expert_and_router_statistics(tmp_path):
     assert qc["modules"]["model.layers.1.mlp.experts"] == 4
     assert qc["modules"]["model.layers.1.mlp.shared_experts.gate_proj"] == 4
     _check_matches_ccq_load(ckpt)
+
+
+@pytest.fixture(scope="module")
+def vl_ckpt(tmp_path_factory):
+    return _quantize_cli(tiny_ernie45_vl(tmp_path_factory.mktemp("ernie45vl") / "src"), 4)
+
+
+def test_ernie45_vl_language_model_text_and_vision_experts(vl_ckpt):
+    """ERNIE-4.5-VL as `ccq quantize` writes it (native config and names, fused text/vision expert stacks)
+    in vLLM's ERNIE-4.5-VL model (Baidu's flat config, two FusedMoE blocks per layer), language model only.
+    Text prompts run the text experts; the vision experts (and the vision row of the router
+    statistics) run on one MoE block with image tokens mixed in, against ccq's block."""
+    ckpt = vl_ckpt
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert qc["modules"]["model.language_model.layers.1.mlp.vision_moe.experts"] == 4
+    got = _check_matches_ccq_load(ckpt, language_model_only=True, moe_block=[1, 64])
+
+    import ccq
+
+    block = ccq.load(ckpt, dtype=torch.float32).model.language_model.layers[1].mlp
+    x, visual = moe_block_inputs(64)
+    with torch.no_grad():
+        want = block(x[None], moe_mm_token_type_ids=visual[None].long())[0][0]  # (hidden, router logits)
+        text_only = block(x[None])[0][0]
+    assert (want - text_only)[visual].abs().max() > 0.1  # the vision experts make a difference
+    torch.testing.assert_close(torch.tensor(got[-1]["moe_block"]), want, atol=1e-4, rtol=1e-4)
+

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedConfig
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
@@ -40,7 +41,6 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
-from transformers import PreTrainedConfig
 
 from .. import kernels
 from ..codec.tensor import META_FIELDS, FORMAT_VERSION, QuantizedTensor, packed_layout
@@ -191,6 +191,9 @@ class CcqConfig(QuantizationConfig):
             return CcqLinearMethod(self, prefix, parts, next(iter(bits.values())))
         if isinstance(layer, RoutedExperts):
             b = self.modules.get(prefix)
+            if b is None and self.towers:
+                raise ValueError(f"{prefix}: the checkpoint keeps these experts 16-bit as one fused stack, and vLLM's "
+                                 "ERNIE-4.5-VL loader reads only Baidu's per-expert tensors; quantize the experts")
             if b is None:
                 return UnquantizedFusedMoEMethod(layer.moe_config)
             return CcqMoEMethod(self, prefix, b, layer.moe_config)
