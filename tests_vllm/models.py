@@ -31,13 +31,25 @@ def tiny_qwen3_moe(path: Path) -> Path:
 
 
 def tiny_ernie45_moe(path: Path) -> Path:
-    """ERNIE-4.5 text MoE: a dense layer, then 4 routed experts (top-2) with a shared expert and router statistics."""
+    """ERNIE-4.5 text MoE: a dense layer, then 4 routed experts (top-2) with a shared expert and drawn router
+    statistics."""
     torch.manual_seed(0)
     cfg = Ernie4_5_MoeConfig(intermediate_size=128, moe_intermediate_size=32, moe_num_experts=4, moe_k=2,
                              moe_layer_start_index=1, moe_num_shared_experts=1, initializer_range=0.1,
                              **dict(COMMON, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
-    Ernie4_5_MoeForCausalLM(cfg).save_pretrained(str(path))
+    model = Ernie4_5_MoeForCausalLM(cfg)
+    _draw_router_statistics(model)
+    model.save_pretrained(str(path))
     return path
+
+
+def _draw_router_statistics(model) -> None:
+    """transformers starts ERNIE's router statistics (`e_score_correction_bias`) at 0; draw them so
+    they change which experts are picked."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.normal_(0, 0.5)
 
 
 # the multimodal delimiters of the tiny ERNIE-4.5-VL (ids inside its vocabulary)
@@ -58,9 +70,6 @@ def tiny_ernie45_vl(path: Path) -> Path:
                                                                     num_heads=2, patch_size=14, spatial_merge_size=2),
                                **ERNIE_VL_TOKENS)
     model = Ernie4_5_VLMoeForConditionalGeneration(cfg)
-    with torch.no_grad():  # transformers starts the router statistics at 0; make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("e_score_correction_bias"):
-                p.normal_(0, 0.5)
+    _draw_router_statistics(model)
     model.save_pretrained(str(path))
     return path
