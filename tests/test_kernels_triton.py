@@ -172,18 +172,18 @@ def test_qlinear_gemv_fused_epilogue_with_split_k(monkeypatch, rows, dtype):
     close(got, reference.qlinear(x.float(), qt, bias.float()), 1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_qmoe_gemv_fused_transform_and_cast(monkeypatch, tokens):
-    """The decode-step MoE with down's Hadamard block (512) spanning 16 launch-1 programs (their last one
-    transforms it) and down split over K (tickets count slots x K slices); a skipped slot; bf16 out."""
+@pytest.mark.parametrize("tokens,inter,had", [(1, 1024, 512), (2, 576, 64)])
+def test_qmoe_gemv_fused_transform_and_cast(monkeypatch, tokens, inter, had):
+    """The decode-step MoE with down's Hadamard block spanning several launch-1 programs (16 or 2; their
+    last one transforms it) and down split over K (tickets count slots x K slices); a skipped slot; bf16 out."""
     from ccq.kernels import gemm
     from ccq.kernels.moe import qmoe
 
     monkeypatch.setattr(gemm, "sm_count", lambda device: 132)
-    E, H, inter, K = 4, 40, 1024, 2
+    E, H, K = 4, 40, 2
     gate_up = random_qt((E, 2 * inter, H), 2, 16, "mcg", False, seed=7)
     down = random_qt((E, H, inter), 2, 16, "mcg", False, seed=8)
-    assert down.had_in == 512
+    assert down.had_in == had and gemm.gemv_split(torch.device(DEV), tokens * K * 3, inter // 16) == 2
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, H, generator=g).to(DEV).to(torch.bfloat16)
     idx = torch.tensor([3, 1, 0, 3, 2, 2])[: tokens * K].view(tokens, K)
