@@ -87,16 +87,20 @@ def check(bits_list) -> list[dict]:
                 want = reference.qlinear(x, qt)
                 err = (gemm.qlinear(x, qt, decode=decode) - want).abs().max().item() / want.abs().max().item()
                 rows.append(dict(kind="qlinear", bits=bits, code=code, batch=batch, decode=decode, rel_err=err))
-            gu, dn = random_packed((8, 96, 160), bits, code), random_packed((8, 160, 48), bits, code)
-            for tokens in (1, 3, 11):  # routed GEMV (<= 4 tokens) and routed GEMM
-                x = torch.randn(tokens, 160, device=DEVICE)
-                idx = torch.rand(tokens, 8, device=DEVICE).topk(3).indices
-                w = torch.rand(tokens, 3, device=DEVICE)
-                want = reference.qmoe(x, idx, w, gu, dn)
-                for decode in DECODES:
-                    got = moe.qmoe(x, idx, w, gu, dn, decode=decode)
-                    err = (got - want).abs().max().item() / want.abs().max().item()
-                    rows.append(dict(kind="qmoe", bits=bits, code=code, batch=tokens, decode=decode, rel_err=err))
+            # intermediate 48 (Hadamard block 16: down's transform in its own launch) and 1024 (block 512:
+            # transformed by launch 1's last programs, down split over K with tickets)
+            for inter in (48, 1024):
+                gu, dn = random_packed((8, 2 * inter, 160), bits, code), random_packed((8, 160, inter), bits, code)
+                for tokens in (1, 3, 11):  # routed GEMV (<= 4 tokens) and routed GEMM
+                    x = torch.randn(tokens, 160, device=DEVICE)
+                    idx = torch.rand(tokens, 8, device=DEVICE).topk(3).indices
+                    w = torch.rand(tokens, 3, device=DEVICE)
+                    want = reference.qmoe(x, idx, w, gu, dn)
+                    for decode in DECODES:
+                        got = moe.qmoe(x, idx, w, gu, dn, decode=decode)
+                        err = (got - want).abs().max().item() / want.abs().max().item()
+                        rows.append(dict(kind="qmoe", bits=bits, code=code, batch=tokens, decode=decode, inter=inter,
+                                         rel_err=err))
     bad = [r for r in rows if not r["rel_err"] < 2e-2]
     if bad:
         raise SystemExit(f"Triton kernels disagree with the torch reference on this GPU: {bad}")

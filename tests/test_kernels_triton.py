@@ -156,6 +156,45 @@ def test_qmoe_fp16_and_no_tokens():
     assert empty.shape == (0, 32)
 
 
+@pytest.mark.parametrize("rows,dtype", [(1, torch.float32), (4, torch.bfloat16)])
+def test_qlinear_gemv_fused_epilogue_with_split_k(monkeypatch, rows, dtype):
+    """Batch <= 4, K split over programs (grids sized for 132 SMs): the input transform zeroes the partial
+    sums and tickets, the last program per output block adds the bias and casts."""
+    from ccq.kernels import gemm
+
+    monkeypatch.setattr(gemm, "sm_count", lambda device: 132)
+    qt = random_qt((40, 1000), 2, 16, "mul1", False, seed=6)  # in_pad 1008: 63 tiles
+    assert gemm.gemv_split(torch.device(DEV), 2, 63) == 2
+    x = torch.randn(rows, 1000, device=DEV).to(dtype)
+    bias = torch.randn(40, device=DEV).to(dtype)
+    got = gemm.qlinear(x, qt, bias)
+    assert got.shape == (rows, 40) and got.dtype == dtype
+    close(got, reference.qlinear(x.float(), qt, bias.float()), 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("tokens,inter,had", [(1, 1024, 512), (2, 576, 64)])
+def test_qmoe_gemv_fused_transform_and_cast(monkeypatch, tokens, inter, had):
+    """The decode-step MoE with down's Hadamard block spanning several launch-1 programs (16 or 2; their
+    last one transforms it) and down split over K (tickets count slots x K slices); a skipped slot; bf16 out."""
+    from ccq.kernels import gemm
+    from ccq.kernels.moe import qmoe
+
+    monkeypatch.setattr(gemm, "sm_count", lambda device: 132)
+    E, H, K = 4, 40, 2
+    gate_up = random_qt((E, 2 * inter, H), 2, 16, "mcg", False, seed=7)
+    down = random_qt((E, H, inter), 2, 16, "mcg", False, seed=8)
+    assert down.had_in == had and gemm.gemv_split(torch.device(DEV), tokens * K * 3, inter // 16) == 2
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=g).to(DEV).to(torch.bfloat16)
+    idx = torch.tensor([3, 1, 0, 3, 2, 2])[: tokens * K].view(tokens, K)
+    idx[-1, 0] = E + 5  # skipped slot
+    idx = idx.to(DEV)
+    w = torch.rand(tokens, K, generator=g).to(DEV)
+    got = qmoe(x, idx, w, gate_up, down)
+    assert got.shape == (tokens, H) and got.dtype == torch.bfloat16
+    close(got, reference.qmoe(x.float(), idx, w, gate_up, down), 1e-2)
+
+
 @pytest.mark.parametrize("bits,code", [(2, "mcg"), (3, "1mad"), (4, "mul1")])
 def test_gemv_split_k_atomics(bits, code):
     """The K-split GEMV (fp32 atomics into a zeroed output) sums to the unsplit result."""

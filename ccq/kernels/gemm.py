@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .hadamard import fwht
 from .launch import launch, sm_count
 from .decode import (code_norm, code_params, code_value, decode_at, run_history_offsets, run_strings, run_window,
                      window_offsets)
@@ -30,11 +31,32 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 
 
 @triton.jit
+def _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT,
+            BN: tl.constexpr, TB: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Ticket of output block pid_n; the TICKETS-th (last) program to arrive writes out[:N_TOK, block] =
+    y (+ bias) in out's dtype. The barrier and the ticket's release order every thread's atomics on y
+    before it; its acquire orders the last program's reads after everyone's (cooperative groups' grid sync
+    pattern). cnt_ptr was zeroed by an earlier launch, so no state survives the call (CUDA-graph safe)."""
+    tl.debug_barrier()
+    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == TICKETS - 1:
+        r = tl.arange(0, TB)
+        cols = pid_n * BN + tl.arange(0, BN)
+        mask = (r < N_TOK)[:, None] & (cols < N_OUT)[None, :]
+        v = tl.load(y_ptr + r[:, None] * y_stride + cols[None, :], mask=mask, other=0, cache_modifier=".cg")
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + cols, mask=cols < N_OUT, other=0).to(tl.float32)[None, :]
+        tl.store(out_ptr + r[:, None] * out_stride + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc_estride, y_ptr, y_stride,
                  w_ptr, M, N, KT, T_PER_SPLIT, TOP_K, N_EXPERTS, GATE_OFF, NORM,
+                 out_ptr, out_stride, N_OUT, bias_ptr, s_ptr, cnt_ptr, TICKETS, N_TOK, HAD_SCALE,
                  BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
                  FP16SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
-                 ATOMIC: tl.constexpr, ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr):
+                 ATOMIC: tl.constexpr, ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr,
+                 FINISH: tl.constexpr, TB: tl.constexpr, HAS_BIAS: tl.constexpr, HAD: tl.constexpr,
+                 LOGHAD: tl.constexpr):
     """y[rows, n] = x[rows] . W'[n] on CUDA cores for a few rows, K split over grid axis 2.
 
     Every run (one tile row: 16 weights along K) is decoded by one thread from a 64-bit string
@@ -45,6 +67,11 @@ def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc
     expert e = expert_ids[s] (skipped unless 0 <= e < N_EXPERTS). GATHER_A (launch 1): x row s // TOP_K,
     y row s (with SWIGLU: silu(gate) * up, gate rows n and up rows GATE_OFF + n). Else (launch 2):
     x row s, y row s // TOP_K += routing weight w[s] * result, atomically (the weighted sum fused).
+    Fused epilogues (the launches they replace: docs/KERNELS.md, "Launches"):
+    FINISH (not GATHER_A): the result goes to out[:N_TOK, :N_OUT] (+ bias) in out's dtype; with ATOMIC
+    through the zeroed fp32 y and a ticket per output block (`_finish`, TICKETS programs per block).
+    HAD > 0 (GATHER_A): out[s] = HAD_SCALE * H(s_ptr * y[s]) per HAD-block, done by the last of the block's
+    HAD // BN programs (ticket per (slot, block) in cnt_ptr): the next launch's input transform.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -52,11 +79,17 @@ def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc
     m = tl.arange(0, BM)
     if ROUTED:
         e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        if (e < 0) | (e >= N_EXPERTS):  # skipped slot: launch 1 leaves a zero row for launch 2's transform
-            if GATHER_A:
+        if (e < 0) | (e >= N_EXPERTS):  # skipped slot
+            if GATHER_A:  # a zero row for launch 2's input (its transform, when fused here, is zero too)
                 n = pid_n * BN + tl.arange(0, BN)
-                tl.store(y_ptr + pid_m.to(tl.int64) * y_stride + n, tl.zeros((BN,), y_ptr.dtype.element_ty),
-                         mask=n < N)
+                if HAD > 0:
+                    tl.store(out_ptr + pid_m.to(tl.int64) * out_stride + n, tl.zeros((BN,), tl.float32))
+                else:
+                    tl.store(y_ptr + pid_m.to(tl.int64) * y_stride + n, tl.zeros((BN,), y_ptr.dtype.element_ty),
+                             mask=n < N)
+            elif FINISH:  # no contribution, but the block's ticket count includes this program
+                _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT,
+                        BN, TB, HAS_BIAS)
             return
         valid = m < 1
         slot = (pid_m + m).to(tl.int64)
@@ -105,10 +138,27 @@ def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc
         y = y * tl.load(w_ptr + pid_m + m, mask=valid, other=0).to(tl.float32)[:, None]
     ptrs = y_ptr + y_rows[:, None] * y_stride + rows[None, :]
     ymask = valid[:, None] & nmask[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, y, mask=ymask)
+    if ATOMIC:  # relaxed: ordering, where needed, comes from the ticket in `_finish`
+        tl.atomic_add(ptrs, y, mask=ymask, sem="relaxed")
+        if FINISH:
+            _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT,
+                    BN, TB, HAS_BIAS)
+    elif FINISH:  # one program per output block: write the result directly
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=rows < N_OUT, other=0).to(tl.float32)[None, :]
+        tl.store(out_ptr + y_rows[:, None] * out_stride + rows[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (rows < N_OUT)[None, :])
     else:
         tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=ymask)
+    if HAD > 0:  # the last program of this slot's HAD-block transforms it (see `_finish` for the ordering)
+        tl.debug_barrier()
+        g = pid_n * BN // HAD
+        ticket = tl.atomic_add(cnt_ptr + pid_m * (tl.num_programs(1) * BN // HAD) + g, 1, sem="acq_rel", scope="gpu")
+        if ticket == HAD // BN - 1:
+            cols = g * HAD + tl.arange(0, HAD)
+            v = tl.load(y_ptr + pid_m.to(tl.int64) * y_stride + cols, mask=cols < N, other=0, cache_modifier=".cg")
+            v = fwht((v * tl.load(s_ptr + cols).to(tl.float32))[None, :], 1, HAD, LOGHAD) * HAD_SCALE
+            tl.store(out_ptr + pid_m.to(tl.int64) * out_stride + cols[None, :], v)
 
 
 @triton.jit
@@ -191,7 +241,7 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
         y = y / (1 + tl.exp(-y)) * up
     ptrs = y_ptr + y_rows.to(tl.int64)[:, None] * y_stride + n[None, :]
     if ATOMIC:
-        tl.atomic_add(ptrs, y, mask=valid[:, None] & nmask[None, :])
+        tl.atomic_add(ptrs, y, mask=valid[:, None] & nmask[None, :], sem="relaxed")  # read by a later launch
     else:
         tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
@@ -219,18 +269,33 @@ GEMV_BN, GEMV_J, GEMV_WARPS = 32, 32, 4  # each thread: 8 runs of one tile; 4 wa
 
 def gemv_launch(x: torch.Tensor, qt, *, tr: torch.Tensor, scales: torch.Tensor, y: torch.Tensor, n_out: int,
                 split: int, rows: int = 1, expert_ids=None, weights=None, top_k: int = 1, gather_a: bool = False,
-                gate_off: int = 0) -> None:
+                gate_off: int = 0, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                counters: torch.Tensor | None = None, n_tok: int = 0, had: tuple | None = None) -> None:
     """Launch `_gemv_kernel` (dense, or ROUTED when expert_ids is given: see there); rows: programs on
-    axis 0 (routed: one per flat slot); split: K slices (from `gemv_split`), summed atomically into y."""
+    axis 0 (routed: one per flat slot); split: K slices (from `gemv_split`), summed atomically into y.
+
+    out: write the final [n_tok, out_features] result (+ bias) there in its dtype (FINISH); when the launch
+    adds atomically, y must be fp32 and `counters` (int32, one per output block) zero, both zeroed by an
+    earlier launch. had = (hr, signs, block) (launch 1 with SwiGLU): also write the next launch's input
+    transform H(signs * y) into hr; `counters` then holds one zeroed int32 per (slot, block)."""
     KT = tr.shape[-2]
     t_per = triton.cdiv(triton.cdiv(KT, GEMV_J), split) * GEMV_J
     routed = expert_ids is not None
-    launch(_gemv_kernel, (rows, triton.cdiv(n_out, GEMV_BN), triton.cdiv(KT, t_per)), x, x.stride(0),
-           expert_ids if routed else x, tr, tr[0].numel() if routed else 0, scales, scales[0].numel() if routed else 0,
-           y, y.stride(0), weights if weights is not None else x, rows if routed else x.shape[0], n_out, KT, t_per,
-           top_k, tr.shape[0] if routed else 1, gate_off, code_norm(qt),
-           BM=1 if routed else triton.next_power_of_2(x.shape[0]), BN=GEMV_BN, J=GEMV_J,
-           ATOMIC=split > 1 or (routed and not gather_a), ROUTED=routed, GATHER_A=gather_a, SWIGLU=gate_off > 0,
+    grid = (rows, triton.cdiv(n_out, GEMV_BN), triton.cdiv(KT, t_per))
+    atomic = grid[2] > 1 or (routed and not gather_a)
+    if (out is not None and atomic or had is not None) and counters is None:
+        raise ValueError("gemv_launch: a fused epilogue with tickets needs zeroed counters")
+    target = out if out is not None else had[0] if had is not None else y
+    launch(_gemv_kernel, grid, x, x.stride(0), expert_ids if routed else x, tr, tr[0].numel() if routed else 0,
+           scales, scales[0].numel() if routed else 0, y, y.stride(0), weights if weights is not None else x,
+           rows if routed else x.shape[0], n_out, KT, t_per, top_k, tr.shape[0] if routed else 1, gate_off,
+           code_norm(qt), target, target.stride(0), target.shape[-1], bias if bias is not None else x,
+           had[1] if had is not None else x, counters if counters is not None else x, grid[0] * grid[2], n_tok,
+           had[2] ** -0.5 if had is not None else 1.0,
+           BM=1 if routed else triton.next_power_of_2(x.shape[0]), BN=GEMV_BN, J=GEMV_J, ATOMIC=atomic,
+           ROUTED=routed, GATHER_A=gather_a, SWIGLU=gate_off > 0, FINISH=out is not None,
+           TB=triton.next_power_of_2(max(1, n_tok)), HAS_BIAS=bias is not None,
+           HAD=had[2] if had is not None else 0, LOGHAD=had[2].bit_length() - 1 if had is not None else 0,
            num_warps=GEMV_WARPS, **code_params(qt))
 
 
@@ -304,6 +369,25 @@ def matmul(xr: torch.Tensor, qt, decode: str | None = None, split_k: int | None 
                 expert_ids=expert_ids, decode=decode, split=split)
 
 
+def _qlinear_gemv(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
+    """A few rows, output side not rotated: two launches. The input transform also zeroes the GEMV's fp32
+    partial sums and tickets; the GEMV's last program per output block adds the bias and casts."""
+    from .hadamard import transform
+
+    M, out_f = x2.shape[0], qt.shape[-2]
+    N = qt.trellis.shape[0] * 16
+    split = gemv_split(x2.device, triton.cdiv(N, GEMV_BN), qt.trellis.shape[1])
+    out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
+    scratch = y = counters = None
+    if split > 1:  # [y | one ticket counter per output block], zeroed by the transform
+        scratch = torch.empty(M * N + triton.cdiv(N, GEMV_BN), dtype=torch.float32, device=x2.device)
+        y, counters = scratch[:M * N].view(M, N), scratch[M * N:].view(torch.int32)
+    xr = transform(x2, qt.signs_in, qt.had_in, torch.float32, zero=scratch)
+    gemv_launch(xr, qt, tr=qt.trellis, scales=qt.scales, y=out if y is None else y, n_out=N, split=split, out=out,
+                bias=bias, counters=counters, n_tok=M)
+    return out
+
+
 def qlinear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, decode: str | None = None) -> torch.Tensor:
     """Triton twin of `reference.qlinear`: rotate x, fused decode-matmul, unrotate y."""
     from .hadamard import transform
@@ -311,6 +395,8 @@ def qlinear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, decode: str |
     lead, out_f = x.shape[:-1], qt.shape[-2]
     x2 = x.reshape(-1, x.shape[-1])
     small = x2.shape[0] <= GEMV_MAX_ROWS
+    if small and x2.shape[0] and qt.signs_out is None:
+        return _qlinear_gemv(x2, qt, bias).reshape(*lead, out_f)
     xr = transform(x2, qt.signs_in, qt.had_in, torch.float32 if small else dot_dtype(x.dtype, x.device))
     y = matmul(xr, qt, decode)
     if qt.signs_out is not None:

@@ -1,7 +1,12 @@
 """Triton block Hadamard transform with a sign vector: the activation side of incoherence processing.
 
 One program transforms one block of B features of BR rows in registers: log2(B) butterfly
-stages, each viewing the block as [BR, B/2h, 2, h] and replacing the pair (a, b) by (a+b, a-b).
+stages (`fwht`, also inlined by the GEMV's fused transform), each viewing the block as
+[BR, B/2h, 2, h] and replacing the pair (a, b) by (a+b, a-b).
+
+The launch can also zero a buffer on the side (`zero=`): the fp32 output and ticket counters
+of the matmul launches that follow it in stream order, so that no separate zeroing kernel runs
+(docs/KERNELS.md, "Launches").
 """
 
 from __future__ import annotations
@@ -16,8 +21,28 @@ from .launch import launch
 
 
 @triton.jit
-def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCALE,
-                     B: tl.constexpr, LOGB: tl.constexpr, BR: tl.constexpr, SIGN_AFTER: tl.constexpr):
+def fwht(x, BR: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr):
+    """Unnormalised Walsh-Hadamard transform of each row of x [BR, B] (B = 2**LOGB)."""
+    pair = tl.arange(0, 2)
+    sign = (1 - 2 * pair).to(tl.float32)
+    for st in tl.static_range(LOGB):
+        x4 = tl.reshape(x, (BR, B // (2 << st), 2, 1 << st))
+        a = tl.sum(x4, axis=2)
+        d = tl.sum(x4 * sign[None, None, :, None], axis=2)
+        x4 = tl.where((pair == 0)[None, None, :, None], a[:, :, None, :], d[:, :, None, :])
+        x = tl.reshape(x4, (BR, B))
+    return x
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCALE, zero_ptr, n_zero,
+                     B: tl.constexpr, LOGB: tl.constexpr, BR: tl.constexpr, SIGN_AFTER: tl.constexpr,
+                     ZB: tl.constexpr):
+    """y = H(s * x) (or s * H x) of one [BR, B] block; with ZB > 0 also zero_ptr[ZB * p + 0..ZB) = 0
+    (p: the program's linear index, n_zero elements in all): no loop, so the whole kernel stays the hot part."""
+    if ZB > 0:
+        z = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * ZB + tl.arange(0, ZB)
+        tl.store(zero_ptr + z, tl.zeros((ZB,), tl.float32), mask=z < n_zero)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * B + tl.arange(0, B)
     rmask = rows[:, None] < n_rows
@@ -27,23 +52,17 @@ def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCAL
     s = tl.load(s_ptr + cols).to(tl.float32)[None, :]
     if not SIGN_AFTER:
         x = x * s
-    pair = tl.arange(0, 2)
-    sign = (1 - 2 * pair).to(tl.float32)
-    for st in tl.static_range(LOGB):
-        x4 = tl.reshape(x, (BR, B // (2 << st), 2, 1 << st))
-        a = tl.sum(x4, axis=2)
-        d = tl.sum(x4 * sign[None, None, :, None], axis=2)
-        x4 = tl.where((pair == 0)[None, None, :, None], a[:, :, None, :], d[:, :, None, :])
-        x = tl.reshape(x4, (BR, B))
-    x = x * SCALE
+    x = fwht(x, BR, B, LOGB) * SCALE
     if SIGN_AFTER:
         x = x * s
     tl.store(y_ptr + r64 * y_stride + cols[None, :], x.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 def transform(x: torch.Tensor, signs: torch.Tensor, block: int, out_dtype: torch.dtype = torch.float32,
-              sign_after: bool = False) -> torch.Tensor:
-    """x [..., n] (n <= len(signs), zero padded) -> H (s * x) or, with sign_after, s * (H x); [..., len(signs)]."""
+              sign_after: bool = False, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., n] (n <= len(signs), zero padded) -> H (s * x) or, with sign_after, s * (H x); [..., len(signs)].
+
+    zero: a contiguous fp32 buffer the same launch fills with zeros (x must have rows)."""
     n_pad = signs.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -51,9 +70,14 @@ def transform(x: torch.Tensor, signs: torch.Tensor, block: int, out_dtype: torch
         x2 = x2.contiguous()
     rows = x2.shape[0]
     y = torch.empty(rows, n_pad, dtype=out_dtype, device=x.device)
+    if zero is not None and (not rows or zero.dtype != torch.float32 or not zero.is_contiguous()):
+        raise ValueError("transform: zero= needs rows to transform and a contiguous fp32 buffer")
     if rows:
         br = max(1, min(triton.next_power_of_2(rows), 4096 // block, 16))
-        launch(_hadamard_kernel, (triton.cdiv(rows, br), n_pad // block),
-            x2, signs, y, rows, x2.shape[1], x2.stride(0), n_pad, block ** -0.5,
-            B=block, LOGB=int(math.log2(block)), BR=br, SIGN_AFTER=sign_after)
+        grid = (triton.cdiv(rows, br), n_pad // block)
+        n_zero = zero.numel() if zero is not None else 0
+        zb = triton.next_power_of_2(triton.cdiv(n_zero, grid[0] * grid[1])) if n_zero else 0
+        launch(_hadamard_kernel, grid, x2, signs, y, rows, x2.shape[1], x2.stride(0), n_pad, block ** -0.5,
+               zero if n_zero else y, n_zero, B=block, LOGB=int(math.log2(block)), BR=br, SIGN_AFTER=sign_after,
+               ZB=zb)
     return y.reshape(*lead, n_pad)

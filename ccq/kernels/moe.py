@@ -1,6 +1,9 @@
 """Fused routed-expert MoE on packed trellis weights (Triton).
 
-Flow for T tokens, top-K routing, E experts:
+Up to 4 tokens (`_qmoe_gemv`, the decode step): routed GEMVs, one program row per (token, slot),
+no sorting, three launches (see there).
+
+More tokens, flow for T tokens, top-K routing, E experts:
 1. `align`: the T*K (token, slot) pairs are sorted by expert and each expert's run is padded
    to the block size BM, so every block of BM rows belongs to one expert (no host sync).
 2. The gate_up input transform H(s * x) is shared by all experts of the stack: done once per token.
@@ -96,33 +99,52 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
 def _qmoe_gemv(hidden, top_k_index, top_k_weights, gate_up, down, act):
     """A few tokens (decode): one GEMV program row per (token, slot), no sorting, weighted sum fused.
 
-    Launches at one token: input transform, gate_up (+SwiGLU), down's input transform, zeroing of
-    the output, down (routing weight and sum over slots by atomics), the cast. No host sync, so the
-    layer can be captured in a CUDA graph.
+    Three launches at one token: the input transform (which also zeroes the fp32 output and the ticket
+    counters), gate_up with SwiGLU (whose last program per slot and Hadamard block writes down's input
+    transform), down (routing weight and sum over slots by atomics; the last program per output block
+    casts it into the output). No host sync, no state kept between calls: the layer can be captured in a
+    CUDA graph. A rotated output side, another activation or a Hadamard block below 32 take the unfused
+    steps (transform / cast in their own launches).
     """
     T, K = top_k_index.shape
     slots = T * K
     H_out, inter = down.shape[-2], down.shape[-1]
     flat = top_k_index.reshape(-1)
-    xr = transform(hidden, gate_up.signs_in, gate_up.had_in, torch.float32)
-    if gate_up.signs_out is None and act is F.silu:
-        h = torch.empty(slots, inter, dtype=torch.float32, device=hidden.device)
+    dev = hidden.device
+    swiglu = gate_up.signs_out is None and act is F.silu
+    # launch 1's output blocks tile down's padded input, each inside one Hadamard block
+    fuse_had = swiglu and down.had_in >= GEMV_BN and triton.cdiv(inter, GEMV_BN) * GEMV_BN == down.signs_in.shape[0]
+    finish = down.signs_out is None
+    h_pad = down.trellis.shape[-3] * 16
+    n_blocks = triton.cdiv(h_pad, GEMV_BN)
+    groups = slots * (down.signs_in.shape[0] // down.had_in) if fuse_had else 0
+    # one zeroed buffer: [y (fp32 sum over slots) | down's tickets per output block | launch 1's tickets]
+    scratch = torch.empty(T * h_pad + n_blocks * finish + groups, dtype=torch.float32, device=dev)
+    y = scratch[:T * h_pad].view(T, h_pad)
+    xr = transform(hidden, gate_up.signs_in, gate_up.had_in, torch.float32, zero=scratch)
+    if swiglu:
+        h = torch.empty(slots, inter, dtype=torch.float32, device=dev)
+        hr = torch.empty(slots, down.signs_in.shape[0], dtype=torch.float32, device=dev) if fuse_had else None
         gemv_launch(xr, gate_up, tr=gate_up.trellis, scales=gate_up.scales, y=h, n_out=inter, split=1, rows=slots,
-                    expert_ids=flat, top_k=K, gather_a=True, gate_off=inter)
+                    expert_ids=flat, top_k=K, gather_a=True, gate_off=inter,
+                    had=(hr, down.signs_in, down.had_in) if fuse_had else None,
+                    counters=scratch[T * h_pad + n_blocks * finish:].view(torch.int32) if fuse_had else None)
     else:
         gu_pad = gate_up.trellis.shape[-3] * 16
-        gu = torch.empty(slots, gu_pad, dtype=torch.float32, device=hidden.device)
+        gu = torch.empty(slots, gu_pad, dtype=torch.float32, device=dev)
         gemv_launch(xr, gate_up, tr=gate_up.trellis, scales=gate_up.scales, y=gu, n_out=gu_pad, split=1, rows=slots,
                     expert_ids=flat, top_k=K, gather_a=True)
         if gate_up.signs_out is not None:
             gu = transform(gu, gate_up.signs_out, gate_up.had_out, sign_after=True)
         h = act(gu[:, :inter]) * gu[:, inter:2 * inter]
-    hr = transform(h, down.signs_in, down.had_in, torch.float32)
-    h_pad = down.trellis.shape[-3] * 16
-    y = torch.zeros(T, h_pad, dtype=torch.float32, device=hidden.device)
-    split = gemv_split(hidden.device, slots * triton.cdiv(h_pad, GEMV_BN), down.trellis.shape[-2])
+    if not fuse_had:
+        hr = transform(h, down.signs_in, down.had_in, torch.float32)
+    split = gemv_split(dev, slots * n_blocks, down.trellis.shape[-2])
+    out = torch.empty(T, H_out, dtype=hidden.dtype, device=dev) if finish else None
     gemv_launch(hr, down, tr=down.trellis, scales=down.scales, y=y, n_out=h_pad, split=split, rows=slots,
-                expert_ids=flat, weights=top_k_weights.reshape(-1), top_k=K)
-    if down.signs_out is not None:
-        y = transform(y, down.signs_out, down.had_out, sign_after=True)
+                expert_ids=flat, weights=top_k_weights.reshape(-1), top_k=K, out=out, n_tok=T,
+                counters=scratch[T * h_pad:T * h_pad + n_blocks].view(torch.int32) if finish else None)
+    if finish:
+        return out
+    y = transform(y, down.signs_out, down.had_out, sign_after=True)
     return y[:, :H_out].to(hidden.dtype)
