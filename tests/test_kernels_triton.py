@@ -118,6 +118,21 @@ def test_align_sorts_and_pads_by_expert():
     assert (blocks[~used] == n).all()
 
 
+@pytest.mark.parametrize("T,K,E,bm", [(5, 3, 70, 16), (64, 6, 64, 16), (130, 8, 8, 16)])
+def test_align_kernel_matches_torch(T, K, E, bm):
+    """The Triton align against the torch one on random routings: skipped slots (>= E and negative), empty
+    experts (E > used), several sort chunks (130 * 8 pairs > ALIGN_CHUNK), exact ids and block experts."""
+    from ccq.kernels.moe import ALIGN_CHUNK, align
+
+    g = torch.Generator().manual_seed(T)
+    idx = torch.randint(0, E, (T, K), generator=g)
+    idx[torch.rand(T, K, generator=g) < 0.1] = E + 3
+    idx[0, 0] = -1
+    assert (T * K > ALIGN_CHUNK) == (T == 130)
+    got, want = align(idx.to(DEV), E, bm), reference.align(idx, E, bm)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
 MOE_CASES = [(2, 16, "mul1", False, F.silu), (3, 12, "mcg", True, F.silu), (4, 16, "mcg", False, F.silu),
              (2, 8, "3inst", False, F.gelu)]
 
@@ -193,6 +208,26 @@ def test_qmoe_gemv_fused_transform_and_cast(monkeypatch, tokens, inter, had):
     got = qmoe(x, idx, w, gate_up, down)
     assert got.shape == (tokens, H) and got.dtype == torch.bfloat16
     close(got, reference.qmoe(x.float(), idx, w, gate_up, down), 1e-2)
+
+
+@pytest.mark.parametrize("tokens,rot,dtype", [(70, False, torch.bfloat16), (33, True, torch.float16)])
+def test_qmoe_gemm_weighted_sum_and_cast(tokens, rot, dtype):
+    """The prefill MoE: down adds routing weight * row into the zeroed fp32 sum by atomics, the last program per
+    output block casts (70 tokens: two 64-row steps); a rotated down output side takes the unfused cast.
+    Skipped slots, an expert with no tokens, a top-3 routing."""
+    from ccq.kernels.moe import qmoe
+
+    E, H, inter, K = 5, 40, 24, 3
+    gate_up = random_qt((E, 2 * inter, H), 2, 16, "mul1", False, seed=9)
+    down = random_qt((E, H, inter), 2, 16, "mul1", rot, seed=10)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=g).to(DEV).to(dtype)
+    idx = torch.randint(0, E - 1, (tokens, K), generator=g)  # expert E - 1 unused
+    idx[::7, 1] = E + 1
+    w = torch.rand(tokens, K, generator=g).to(DEV)
+    got = qmoe(x, idx.to(DEV), w, gate_up, down)
+    assert got.shape == (tokens, H) and got.dtype == dtype
+    close(got, reference.qmoe(x.float(), idx.to(DEV), w, gate_up, down), 1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("bits,code", [(2, "mcg"), (3, "1mad"), (4, "mul1")])

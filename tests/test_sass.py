@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 # qlinear at batch 1 (Hadamard + GEMV) and at 16 rows (GEMM), qmoe at one token (the routed GEMV
-# launches) and at 8 tokens (the routed GEMM launches), dequantize: every kernel path, each bit width and code
+# launches) and at 8 tokens (align and the routed GEMM launches, down with its weighted sum and cast), dequantize: every kernel path, each bit width and code
 # kind once. sm_80 for the dense kernels only (the MoE launches are the same kernels), to keep it short.
 SCRIPT = r"""
 import json, sys, torch
@@ -45,7 +45,7 @@ for rec in dense + list(r):
     if key in seen:
         continue
     seen.add(key)
-    for arch in (90, 80) if rec in dense and rec.name != "_hadamard_kernel" else (90,):
+    for arch in (90, 80) if any(rec is d for d in dense) and rec.name != "_hadamard_kernel" else (90,):
         st = sass.analyse(sass.compile_launch(rec, arch).asm["cubin"])
         out.append(dict(kernel=rec.name, arch=arch, config={k: str(v) for k, v in rec.constexprs().items()}, **st))
 print(json.dumps(out))
@@ -66,7 +66,7 @@ def compiled():
 def test_every_path_compiles_for_sm90_and_sm80(compiled):
     kernels = {(c["kernel"], c["arch"]) for c in compiled}
     assert {("_hadamard_kernel", 90), ("_gemv_kernel", 90), ("_gemv_kernel", 80), ("_gemm_kernel", 90),
-            ("_gemm_kernel", 80), ("_dequant_kernel", 90)} <= kernels
+            ("_gemm_kernel", 80), ("_dequant_kernel", 90), ("_align_kernel", 90)} <= kernels
     for name in ("_gemv_kernel", "_gemm_kernel"):  # both MoE launches, routed, on each path
         routed = {c["config"]["GATHER_A"] for c in compiled if c["kernel"] == name and c["config"]["ROUTED"] == "True"}
         assert routed == {"True", "False"}, name

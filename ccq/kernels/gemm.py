@@ -39,13 +39,14 @@ def _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICK
     pattern). cnt_ptr was zeroed by an earlier launch, so no state survives the call (CUDA-graph safe)."""
     tl.debug_barrier()
     if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == TICKETS - 1:
-        r = tl.arange(0, TB)
         cols = pid_n * BN + tl.arange(0, BN)
-        mask = (r < N_TOK)[:, None] & (cols < N_OUT)[None, :]
-        v = tl.load(y_ptr + r[:, None] * y_stride + cols[None, :], mask=mask, other=0, cache_modifier=".cg")
-        if HAS_BIAS:
-            v += tl.load(bias_ptr + cols, mask=cols < N_OUT, other=0).to(tl.float32)[None, :]
-        tl.store(out_ptr + r[:, None] * out_stride + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+        for r0 in range(0, N_TOK, TB):  # TB rows at a time (the GEMV: all of them at once)
+            r = (r0 + tl.arange(0, TB)).to(tl.int64)
+            mask = (r < N_TOK)[:, None] & (cols < N_OUT)[None, :]
+            v = tl.load(y_ptr + r[:, None] * y_stride + cols[None, :], mask=mask, other=0, cache_modifier=".cg")
+            if HAS_BIAS:
+                v += tl.load(bias_ptr + cols, mask=cols < N_OUT, other=0).to(tl.float32)[None, :]
+            tl.store(out_ptr + r[:, None] * out_stride + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -164,19 +165,27 @@ def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc
 @triton.jit
 def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc_estride,
                  y_ptr, y_stride, M, N, K, KT, K_PER_SPLIT, TOP_K, GATE_OFF, NORM,
+                 w_ptr, out_ptr, out_stride, N_OUT, cnt_ptr, TICKETS, N_TOK,
                  BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
                  FP16SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_Y: tl.constexpr,
-                 SWIGLU: tl.constexpr, DOT: tl.constexpr, RUNS: tl.constexpr, ATOMIC: tl.constexpr):
+                 SWIGLU: tl.constexpr, DOT: tl.constexpr, RUNS: tl.constexpr, ATOMIC: tl.constexpr,
+                 WEIGHTED: tl.constexpr, FINISH: tl.constexpr, TB: tl.constexpr):
     """Row r of block pid_m: without ROUTED, row r of A and y. With ROUTED, ids[r] is a flat
     (token, slot) index (>= M marks padding): A row ids[r] // TOP_K when GATHER_A, else r;
-    y row ids[r] when SCATTER_Y, else r. SWIGLU: y[:, n] = silu(W'[n] x) * (W'[GATE_OFF + n] x).
-    K is split over grid axis 2 in slices of K_PER_SPLIT, summed into y with fp32 atomics when ATOMIC."""
+    y row ids[r] when SCATTER_Y, else r; WEIGHTED (with SCATTER_Y, ATOMIC): y row ids[r] // TOP_K +=
+    w[ids[r]] * result, the weighted sum over slots. SWIGLU: y[:, n] = silu(W'[n] x) * (W'[GATE_OFF + n] x).
+    K is split over grid axis 2 in slices of K_PER_SPLIT, summed into y with fp32 atomics when ATOMIC.
+    FINISH (ATOMIC): the last of the TICKETS programs of output block pid_n writes out[:N_TOK, block] = y
+    in out's dtype (`_finish`; unused blocks take their ticket too)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_lo = tl.program_id(2) * K_PER_SPLIT
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if e < 0:  # past the last used block
+        if FINISH:
+            _finish(y_ptr, y_stride, out_ptr, out_stride, y_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT, BN, TB,
+                    False)
         return
     r = pid_m * BM + tl.arange(0, BM)
     if ROUTED:
@@ -187,7 +196,7 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
         if GATHER_A:
             a_rows = ids // TOP_K
         if SCATTER_Y:
-            y_rows = ids
+            y_rows = ids // TOP_K if WEIGHTED else ids
     else:
         valid = r < M
         a_rows = r
@@ -239,9 +248,14 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
     if SWIGLU:
         up = acc_up * (tl.load(sc_base + GATE_OFF + n, mask=nmask, other=0).to(tl.float32) * NORM)[None, :]
         y = y / (1 + tl.exp(-y)) * up
+    if WEIGHTED:
+        y = y * tl.load(w_ptr + ids, mask=valid, other=0).to(tl.float32)[:, None]
     ptrs = y_ptr + y_rows.to(tl.int64)[:, None] * y_stride + n[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, y, mask=valid[:, None] & nmask[None, :], sem="relaxed")  # read by a later launch
+    if ATOMIC:  # relaxed: read by a later launch, or ordered by the ticket in `_finish`
+        tl.atomic_add(ptrs, y, mask=valid[:, None] & nmask[None, :], sem="relaxed")
+        if FINISH:
+            _finish(y_ptr, y_stride, out_ptr, out_stride, y_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT, BN, TB,
+                    False)
     else:
         tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
@@ -321,28 +335,45 @@ def gemv(xr: torch.Tensor, qt, split_k: int | None = None) -> torch.Tensor:
     return y
 
 
+def gemm_bn(n_out: int, gate_off: int = 0) -> int:
+    """Outputs per `_gemm_kernel` program (SwiGLU: two accumulators and two decodes, so at most 32)."""
+    return 64 if n_out >= 64 and not gate_off else 32 if n_out >= 32 else 16
+
+
 def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: int, out: torch.Tensor,
          block_m: int, expert_ids: torch.Tensor, ids: torch.Tensor | None = None, n_valid: int | None = None,
          top_k: int = 1, gather_a: bool = False, scatter_y: bool = False, gate_off: int = 0,
-         decode: str | None = None, split: int = 1) -> torch.Tensor:
+         decode: str | None = None, split: int = 1, weights: torch.Tensor | None = None,
+         finish: torch.Tensor | None = None, counters: torch.Tensor | None = None, n_tok: int = 0) -> torch.Tensor:
     """Launch `_gemm_kernel`: out[rows, :n_out] = (a @ W'^T)[rows] (or SwiGLU of it when gate_off > 0).
 
     tr/scales: [E, out/16, in/16, 16*bits] / [E, out] (a 2-D weight is a stack of one);
     expert_ids: the expert of each block of block_m rows (-1: skip); ids: flat routed indices;
     split: K slices (linear outputs only), added atomically into `out`, which must then be zeroed.
+    weights (with scatter_y): out [T, n_out] is zeroed and row ids // top_k gets weights[ids] * result
+    (atomics). finish [n_tok, :]: the cast result, written by the last program per output block
+    (`counters`: one zeroed int32 per block of `gemm_bn(n_out)` outputs).
     """
     K = a.shape[1]
     KT = tr.shape[-2]
-    BN = 64 if n_out >= 64 and not gate_off else 32 if n_out >= 32 else 16  # SwiGLU: two accumulators, two decodes
+    BN = gemm_bn(n_out, gate_off)
     BK = 256 if _runs(decode) else 64 if K >= 64 else 32 if K >= 32 else 16
     k_per = triton.cdiv(triton.cdiv(K, BK), split) * BK
     grid = (expert_ids.shape[0], triton.cdiv(n_out, BN), triton.cdiv(K, k_per))
     routed = ids is not None
+    weighted = weights is not None
+    if weighted and not scatter_y or finish is not None and counters is None:
+        raise ValueError("gemm: weights need scatter_y, finish needs zeroed counters")
+    atomic = grid[2] > 1 or weighted or finish is not None
     launch(_gemm_kernel, grid, a, a.stride(0), ids if routed else expert_ids, expert_ids, tr, tr[0].numel(), scales,
                        scales[0].numel(), out, out.stride(0), n_valid if routed else a.shape[0], n_out, K, KT,
-                       k_per, top_k, gate_off, code_norm(qt), BM=block_m, BN=BN, BK=BK, ROUTED=routed, GATHER_A=gather_a,
+                       k_per, top_k, gate_off, code_norm(qt), weights if weighted else out,
+                       finish if finish is not None else out, (finish if finish is not None else out).stride(0),
+                       finish.shape[-1] if finish is not None else n_out, counters if counters is not None else out,
+                       grid[0] * grid[2], n_tok, BM=block_m, BN=BN, BK=BK, ROUTED=routed, GATHER_A=gather_a,
                        SCATTER_Y=scatter_y, SWIGLU=gate_off > 0, DOT=_DOT_DTYPES[a.dtype],
-                       RUNS=_runs(decode), ATOMIC=grid[2] > 1, **code_params(qt),
+                       RUNS=_runs(decode), ATOMIC=atomic, WEIGHTED=weighted, FINISH=finish is not None,
+                       TB=min(64, triton.next_power_of_2(max(1, n_tok))), **code_params(qt),
                        # 4 bits keep two strings per run: let ptxas use more than the 128 registers it
                        # picks by itself, which spilled (outside the loop) on sm_90
                        maxnreg=168 if qt.bits == 4 else None)

@@ -3,17 +3,19 @@
 Up to 4 tokens (`_qmoe_gemv`, the decode step): routed GEMVs, one program row per (token, slot),
 no sorting, three launches (see there).
 
-More tokens, flow for T tokens, top-K routing, E experts:
-1. `align`: the T*K (token, slot) pairs are sorted by expert and each expert's run is padded
-   to the block size BM, so every block of BM rows belongs to one expert (no host sync).
-2. The gate_up input transform H(s * x) is shared by all experts of the stack: done once per token.
+More tokens, flow for T tokens, top-K routing, E experts (five launches, no torch kernel):
+1. `align` (one program): the T*K (token, slot) pairs are sorted by expert and each expert's run is
+   padded to the block size BM, so every block of BM rows belongs to one expert (no host sync).
+2. The gate_up input transform H(s * x) is shared by all experts of the stack: done once per token;
+   the same launch zeroes the fp32 output sum and down's tickets.
 3. Launch 1: per block, gather the tokens' rotated rows, decode the expert's gate and up rows
    inside the K loop, apply SwiGLU, write the intermediate in sorted order.
 4. down's input transform on the intermediate, then launch 2: per block, decode the expert's
-   down weight, write each row to its flat (token, slot) place; the K slots are then summed
-   with their routing weights.
+   down weight and add routing weight * row to its token's row by fp32 atomics (the weighted sum
+   over slots); the last program per output block casts the block into the output.
 If gate_up rotates its output side (or the activation is not SiLU) the SwiGLU is not fused:
-launch 1 writes [gate | up], which is unrotated and activated in torch.
+launch 1 writes [gate | up], which is unrotated and activated in torch; a rotated down output side
+is unrotated and cast after launch 2.
 """
 
 from __future__ import annotations
@@ -21,39 +23,72 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
-from .gemm import GEMV_BN, GEMV_MAX_ROWS, dot_dtype, gemm, gemv_launch, gemv_split
+from .gemm import GEMV_BN, GEMV_MAX_ROWS, dot_dtype, gemm, gemm_bn, gemv_launch, gemv_split
 from .hadamard import transform
+from .launch import launch
+
+ALIGN_CHUNK = 1024  # (token, slot) pairs `align` sorts per step in registers
+
+
+@triton.jit
+def _align_kernel(idx_ptr, ids_ptr, eid_ptr, base_ptr, N, N_EXPERTS, N_BLOCKS,
+                  BM: tl.constexpr, EP: tl.constexpr, CH: tl.constexpr, LOGCH: tl.constexpr, FB: tl.constexpr):
+    """`align` in one program (see there), no host sync. Pass 1 counts the pairs per expert (a histogram per
+    chunk of CH pairs; an index outside [0, N_EXPERTS) goes to bin EP - 1, never an expert) and pads the
+    counts to BM; then every block gets its expert (-1 past the last) and padding ids. Pass 2 sorts each
+    chunk by (expert, position): a pair's place is its expert's start + the pairs of that expert in earlier
+    chunks + its rank in the sorted chunk, so the order within an expert is the flat order (stable)."""
+    bins = tl.arange(0, EP)
+    j = tl.arange(0, CH)
+    used = bins < N_EXPERTS
+    counts = tl.zeros((EP,), tl.int32)
+    for c0 in range(0, N, CH):
+        key = tl.load(idx_ptr + c0 + j, mask=c0 + j < N, other=-1)
+        counts += tl.histogram(tl.where((key >= 0) & (key < N_EXPERTS), key, EP - 1).to(tl.int32), EP)
+    padded = tl.where(used, (counts + BM - 1) // BM * BM, 0)
+    pad_end = tl.cumsum(padded, 0)
+    for b0 in range(0, N_BLOCKS, FB):
+        b = b0 + tl.arange(0, FB)
+        e = tl.sum(((pad_end[None, :] <= (b * BM)[:, None]) & used[None, :]).to(tl.int32), 1)
+        tl.store(eid_ptr + b, tl.where(e < N_EXPERTS, e, -1), mask=b < N_BLOCKS)
+        r = b[:, None] * BM + tl.arange(0, BM)[None, :]
+        tl.store(ids_ptr + r, tl.full((FB, BM), 0, tl.int32) + N, mask=(b < N_BLOCKS)[:, None])
+    run = pad_end - padded  # next free place of each expert
+    for c0 in range(0, N, CH):
+        key = tl.load(idx_ptr + c0 + j, mask=c0 + j < N, other=-1)
+        key = tl.where((key >= 0) & (key < N_EXPERTS), key, EP - 1).to(tl.int32)
+        hist = tl.histogram(key, EP)
+        # the barriers order the padding stores and the last chunk's reads of base before these stores
+        tl.debug_barrier()
+        tl.store(base_ptr + bins, run - (tl.cumsum(hist, 0) - hist))  # place of the chunk's sorted position 0
+        tl.debug_barrier()
+        s = tl.sort(key * CH + j)
+        k = s >> LOGCH
+        tl.store(ids_ptr + tl.load(base_ptr + k) + j, c0 + (s & (CH - 1)), mask=k < N_EXPERTS)
+        run += hist
 
 
 def align(top_k_index: torch.Tensor, num_experts: int, block_m: int):
-    """Sort (token, slot) pairs by expert, padding every expert's run to block_m.
+    """Sort (token, slot) pairs by expert, padding every expert's run to block_m: one Triton launch.
 
-    Returns ids [n_blocks*block_m] (flat index token*K + slot, T*K marks padding) and
-    expert_ids [n_blocks] (-1 for unused trailing blocks). Indices >= num_experts are dropped.
+    Returns ids [n_blocks*block_m] (flat index token*K + slot, T*K marks padding; within an expert in flat
+    order) and expert_ids [n_blocks] (-1 for unused trailing blocks), n_blocks = ceil(T*K / block_m) +
+    min(E, T*K), an upper bound known without reading the routing. Indices outside [0, E) are dropped.
+    Contract and output of `reference.align`.
     """
-    flat = top_k_index.reshape(-1).long()
+    flat = top_k_index.reshape(-1)
     n = flat.numel()
-    dev = flat.device
-    valid = (flat >= 0) & (flat < num_experts)
-    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
-    order = torch.argsort(key, stable=True)
-    key_sorted = key[order]
-    # scatter_add rather than bincount / boolean indexing: no host sync, CUDA-graph safe
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
-    counts = counts[:num_experts]
-    padded = (counts + block_m - 1) // block_m * block_m
-    pad_end = torch.cumsum(padded, 0)
-    pad_start = pad_end - padded
-    cnt_start = torch.cumsum(counts, 0) - counts
     n_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
-    e_sorted = key_sorted.clamp(max=num_experts - 1)
-    pos = pad_start[e_sorted] + torch.arange(n, device=dev) - cnt_start[e_sorted]
-    pos = torch.where(key_sorted < num_experts, pos, n_blocks * block_m)  # dropped slots -> spare last entry
-    ids = torch.full((n_blocks * block_m + 1,), n, dtype=torch.int32, device=dev)
-    ids = ids.scatter_(0, pos, order.to(torch.int32))[:-1]
-    e_of_block = torch.searchsorted(pad_end, torch.arange(n_blocks, device=dev) * block_m, right=True)
-    expert_ids = torch.where(e_of_block < num_experts, e_of_block, -1).to(torch.int32)
+    ep = triton.next_power_of_2(num_experts + 1)
+    buf = torch.empty(n_blocks * block_m + n_blocks + ep, dtype=torch.int32, device=flat.device)
+    ids, expert_ids = buf[:n_blocks * block_m], buf[n_blocks * block_m:n_blocks * (block_m + 1)]
+    if n:
+        ch = max(16, min(ALIGN_CHUNK, triton.next_power_of_2(n)))
+        launch(_align_kernel, (1,), flat, ids, expert_ids, buf[n_blocks * (block_m + 1):], n, num_experts,
+               n_blocks, BM=block_m, EP=ep, CH=ch, LOGCH=ch.bit_length() - 1,
+               FB=max(1, min(triton.next_power_of_2(n_blocks), 4096 // block_m)))
     return ids, expert_ids
 
 
@@ -68,32 +103,39 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     if T <= GEMV_MAX_ROWS:
         return _qmoe_gemv(hidden, top_k_index, top_k_weights, gate_up, down, act)
     ddt = dot_dtype(hidden.dtype, hidden.device)
+    dev = hidden.device
     ids, expert_ids = align(top_k_index, E, block_m)
     rows = ids.shape[0]
-    xr = transform(hidden, gate_up.signs_in, gate_up.had_in, ddt)
-    fuse = gate_up.signs_out is None and act is F.silu
-    if fuse:
-        h = torch.zeros(rows, inter, dtype=torch.float32, device=hidden.device)
+    finish = down.signs_out is None
+    h_pad = down.trellis.shape[-3] * 16
+    n_cols = triton.cdiv(h_pad, gemm_bn(h_pad))
+    # one zeroed buffer: [y (fp32 weighted sum over slots) | down's tickets per output block]
+    scratch = torch.empty(T * h_pad + n_cols * finish, dtype=torch.float32, device=dev)
+    y = scratch[:T * h_pad].view(T, h_pad)
+    xr = transform(hidden, gate_up.signs_in, gate_up.had_in, ddt, zero=scratch)
+    # padding rows of h stay unwritten: launch 2 masks them (ids >= T*K) and never reads them
+    if gate_up.signs_out is None and act is F.silu:
+        h = torch.empty(rows, inter, dtype=torch.float32, device=dev)
         gemm(xr, gate_up.trellis, gate_up.scales, gate_up, n_out=inter, out=h, block_m=block_m,
              expert_ids=expert_ids, ids=ids, n_valid=T * K, top_k=K, gather_a=True, gate_off=inter,
              decode=decode)
     else:
         gu_pad = gate_up.trellis.shape[-3] * 16
-        gu = torch.zeros(rows, gu_pad, dtype=torch.float32, device=hidden.device)
+        gu = torch.zeros(rows, gu_pad, dtype=torch.float32, device=dev)  # act() of padding rows: finite
         gemm(xr, gate_up.trellis, gate_up.scales, gate_up, n_out=gu_pad, out=gu, block_m=block_m,
              expert_ids=expert_ids, ids=ids, n_valid=T * K, top_k=K, gather_a=True, decode=decode)
         if gate_up.signs_out is not None:
             gu = transform(gu, gate_up.signs_out, gate_up.had_out, sign_after=True)
         h = act(gu[:, :inter]) * gu[:, inter:2 * inter]
     hr = transform(h, down.signs_in, down.had_in, ddt)
-    h_pad = down.trellis.shape[-3] * 16
-    y = torch.zeros(T * K, h_pad, dtype=torch.float32, device=hidden.device)
+    out = torch.empty(T, H_out, dtype=hidden.dtype, device=dev) if finish else None
     gemm(hr, down.trellis, down.scales, down, n_out=h_pad, out=y, block_m=block_m, expert_ids=expert_ids,
-         ids=ids, n_valid=T * K, top_k=K, scatter_y=True, decode=decode)
-    if down.signs_out is not None:
-        y = transform(y, down.signs_out, down.had_out, sign_after=True)
-    y = y[:, :H_out].view(T, K, H_out) * top_k_weights.float()[..., None]
-    return y.sum(1).to(hidden.dtype)
+         ids=ids, n_valid=T * K, top_k=K, scatter_y=True, decode=decode, weights=top_k_weights.reshape(-1),
+         finish=out, counters=scratch[T * h_pad:].view(torch.int32) if finish else None, n_tok=T)
+    if finish:
+        return out
+    y = transform(y, down.signs_out, down.had_out, sign_after=True)
+    return y[:, :H_out].to(hidden.dtype)
 
 
 def _qmoe_gemv(hidden, top_k_index, top_k_weights, gate_up, down, act):

@@ -63,3 +63,33 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         out.index_add_(0, tok, y.float() * top_k_weights[tok, slot, None].float())
     return out.to(hidden.dtype)
 
+
+def align(top_k_index: torch.Tensor, num_experts: int, block_m: int):
+    """Sort (token, slot) pairs by expert, padding every expert's run to block_m (the contract of
+    `moe.align`, which does it in one Triton launch).
+
+    Returns ids [n_blocks*block_m] (flat index token*K + slot, T*K marks padding) and
+    expert_ids [n_blocks] (-1 for unused trailing blocks). Indices >= num_experts are dropped.
+    """
+    flat = top_k_index.reshape(-1).long()
+    n = flat.numel()
+    dev = flat.device
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    order = torch.argsort(key, stable=True)
+    key_sorted = key[order]
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    cnt_start = torch.cumsum(counts, 0) - counts
+    n_blocks = -(-n // block_m) + min(num_experts, n)
+    e_sorted = key_sorted.clamp(max=num_experts - 1)
+    pos = pad_start[e_sorted] + torch.arange(n, device=dev) - cnt_start[e_sorted]
+    pos = torch.where(key_sorted < num_experts, pos, n_blocks * block_m)  # dropped slots -> spare last entry
+    ids = torch.full((n_blocks * block_m + 1,), n, dtype=torch.int32, device=dev)
+    ids = ids.scatter_(0, pos, order.to(torch.int32))[:-1]
+    e_of_block = torch.searchsorted(pad_end, torch.arange(n_blocks, device=dev) * block_m, right=True)
+    expert_ids = torch.where(e_of_block < num_experts, e_of_block, -1).to(torch.int32)
+    return ids, expert_ids
