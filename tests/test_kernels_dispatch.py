@@ -94,19 +94,19 @@ def test_moe_decode_step_launches_and_has_no_host_sync():
 
 
 def test_moe_prefill_launches_and_has_no_host_sync():
-    """64 tokens through a 28B-shaped MoE layer on meta tensors: five Triton launches (align; the input
-    transform, which zeroes the output sum and tickets; gate_up with SwiGLU; down's input transform; down with
-    the weighted sum and the cast) and no torch kernel."""
+    """64 tokens through a 28B-shaped MoE layer on meta tensors: four Triton launches (align; the input
+    transform, which zeroes the output sum and tickets; gate_up with SwiGLU and down's input transform; down
+    with the weighted sum and the cast) and no torch kernel."""
     from ccq.kernels import launch, moe
 
     gu, dn = packed(64, 2 * 1536, 2560), packed(64, 2560, 1536)
     with launch.record() as recs:
         step = lambda: moe.qmoe(meta(64, 2560), meta(64, 6, dtype=torch.long), meta(64, 6), gu, dn)  # noqa: E731
         n_torch = launch.torch_kernels(step)
-    assert [r.name for r in recs] == ["_align_kernel", "_hadamard_kernel", "_gemm_kernel", "_hadamard_kernel",
-                                      "_gemm_kernel"]
+    assert [r.name for r in recs] == ["_align_kernel", "_hadamard_kernel", "_gemm_kernel", "_gemm_kernel"]
     assert n_torch == 0
-    assert recs[1].kwargs["ZB"] > 0 and recs[4].kwargs["WEIGHTED"] and recs[4].kwargs["FINISH"]
+    assert recs[1].kwargs["ZB"] > 0 and recs[2].kwargs["HAD"] == 512
+    assert recs[3].kwargs["WEIGHTED"] and recs[3].kwargs["FINISH"]
 
 
 def test_dense_batch1_launches_and_has_no_host_sync():

@@ -230,6 +230,26 @@ def test_qmoe_gemm_weighted_sum_and_cast(tokens, rot, dtype):
     close(got, reference.qmoe(x.float(), idx.to(DEV), w, gate_up, down), 1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def test_qmoe_gemm_fused_transform(monkeypatch, inter=1024, had=512):
+    """The prefill MoE with down's Hadamard block spanning 16 launch-1 programs (32 outputs each; 2 in the
+    7-token tests): their last one writes down's input transform (tickets per row block and Hadamard block)."""
+    from ccq.kernels import gemm, moe
+
+    calls, transform = [], moe.transform
+    monkeypatch.setattr(moe, "transform", lambda *a, **k: calls.append(a[2]) or transform(*a, **k))
+    E, H, K, tokens = 3, 40, 2, 5
+    gate_up = random_qt((E, 2 * inter, H), 2, 16, "mul1", False, seed=11)
+    down = random_qt((E, H, inter), 2, 16, "mul1", False, seed=12)
+    assert down.had_in == had and gemm.gemm_bn(inter, inter) == 32
+    g = torch.Generator().manual_seed(inter)
+    x = torch.randn(tokens, H, generator=g).to(DEV)
+    idx = torch.tensor([[0, 2], [2, 2], [0, 5], [2, 0], [0, 0]], device=DEV)
+    w = torch.rand(tokens, K, generator=g).to(DEV)
+    got = moe.qmoe(x, idx, w, gate_up, down)
+    assert calls == [gate_up.had_in]  # down's input transform ran inside launch 1
+    close(got, reference.qmoe(x, idx, w, gate_up, down), 1e-5)
+
+
 @pytest.mark.parametrize("bits,code", [(2, "mcg"), (3, "1mad"), (4, "mul1")])
 def test_gemv_split_k_atomics(bits, code):
     """The K-split GEMV (fp32 atomics into a zeroed output) sums to the unsplit result."""

@@ -165,19 +165,23 @@ def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc
 @triton.jit
 def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc_estride,
                  y_ptr, y_stride, M, N, K, KT, K_PER_SPLIT, TOP_K, GATE_OFF, NORM,
-                 w_ptr, out_ptr, out_stride, N_OUT, cnt_ptr, TICKETS, N_TOK,
+                 w_ptr, out_ptr, out_stride, N_OUT, cnt_ptr, TICKETS, N_TOK, s_ptr, HAD_SCALE,
                  BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
                  FP16SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_Y: tl.constexpr,
                  SWIGLU: tl.constexpr, DOT: tl.constexpr, RUNS: tl.constexpr, ATOMIC: tl.constexpr,
-                 WEIGHTED: tl.constexpr, FINISH: tl.constexpr, TB: tl.constexpr):
+                 WEIGHTED: tl.constexpr, FINISH: tl.constexpr, TB: tl.constexpr, HAD: tl.constexpr,
+                 LOGHAD: tl.constexpr, RB: tl.constexpr):
     """Row r of block pid_m: without ROUTED, row r of A and y. With ROUTED, ids[r] is a flat
     (token, slot) index (>= M marks padding): A row ids[r] // TOP_K when GATHER_A, else r;
     y row ids[r] when SCATTER_Y, else r; WEIGHTED (with SCATTER_Y, ATOMIC): y row ids[r] // TOP_K +=
     w[ids[r]] * result, the weighted sum over slots. SWIGLU: y[:, n] = silu(W'[n] x) * (W'[GATE_OFF + n] x).
     K is split over grid axis 2 in slices of K_PER_SPLIT, summed into y with fp32 atomics when ATOMIC.
     FINISH (ATOMIC): the last of the TICKETS programs of output block pid_n writes out[:N_TOK, block] = y
-    in out's dtype (`_finish`; unused blocks take their ticket too)."""
+    in out's dtype (`_finish`; unused blocks take their ticket too).
+    HAD > 0 (ROUTED, SWIGLU, one K slice): out[block rows] = HAD_SCALE * H(s_ptr * y) per HAD-block of columns
+    (padding rows zero; RB rows at a time), done by the last of the HAD // BN programs of (pid_m, HAD-block) (ticket in cnt_ptr): the
+    next launch's input transform, as in `_gemv_kernel`."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_lo = tl.program_id(2) * K_PER_SPLIT
@@ -258,6 +262,20 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
                     False)
     else:
         tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
+    if HAD > 0:  # the last program of this block's HAD-block transforms it (see `_finish` for the ordering)
+        tl.debug_barrier()
+        g = pid_n * BN // HAD
+        ticket = tl.atomic_add(cnt_ptr + pid_m * (tl.num_programs(1) * BN // HAD) + g, 1, sem="acq_rel", scope="gpu")
+        if ticket == HAD // BN - 1:
+            cols = g * HAD + tl.arange(0, HAD)
+            sg = tl.load(s_ptr + cols).to(tl.float32)[None, :]
+            for r0 in tl.static_range(0, BM, RB):  # RB rows at a time: a [RB, HAD] tile stays in registers
+                rr = (pid_m * BM + r0 + tl.arange(0, RB)).to(tl.int64)
+                ok = tl.load(ids_ptr + rr) < M
+                v = tl.load(y_ptr + rr[:, None] * y_stride + cols[None, :], mask=ok[:, None] & (cols < N)[None, :],
+                            other=0, cache_modifier=".cg")
+                v = fwht(v * sg, RB, HAD, LOGHAD) * HAD_SCALE
+                tl.store(out_ptr + rr[:, None] * out_stride + cols[None, :], v.to(out_ptr.dtype.element_ty))
 
 
 def _runs(decode: str | None) -> bool:
@@ -344,7 +362,8 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
          block_m: int, expert_ids: torch.Tensor, ids: torch.Tensor | None = None, n_valid: int | None = None,
          top_k: int = 1, gather_a: bool = False, scatter_y: bool = False, gate_off: int = 0,
          decode: str | None = None, split: int = 1, weights: torch.Tensor | None = None,
-         finish: torch.Tensor | None = None, counters: torch.Tensor | None = None, n_tok: int = 0) -> torch.Tensor:
+         finish: torch.Tensor | None = None, counters: torch.Tensor | None = None, n_tok: int = 0,
+         had: tuple | None = None) -> torch.Tensor:
     """Launch `_gemm_kernel`: out[rows, :n_out] = (a @ W'^T)[rows] (or SwiGLU of it when gate_off > 0).
 
     tr/scales: [E, out/16, in/16, 16*bits] / [E, out] (a 2-D weight is a stack of one);
@@ -352,7 +371,9 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
     split: K slices (linear outputs only), added atomically into `out`, which must then be zeroed.
     weights (with scatter_y): out [T, n_out] is zeroed and row ids // top_k gets weights[ids] * result
     (atomics). finish [n_tok, :]: the cast result, written by the last program per output block
-    (`counters`: one zeroed int32 per block of `gemm_bn(n_out)` outputs).
+    (`counters`: one zeroed int32 per block of `gemm_bn(n_out)` outputs). had = (hr, signs, block) (SwiGLU):
+    also write the next launch's input transform H(signs * out) into hr (rows like out); `counters` then
+    holds one zeroed int32 per (block of block_m rows, Hadamard block).
     """
     K = a.shape[1]
     KT = tr.shape[-2]
@@ -362,18 +383,24 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
     grid = (expert_ids.shape[0], triton.cdiv(n_out, BN), triton.cdiv(K, k_per))
     routed = ids is not None
     weighted = weights is not None
-    if weighted and not scatter_y or finish is not None and counters is None:
-        raise ValueError("gemm: weights need scatter_y, finish needs zeroed counters")
+    if weighted and not scatter_y or (finish is not None or had is not None) and counters is None:
+        raise ValueError("gemm: weights need scatter_y, finish / had need zeroed counters")
+    if had is not None and (not routed or grid[2] > 1 or scatter_y or had[2] % BN or had[1].shape[0] != grid[1] * BN):
+        raise ValueError("gemm: had needs one K slice, rows in place and output blocks tiling the signs")
     atomic = grid[2] > 1 or weighted or finish is not None
+    target = finish if finish is not None else had[0] if had is not None else out
     launch(_gemm_kernel, grid, a, a.stride(0), ids if routed else expert_ids, expert_ids, tr, tr[0].numel(), scales,
                        scales[0].numel(), out, out.stride(0), n_valid if routed else a.shape[0], n_out, K, KT,
-                       k_per, top_k, gate_off, code_norm(qt), weights if weighted else out,
-                       finish if finish is not None else out, (finish if finish is not None else out).stride(0),
+                       k_per, top_k, gate_off, code_norm(qt), weights if weighted else out, target, target.stride(0),
                        finish.shape[-1] if finish is not None else n_out, counters if counters is not None else out,
-                       grid[0] * grid[2], n_tok, BM=block_m, BN=BN, BK=BK, ROUTED=routed, GATHER_A=gather_a,
+                       grid[0] * grid[2], n_tok, had[1] if had is not None else out,
+                       had[2] ** -0.5 if had is not None else 1.0, BM=block_m, BN=BN, BK=BK, ROUTED=routed,
+                       GATHER_A=gather_a,
                        SCATTER_Y=scatter_y, SWIGLU=gate_off > 0, DOT=_DOT_DTYPES[a.dtype],
                        RUNS=_runs(decode), ATOMIC=atomic, WEIGHTED=weighted, FINISH=finish is not None,
-                       TB=min(64, triton.next_power_of_2(max(1, n_tok))), **code_params(qt),
+                       TB=min(64, triton.next_power_of_2(max(1, n_tok))), HAD=had[2] if had is not None else 0,
+                       LOGHAD=had[2].bit_length() - 1 if had is not None else 0,
+                       RB=min(block_m, max(1, 4096 // had[2])) if had is not None else 1, **code_params(qt),
                        # 4 bits keep two strings per run: let ptxas use more than the 128 registers it
                        # picks by itself, which spilled (outside the loop) on sm_90
                        maxnreg=168 if qt.bits == 4 else None)

@@ -3,19 +3,21 @@
 Up to 4 tokens (`_qmoe_gemv`, the decode step): routed GEMVs, one program row per (token, slot),
 no sorting, three launches (see there).
 
-More tokens, flow for T tokens, top-K routing, E experts (five launches, no torch kernel):
+More tokens, flow for T tokens, top-K routing, E experts (four launches, no torch kernel):
 1. `align` (one program): the T*K (token, slot) pairs are sorted by expert and each expert's run is
    padded to the block size BM, so every block of BM rows belongs to one expert (no host sync).
 2. The gate_up input transform H(s * x) is shared by all experts of the stack: done once per token;
-   the same launch zeroes the fp32 output sum and down's tickets.
+   the same launch zeroes the fp32 output sum and both launches' tickets.
 3. Launch 1: per block, gather the tokens' rotated rows, decode the expert's gate and up rows
-   inside the K loop, apply SwiGLU, write the intermediate in sorted order.
-4. down's input transform on the intermediate, then launch 2: per block, decode the expert's
-   down weight and add routing weight * row to its token's row by fp32 atomics (the weighted sum
-   over slots); the last program per output block casts the block into the output.
+   inside the K loop, apply SwiGLU, write the intermediate in sorted order; the last program per
+   (block, Hadamard block) writes down's input transform of it.
+4. Launch 2: per block, decode the expert's down weight and add routing weight * row to its
+   token's row by fp32 atomics (the weighted sum over slots); the last program per output block
+   casts the block into the output.
 If gate_up rotates its output side (or the activation is not SiLU) the SwiGLU is not fused:
-launch 1 writes [gate | up], which is unrotated and activated in torch; a rotated down output side
-is unrotated and cast after launch 2.
+launch 1 writes [gate | up], which is unrotated and activated in torch, and down's input transform
+is a launch of its own (also when its Hadamard block is below launch 1's 32 outputs); a rotated down
+output side is unrotated and cast after launch 2.
 """
 
 from __future__ import annotations
@@ -107,18 +109,25 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     ids, expert_ids = align(top_k_index, E, block_m)
     rows = ids.shape[0]
     finish = down.signs_out is None
+    swiglu = gate_up.signs_out is None and act is F.silu
+    # launch 1's output blocks tile down's padded input, each inside one Hadamard block
+    bn = gemm_bn(inter, inter)
+    fuse_had = swiglu and down.had_in >= bn and triton.cdiv(inter, bn) * bn == down.signs_in.shape[0]
     h_pad = down.trellis.shape[-3] * 16
     n_cols = triton.cdiv(h_pad, gemm_bn(h_pad))
-    # one zeroed buffer: [y (fp32 weighted sum over slots) | down's tickets per output block]
-    scratch = torch.empty(T * h_pad + n_cols * finish, dtype=torch.float32, device=dev)
+    groups = expert_ids.shape[0] * (down.signs_in.shape[0] // down.had_in) if fuse_had else 0
+    # one zeroed buffer: [y (fp32 weighted sum over slots) | down's tickets per output block | launch 1's tickets]
+    scratch = torch.empty(T * h_pad + n_cols * finish + groups, dtype=torch.float32, device=dev)
     y = scratch[:T * h_pad].view(T, h_pad)
     xr = transform(hidden, gate_up.signs_in, gate_up.had_in, ddt, zero=scratch)
     # padding rows of h stay unwritten: launch 2 masks them (ids >= T*K) and never reads them
-    if gate_up.signs_out is None and act is F.silu:
+    if swiglu:
         h = torch.empty(rows, inter, dtype=torch.float32, device=dev)
+        hr = torch.empty(rows, down.signs_in.shape[0], dtype=ddt, device=dev) if fuse_had else None
         gemm(xr, gate_up.trellis, gate_up.scales, gate_up, n_out=inter, out=h, block_m=block_m,
              expert_ids=expert_ids, ids=ids, n_valid=T * K, top_k=K, gather_a=True, gate_off=inter,
-             decode=decode)
+             decode=decode, had=(hr, down.signs_in, down.had_in) if fuse_had else None,
+             counters=scratch[T * h_pad + n_cols * finish:].view(torch.int32) if fuse_had else None)
     else:
         gu_pad = gate_up.trellis.shape[-3] * 16
         gu = torch.zeros(rows, gu_pad, dtype=torch.float32, device=dev)  # act() of padding rows: finite
@@ -127,7 +136,8 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         if gate_up.signs_out is not None:
             gu = transform(gu, gate_up.signs_out, gate_up.had_out, sign_after=True)
         h = act(gu[:, :inter]) * gu[:, inter:2 * inter]
-    hr = transform(h, down.signs_in, down.had_in, ddt)
+    if not fuse_had:
+        hr = transform(h, down.signs_in, down.had_in, ddt)
     out = torch.empty(T, H_out, dtype=hidden.dtype, device=dev) if finish else None
     gemm(hr, down.trellis, down.scales, down, n_out=h_pad, out=y, block_m=block_m, expert_ids=expert_ids,
          ids=ids, n_valid=T * K, top_k=K, scatter_y=True, decode=decode, weights=top_k_weights.reshape(-1),
