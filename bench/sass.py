@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -50,15 +51,17 @@ def path_of(rec) -> str:
     if rec.name in ("_gemv_kernel", "_gemm_kernel") and c.get("ROUTED"):
         return "moe_gate_up" if c.get("GATHER_A") else "moe_down"
     return {"_gemv_kernel": "gemv", "_gemm_kernel": "gemm", "_dequant_kernel": "decode",
-            "_hadamard_kernel": "hadamard"}[rec.name]
+            "_hadamard_kernel": "hadamard", "_align_kernel": "align"}[rec.name]
 
 
 def per_iter_weights(rec, num_warps: int) -> float:
-    """Weights (Hadamard: elements) one thread handles per iteration of the hot loop."""
+    """Weights (Hadamard: elements; align: (token, slot) pairs) one thread handles per iteration of the hot loop."""
     c = rec.constexprs()
     threads = num_warps * 32
     if rec.name == "_hadamard_kernel":
         return c["BR"] * c["B"] / threads
+    if rec.name == "_align_kernel":
+        return c["CH"] / threads
     bk = c["BK"] if "BK" in c else 16 * c["J"]
     return c["BN"] * bk * (2 if c.get("SWIGLU") else 1) / threads
 
@@ -73,6 +76,9 @@ def work(rec, path: str, bits: int, used_blocks: int | None) -> tuple[float, flo
     if path == "hadamard":
         n = a["n_rows"] * a["y_stride"]
         return n, n * (a["x_ptr"].element_size() + a["y_ptr"].element_size())
+    if path == "align":  # pairs, in whole chunks; reads the routing twice, writes ids and block experts
+        n, ch = a["N"], rec.kwargs["CH"]
+        return -(-n // ch) * ch, 2 * n * a["idx_ptr"].element_size() + a["N_BLOCKS"] * (rec.kwargs["BM"] + 1) * 4
     if path == "decode":
         n = a["N"] * a["K"] * rec.grid[2]
         return n, n * (bits / 8 + a["out_ptr"].element_size())
@@ -120,8 +126,9 @@ def record_shapes(bits: int, code: str):
             used = min(E, tokens * K)
             # blocks that decode an expert, uniform routing: each used expert's slots padded to BM = 16
             blocks = E * -(-tokens * K // (E * 16)) if tokens * K > E else used
-            out.append((f"{name} MoE layer", "moe", tokens, used * 3 * inter * H, [(r, blocks) for r in recs],
-                        n_torch))
+            routed = ("_gemm_kernel", "_gemv_kernel")  # the other launches run their whole grid
+            out.append((f"{name} MoE layer", "moe", tokens, used * 3 * inter * H,
+                        [(r, blocks if r.name in routed else None) for r in recs], n_torch))
     return out
 
 
@@ -152,7 +159,7 @@ def print_tables(configs: list[dict], shapes: list[dict]) -> None:
         # spilled registers live in the stack frame: bytes of stack + local, and LDL/STL in the kernel
         frame = st["stack"] + st["local"]
         spill = f"{frame}B/{st['local_ops']}" if frame + st["local_ops"] else "0"
-        ceil = "" if c["path"] == "hadamard" else f"{(2 / HBM) / (eff / ISSUE):.2f}x"
+        ceil = "" if c["path"] in ("hadamard", "align") else f"{(2 / HBM) / (eff / ISSUE):.2f}x"
         print(f"{c['path']:<12}{c['bits']:>4} {c['code']:<6}{str(cfg):<52}{st['registers']:>5}{spill:>9}"
               f"{p['total']:>8.2f}{p['alu']:>6.2f}{p['fma']:>6.2f}{p['mem']:>6.2f}{p['other']:>6.2f}{ceil:>6}")
     print()
@@ -188,6 +195,9 @@ def main(argv=None) -> int:
                     kern = sass.compile_launch(rec, args.arch)
                     st = sass.analyse(kern.asm["cubin"])
                     wpt = per_iter_weights(rec, kern.metadata.num_warps)
+                    # align: the count and block passes outside its sort loop run once per launch at these
+                    # sizes, so charge the whole kernel (at the loop's pipe mix) per chunk
+                    wpt *= st["loop"] / st["total"] if rec.name == "_align_kernel" else 1
                     st["per_weight"] = {c: st[c] / wpt for c in (*sass.CLASSES, "fma_heavy", "mma")}
                     st["per_weight"]["total"] = st["loop"] / wpt
                     configs[key] = dict(path=path_of(rec), bits=bits, code=code, kernel=rec.name,
@@ -199,7 +209,7 @@ def main(argv=None) -> int:
                 warps = 0.0
                 for rec, used in recs:
                     key = config_key(rec)
-                    progs = (used or rec.grid[0]) * rec.grid[1] * (rec.grid[2] if len(rec.grid) > 2 else 1)
+                    progs = (used or rec.grid[0]) * math.prod(rec.grid[1:])
                     parts.append((configs[key]["stats"]["per_weight"], *work(rec, configs[key]["path"], bits, used),
                                   progs))
                     if configs[key]["path"] != "hadamard":  # warps in flight of the busiest weight launch

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # qlinear at batch 1 (Hadamard + GEMV) and at 16 rows (GEMM), qmoe at one token (the routed GEMV
 # launches) and at 8 tokens (align and the routed GEMM launches with their fused epilogues), dequantize:
-# every kernel path, each bit width and code kind once. sm_80 for the dense kernels only (the MoE launches are the same kernels), to keep it short.
+# every kernel path, each bit width and code kind once. sm_80 for the dense kernels only (the MoE launches are
+# the same kernels), to keep it short.
 SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, "bench")

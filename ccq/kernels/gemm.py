@@ -180,8 +180,8 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
     FINISH (ATOMIC): the last of the TICKETS programs of output block pid_n writes out[:N_TOK, block] = y
     in out's dtype (`_finish`; unused blocks take their ticket too).
     HAD > 0 (ROUTED, SWIGLU, one K slice): out[block rows] = HAD_SCALE * H(s_ptr * y) per HAD-block of columns
-    (padding rows zero; RB rows at a time), done by the last of the HAD // BN programs of (pid_m, HAD-block) (ticket in cnt_ptr): the
-    next launch's input transform, as in `_gemv_kernel`."""
+    (padding rows zero; RB rows at a time), done by the last of the HAD // BN programs of (pid_m, HAD-block)
+    (ticket in cnt_ptr): the next launch's input transform, as in `_gemv_kernel`."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_lo = tl.program_id(2) * K_PER_SPLIT
@@ -402,8 +402,9 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
                        LOGHAD=had[2].bit_length() - 1 if had is not None else 0,
                        RB=min(block_m, max(1, 4096 // had[2])) if had is not None else 1, **code_params(qt),
                        # 4 bits keep two strings per run: let ptxas use more than the 128 registers it
-                       # picks by itself, which spilled (outside the loop) on sm_90
-                       maxnreg=168 if qt.bits == 4 else None)
+                       # picks by itself, which spilled (outside the loop) on sm_90. With the cast epilogue
+                       # it picked 96 at 3 bits (a longer loop, and spills): cap at 128 instead
+                       maxnreg=168 if qt.bits == 4 else 128 if finish is not None else None)
     return out
 
 
