@@ -11,7 +11,8 @@ per token and top-1 agreement. Text: English prose from Python's own documentati
 shipped with every Python): calibration from its first half, evaluation from its second half.
 
 Methods (space separated): fp, ccq:BITS (calibrated), ccq-df:BITS (data-free), ccq-rt:BITS (no data:
-calibrated on random token ids), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1
+calibrated on random token ids), ccq-syn:BITS (no data: `calibration="synthetic"`, as many
+samples and tokens as the real calibration), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1
 (bits chosen per module for a target bpw), rtn:BITS:gGROUP, gptq:BITS:gGROUP. For the lm, the ccq methods run
 the streaming `ccq quantize` path (layer by layer, each calibrated on the quantized layers' outputs) and take a
 `:ft` suffix for layer-wise fine-tuning (ccq:2:ft, ccq:t2.1:ft). Every method quantizes the
@@ -85,12 +86,13 @@ def quantize(model, method, calib, L, keep=KEEP):
     kind, _, arg = method.partition(":")
     t0 = time.perf_counter()
     if kind.startswith("ccq"):
-        data = {"ccq-df": None, "ccq-rt": random_token_batches(m.config.vocab_size, len(calib), calib[0].shape[1]),
+        data = {"ccq-df": None, "ccq-syn": "synthetic", "ccq-rt": random_token_batches(m.config.vocab_size, len(calib), calib[0].shape[1]),
                 "ccq": calib}[kind]
+        syn = {"samples": len(calib), "seq_len": calib[0].shape[1]} if kind == "ccq-syn" else {}
         if arg.startswith("t"):
-            quantize_model(m, 2, data, overrides=keep, L=L, target_bpw=float(arg[1:]))
+            quantize_model(m, 2, data, overrides=keep, L=L, target_bpw=float(arg[1:]), **syn)
         else:
-            quantize_model(m, int(arg), data, overrides=keep, L=L)
+            quantize_model(m, int(arg), data, overrides=keep, L=L, **syn)
         rep = m.ccq_report
         n = sum(torch.Size(e["shape"]).numel() for e in rep)
         bpw = sum(e["bytes"] for e in rep) * 8 / n
