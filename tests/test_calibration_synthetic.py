@@ -51,6 +51,8 @@ def test_word_batches_are_framed_and_seeded():
     assert set(ids[:, 1:-1].unique().tolist()) <= set(word_ids(tok).tolist())
     with pytest.raises(ValueError, match="no room"):
         word_batches(tok, 1, 2)
+    tok.model_max_length = 12  # an encoder's position limit caps the length
+    assert word_batches(tok, 1, 20)[0]["input_ids"].shape == (1, 12)
 
 
 def test_tokenizer_without_words_is_one_clear_error():

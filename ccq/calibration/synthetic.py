@@ -79,8 +79,12 @@ def _words(tok, where) -> torch.Tensor:
 
 
 def word_batches(tok, samples: int, seq_len: int, seed: int = 0, where: str = "model") -> list[dict]:
-    """`samples` input dicts of `seq_len` tokens: the template's specials around drawn words."""
+    """`samples` input dicts of `seq_len` tokens (at most the tokenizer's `model_max_length`, which
+    an encoder's position embeddings bound): the template's specials around drawn words."""
     words = _words(tok, where)
+    limit = getattr(tok, "model_max_length", None)
+    if isinstance(limit, int) and limit < 10**6:  # tokenizers without a limit store a huge sentinel
+        seq_len = min(seq_len, limit)
     pre, post = template(tok)
     n = seq_len - len(pre) - len(post)
     if n < 1:
