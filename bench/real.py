@@ -11,7 +11,8 @@ per token and top-1 agreement. Text: English prose from Python's own documentati
 shipped with every Python): calibration from its first half, evaluation from its second half.
 
 Methods (space separated): fp, ccq:BITS (calibrated), ccq-df:BITS (data-free), ccq-rt:BITS (no data:
-calibrated on random token ids), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1
+calibrated on random token ids), ccq-syn:BITS (no data: `calibration="synthetic"`, as many
+samples and tokens as the real calibration), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1
 (bits chosen per module for a target bpw), rtn:BITS:gGROUP, gptq:BITS:gGROUP. For the lm, the ccq methods run
 the streaming `ccq quantize` path (layer by layer, each calibrated on the quantized layers' outputs) and take a
 `:ft` suffix for layer-wise fine-tuning (ccq:2:ft, ccq:t2.1:ft). Every method quantizes the
@@ -75,8 +76,9 @@ def random_token_batches(vocab_size: int, samples: int, seq_len: int, seed: int 
     return [{"input_ids": torch.randint(0, vocab_size, (1, seq_len), generator=g)} for _ in range(samples)]
 
 
-def quantize(model, method, calib, L, keep=KEEP):
-    """Quantize a copy of `model` by `method`; returns (model, bpw, seconds)."""
+def quantize(model, method, calib, L, keep=KEEP, damp=None):
+    """Quantize a copy of `model` by `method`; returns (model, bpw, seconds). damp: the ccq Hessian
+    damping (None: the codec default)."""
     from ccq import quantize_model
     from ccq.calibration.hessian import HessianCapture
     from ccq.models.policy import quant_plan
@@ -85,12 +87,15 @@ def quantize(model, method, calib, L, keep=KEEP):
     kind, _, arg = method.partition(":")
     t0 = time.perf_counter()
     if kind.startswith("ccq"):
-        data = {"ccq-df": None, "ccq-rt": random_token_batches(m.config.vocab_size, len(calib), calib[0].shape[1]),
+        data = {"ccq-df": None, "ccq-syn": "synthetic", "ccq-rt": random_token_batches(m.config.vocab_size, len(calib), calib[0].shape[1]),
                 "ccq": calib}[kind]
+        syn = {"samples": len(calib), "seq_len": calib[0].shape[1]} if kind == "ccq-syn" else {}
+        if damp is not None:
+            syn["damp"] = damp
         if arg.startswith("t"):
-            quantize_model(m, 2, data, overrides=keep, L=L, target_bpw=float(arg[1:]))
+            quantize_model(m, 2, data, overrides=keep, L=L, target_bpw=float(arg[1:]), **syn)
         else:
-            quantize_model(m, int(arg), data, overrides=keep, L=L)
+            quantize_model(m, int(arg), data, overrides=keep, L=L, **syn)
         rep = m.ccq_report
         n = sum(torch.Size(e["shape"]).numel() for e in rep)
         bpw = sum(e["bytes"] for e in rep) * 8 / n
@@ -141,7 +146,7 @@ def run_minilm(args):
     for method in args.methods:
         if method == "fp":
             continue
-        m, bpw, sec, bits = quantize(model, method, calib, args.L)
+        m, bpw, sec, bits = quantize(model, method, calib, args.L, damp=args.damp)
         cos = (minilm_embed(dense_copy(m), batches) * ref).sum(-1)
         row = {"method": method, "bits": bits, "bpw": round(bpw, 4), "cosine_mean": float(cos.mean()),
                "cosine_median": float(cos.median()), "cosine_min": float(cos.min()), "seconds": round(sec, 1)}
@@ -268,6 +273,8 @@ def main():
     ap.add_argument("--sentences", type=int, default=256, help="minilm: evaluation sentences")
     ap.add_argument("--eval-windows", type=int, default=16, help="lm: evaluation windows of --seq-len tokens")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--damp", type=float, default=None, help="minilm: ccq Hessian damping, relative to the mean "
+                    "diagonal [the codec default, 0.01]")
     ap.add_argument("--finetune-steps", type=int, default=200, help="steps per layer for the :ft methods")
     ap.add_argument("--layers", type=int, default=None, help="lm: quantize only the first N decoder layers "
                     "(every method; the others stay fp32) to fit a busy CPU [all]")
@@ -284,7 +291,7 @@ def main():
     info, rows = run_lm(args) if lm else run_minilm(args)
     out = Path(args.out or f"bench/results/real-{args.which}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**info, "L": args.L, "calibration": f"{args.samples} x {args.seq_len} tokens",
+    out.write_text(json.dumps({**info, "L": args.L, "damp": args.damp, "calibration": f"{args.samples} x {args.seq_len} tokens",
                                "threads": args.threads, "machine": platform.machine(), "rows": rows}, indent=1))
     print(f"wrote {out}")
 

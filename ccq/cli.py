@@ -155,7 +155,8 @@ def demo(bits, size, L, seed, matrix_only):
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output folder (packed checkpoint).")
 @codec_options
 @click.option("--calibration", type=click.Path(), default=None,
-              help="Local dataset (datasets: parquet/json/csv/text file or saved folder); text and image+text rows.")
+              help="Local dataset (datasets: parquet/json/csv/text file or saved folder); text and image+text rows. "
+                   "'synthetic': no data, sequences of whole-word tokens from the model's own tokenizer.")
 @click.option("--samples", type=click.IntRange(1), default=128, show_default=True, help="Calibration samples.")
 @click.option("--seq-len", type=click.IntRange(8), default=2048, show_default=True, help="Tokens per text sample.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output.")

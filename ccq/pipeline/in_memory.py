@@ -18,11 +18,17 @@ from .units import Pipeline
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrides=(), seed: int = 0,
-                   rotate_output: bool = False, settings: QuantSettings | None = None, **options) -> nn.Module:
+                   rotate_output: bool = False, settings: QuantSettings | None = None, tokenizer=None,
+                   samples: int = 128, seq_len: int | None = None, **options) -> nn.Module:
     """Quantize a loaded transformers model in place (any model made of nn.Linear layers and
     transformers' fused experts, with a decoder layer list).
 
-    calibration: None (data-free) or an iterable of model input dicts (or input_id tensors).
+    calibration: None (data-free), an iterable of model input dicts (or input_id tensors), or
+    "synthetic": `samples` x `seq_len` tokens made without user data (ccq.calibration.synthetic):
+    sampled from the model itself when it can generate (seq_len default 256), else whole-word
+    vocabulary tokens inside the tokenizer's special tokens (default 32: on MiniLM short
+    sequences calibrated better than long ones). tokenizer: for "synthetic", a tokenizer or its
+    folder (default: the folder the model was loaded from).
     options: codec options (L, code, hadamard_block, ...) and `target_bpw` / `finetune_steps`
     (see QuantSettings), or pass `settings`. Sets
     `model.config.quantization_config` and keeps the report in `model.ccq_report`.
@@ -31,7 +37,9 @@ def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrid
         settings = QuantSettings.of(bits, overrides=overrides, seed=seed, rotate_output=rotate_output, **options)
     plan = quant_plan(model, settings.bits, settings.overrides)
     batches = None
-    if calibration is not None:
+    if isinstance(calibration, str):
+        batches = _synthetic(model, calibration, tokenizer, samples, seq_len, settings.seed)
+    elif calibration is not None:
         batches = [{"input_ids": b} if isinstance(b, torch.Tensor) else dict(b) for b in calibration]
     if settings.target_bpw is not None:
         plan = _allocate(model, plan, settings, batches)
@@ -39,6 +47,23 @@ def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrid
     model.ccq_report = Pipeline(model, plan, settings, batches=batches, device=device).run()
     model.config.quantization_config = make_quantization_config(model, settings, plan)
     return model
+
+
+def _synthetic(model: nn.Module, kind: str, tokenizer, samples: int, seq_len: int | None, seed: int) -> list[dict]:
+    """Calibration batches without user data: sampled from a generating model, else vocabulary words."""
+    from ..calibration.synthetic import SYNTHETIC, load_tokenizer, sampled_batches, word_batches
+
+    if kind != SYNTHETIC:
+        raise ValueError(f"calibration {kind!r}: a string must be {SYNTHETIC!r} (else pass input dicts or tensors)")
+    if tokenizer is None or isinstance(tokenizer, str):
+        src = tokenizer or getattr(model, "name_or_path", "")
+        if not src:
+            raise ValueError("synthetic calibration: the model has no folder to load its tokenizer from; "
+                             "pass tokenizer=")
+        tokenizer = load_tokenizer(src)
+    if getattr(model, "can_generate", lambda: False)():
+        return sampled_batches(model, tokenizer, samples, seq_len or 256, seed)
+    return word_batches(tokenizer, samples, seq_len or 32, seed, where=type(model).__name__)
 
 
 def _allocate(model: nn.Module, plan: dict[str, int], settings: QuantSettings, batches) -> dict[str, int]:

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ..calibration.synthetic import SYNTHETIC
 from ..format.qconfig import make_quantization_config
 from ..format.source import MetaView, SourceCheckpoint
 from ..format.writer import CheckpointWriter
@@ -45,6 +46,9 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
                        settings: QuantSettings | None = None, overlap: bool = True, **options) -> dict:
     """Quantize model_dir into the packed checkpoint out_dir; returns the report dict.
 
+    calibration: None (data-free), a local dataset path, or "synthetic": `samples` sequences of
+    whole-word vocabulary tokens from the model dir's tokenizer (ccq.calibration.synthetic).
+
     settings: a QuantSettings; without it one is made from bits, overrides, seed, rotate_output
     and the codec options (L, code, hadamard_block, ...). overlap=False reads, quantizes and
     writes one unit after another (about one layer in memory).
@@ -69,12 +73,17 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
 
         pipe.plan = allocate_model(model, plan, settings, get=names.get)
     batches = None
-    if calibration is not None:
+    if calibration == SYNTHETIC:  # no model in memory to sample from: whole-word vocabulary tokens
+        from ..calibration.synthetic import load_tokenizer, word_batches
+
+        batches = word_batches(load_tokenizer(src.dir), samples, seq_len, settings.seed, where=str(src.dir))
+    elif calibration is not None:
         from ..calibration.data import calibration_batches
 
         batches = calibration_batches(calibration, src.dir, arch.config, samples, seq_len, arch.adapter)
     run = {"settings": settings.to_dict(), "device": dev.type, "samples": samples, "seq_len": seq_len,
-           "calibration": None if calibration is None else calibration_fingerprint(calibration)}
+           "calibration": (None if calibration is None else SYNTHETIC if calibration == SYNTHETIC
+                           else calibration_fingerprint(calibration))}
     writer = CheckpointWriter(out_dir, len(pipe.units), fingerprint(src.dir, run), overwrite=overwrite, resume=resume)
     pipe.batches, pipe.writer = batches, writer
     try:
