@@ -169,8 +169,11 @@ def demo(bits, size, L, seed, matrix_only):
 @click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True,
               help="With --calibration: Adam steps per decoder layer tuning its 16-bit parameters (scales, norms, "
                    "biases) to the 16-bit layer's outputs; 0 = off.")
+@click.option("--damp", type=float, default=0.01, show_default=True,
+              help="Hessian damping relative to its mean diagonal (0.1 paid with --calibration synthetic, "
+                   "docs/QUALITY.md).")
 def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device,
-             target_bpw, finetune_steps):
+             target_bpw, finetune_steps, damp):
     """Quantize MODEL_DIR (ERNIE-4.5-VL, Qwen3-MoE, Mixtral, DeepSeek-V3, ... or any nn.Linear transformers
     model) into a packed checkpoint."""
     from .models.policy import parse_override
@@ -179,7 +182,7 @@ def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L
 
     overrides = [run_guarded(parse_override, m) for m in module_bits]
     settings = run_guarded(QuantSettings.of, bits, overrides=overrides, seed=seed, L=L, code=code,
-                           target_bpw=target_bpw, finetune_steps=finetune_steps)
+                           target_bpw=target_bpw, finetune_steps=finetune_steps, damp=damp)
     report = run_guarded(quantize_model_dir, model_dir, out, calibration=calibration, samples=samples,
                          seq_len=seq_len, resume=resume, overwrite=overwrite, device=default_device(device),
                          settings=settings)

@@ -106,11 +106,14 @@ def test_cli_synthetic_calibration(tmp_path):
     assert r.exit_code == 1 and "synthetic calibration needs the model's tokenizer" in r.output
     assert len(r.output.strip().splitlines()) == 1
     tok.save_pretrained(str(src))
+    r = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "neg"), "--damp", "-1"])
+    assert r.exit_code == 1 and r.output.strip() == "ccq: error: damp must be >= 0, got -1.0"
+    assert not (tmp_path / "neg").exists()
     r = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "q"), "--L", "8",
-                                  "--calibration", "synthetic", "--samples", "2", "--seq-len", "16"])
+                                  "--calibration", "synthetic", "--samples", "2", "--seq-len", "16", "--damp", "0.1"])
     assert r.exit_code == 0, r.output
     rep = ccq.load(tmp_path / "q").config.quantization_config
-    assert rep["bits"] == 2
+    assert rep["bits"] == 2 and rep["damp"] == 0.1
     import json
 
     report = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
