@@ -13,6 +13,7 @@ it is within one module's single upgrade of the best choice (the LP-relaxation b
 from __future__ import annotations
 
 import heapq
+import math
 
 import torch
 
@@ -117,9 +118,13 @@ def allocate(weights: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]],
     try:
         return choose_bits(costs, sizes, budget), costs
     except ValueError:
-        low = (sum(min(s.values()) for s in sizes.values()) + sum(b for _, b in fixed.values())) * 8 / numel
-        raise ValueError(f"target bpw {settings.target_bpw} is below the smallest size this model packs to "
-                         f"({low:.3f} bpw at {min(candidates)} bits)") from None
+        raise _below_floor(settings, sum(min(s.values()) for s in sizes.values()), fixed, numel, candidates) from None
+
+
+def _below_floor(settings: QuantSettings, free_bytes: int, fixed: dict, numel: int, candidates) -> ValueError:
+    low = (free_bytes + sum(b for _, b in fixed.values())) * 8 / numel
+    return ValueError(f"target bpw {settings.target_bpw} is below the smallest size this model packs to "
+                      f"({low:.3f} bpw at {min(candidates)} bits)")
 
 
 def module_weights(model: torch.nn.Module, names, hessians: dict | None = None, get=None) -> dict[str, list]:
@@ -152,7 +157,13 @@ def allocate_model(model: torch.nn.Module, plan: dict[str, int], settings: Quant
     for n, ws in module_weights(model, fixed_names).items():  # shapes only
         fixed[n] = (sum(w.numel() for w, _ in ws),
                     sum(packed_nbytes(tuple(w.shape), plan[n], settings.codec.rotate_output) for w, _ in ws))
-    free = module_weights(model, [n for n in plan if n not in fixed], hessians, get)
+    free_names = [n for n in plan if n not in fixed]
+    shapes = [tuple(w.shape) for ws in module_weights(model, free_names).values() for w, _ in ws]  # no loads
+    numel = sum(math.prod(s) for s in shapes) + sum(n for n, _ in fixed.values())
+    floor = sum(packed_nbytes(s, min(CANDIDATES), settings.codec.rotate_output) for s in shapes)
+    if (floor + sum(b for _, b in fixed.values())) * 8 > numel * settings.target_bpw:  # before any measuring
+        raise _below_floor(settings, floor, fixed, numel, CANDIDATES)
+    free = module_weights(model, free_names, hessians, get)
     chosen, _ = allocate(free, settings, fixed, cost_fn=cost_fn)
     return {n: chosen.get(n, b) for n, b in plan.items()}
 
