@@ -31,14 +31,21 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 
 
 @triton.jit
+def _last_to_arrive(counter_ptr, n):
+    """Take a ticket at counter_ptr; true for the n-th (last) program to arrive. The barrier and the
+    ticket's release order every thread's earlier writes before it; its acquire orders the last
+    program's reads after everyone's (cooperative groups' grid sync pattern)."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == n - 1
+
+
+@triton.jit
 def _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT,
             BN: tl.constexpr, TB: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Ticket of output block pid_n; the TICKETS-th (last) program to arrive writes out[:N_TOK, block] =
-    y (+ bias) in out's dtype. The barrier and the ticket's release order every thread's atomics on y
-    before it; its acquire orders the last program's reads after everyone's (cooperative groups' grid sync
-    pattern). cnt_ptr was zeroed by an earlier launch, so no state survives the call (CUDA-graph safe)."""
-    tl.debug_barrier()
-    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == TICKETS - 1:
+    y (+ bias) in out's dtype, after everyone's atomics on y (`_last_to_arrive`). cnt_ptr was zeroed
+    by an earlier launch, so no state survives the call (CUDA-graph safe)."""
+    if _last_to_arrive(cnt_ptr + pid_n, TICKETS):
         cols = pid_n * BN + tl.arange(0, BN)
         for r0 in range(0, N_TOK, TB):  # TB rows at a time (the GEMV: all of them at once)
             r = (r0 + tl.arange(0, TB)).to(tl.int64)
@@ -151,11 +158,9 @@ def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc
                  mask=valid[:, None] & (rows < N_OUT)[None, :])
     else:
         tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=ymask)
-    if HAD > 0:  # the last program of this slot's HAD-block transforms it (see `_finish` for the ordering)
-        tl.debug_barrier()
+    if HAD > 0:  # the last program of this slot's HAD-block transforms it (ordering: `_last_to_arrive`)
         g = pid_n * BN // HAD
-        ticket = tl.atomic_add(cnt_ptr + pid_m * (tl.num_programs(1) * BN // HAD) + g, 1, sem="acq_rel", scope="gpu")
-        if ticket == HAD // BN - 1:
+        if _last_to_arrive(cnt_ptr + pid_m * (tl.num_programs(1) * BN // HAD) + g, HAD // BN):
             cols = g * HAD + tl.arange(0, HAD)
             v = tl.load(y_ptr + pid_m.to(tl.int64) * y_stride + cols, mask=cols < N, other=0, cache_modifier=".cg")
             v = fwht((v * tl.load(s_ptr + cols).to(tl.float32))[None, :], 1, HAD, LOGHAD) * HAD_SCALE
@@ -262,11 +267,9 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
                     False)
     else:
         tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
-    if HAD > 0:  # the last program of this block's HAD-block transforms it (see `_finish` for the ordering)
-        tl.debug_barrier()
+    if HAD > 0:  # the last program of this block's HAD-block transforms it (ordering: `_last_to_arrive`)
         g = pid_n * BN // HAD
-        ticket = tl.atomic_add(cnt_ptr + pid_m * (tl.num_programs(1) * BN // HAD) + g, 1, sem="acq_rel", scope="gpu")
-        if ticket == HAD // BN - 1:
+        if _last_to_arrive(cnt_ptr + pid_m * (tl.num_programs(1) * BN // HAD) + g, HAD // BN):
             cols = g * HAD + tl.arange(0, HAD)
             sg = tl.load(s_ptr + cols).to(tl.float32)[None, :]
             for r0 in tl.static_range(0, BM, RB):  # RB rows at a time: a [RB, HAD] tile stays in registers
