@@ -35,11 +35,13 @@ def fwht(x, BR: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr):
 
 
 @triton.jit
-def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCALE, zero_ptr, n_zero,
+def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCALE, zero_ptr, n_zero, xs_ptr,
                      B: tl.constexpr, LOGB: tl.constexpr, BR: tl.constexpr, SIGN_AFTER: tl.constexpr,
-                     ZB: tl.constexpr):
+                     ZB: tl.constexpr, PAIRS: tl.constexpr):
     """y = H(s * x) (or s * H x) of one [BR, B] block; with ZB > 0 also zero_ptr[ZB * p + 0..ZB) = 0
-    (p: the program's linear index, n_zero elements in all): no loop, so the whole kernel stays the hot part."""
+    (p: the program's linear index, n_zero elements in all): no loop, so the whole kernel stays the hot part.
+    PAIRS (for the tensor-core GEMV): y holds every value twice as fp16, divided by a power of two per row
+    and block that puts the block's largest magnitude in [2**14, 2**15); the power goes to xs[row, block]."""
     if ZB > 0:
         z = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * ZB + tl.arange(0, ZB)
         tl.store(zero_ptr + z, tl.zeros((ZB,), tl.float32), mask=z < n_zero)
@@ -55,7 +57,17 @@ def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCAL
     x = fwht(x, BR, B, LOGB) * SCALE
     if SIGN_AFTER:
         x = x * s
-    tl.store(y_ptr + r64 * y_stride + cols[None, :], x.to(y_ptr.dtype.element_ty), mask=rmask)
+    if PAIRS:
+        ex = (tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of the max
+        ok = ex >= 15  # else the block is (nearly) zero: scale 1
+        scale = tl.where(ok, (ex - 14) << 23, 127 << 23).to(tl.float32, bitcast=True)
+        inv = tl.where(ok, (268 - ex) << 23, 127 << 23).to(tl.float32, bitcast=True)
+        xh = (x * inv[:, None]).to(tl.float16)
+        tl.store(xs_ptr + rows.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), scale, mask=rows < n_rows)
+        pc = tl.program_id(1) * 2 * B + tl.arange(0, 2 * B)
+        tl.store(y_ptr + r64 * y_stride + pc[None, :], tl.reshape(tl.join(xh, xh), (BR, 2 * B)), mask=rmask)
+    else:
+        tl.store(y_ptr + r64 * y_stride + cols[None, :], x.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 def transform(x: torch.Tensor, signs: torch.Tensor, block: int, out_dtype: torch.dtype = torch.float32,
@@ -63,13 +75,24 @@ def transform(x: torch.Tensor, signs: torch.Tensor, block: int, out_dtype: torch
     """x [..., n] (n <= len(signs), zero padded) -> H (s * x) or, with sign_after, s * (H x); [..., len(signs)].
 
     zero: a contiguous fp32 buffer the same launch fills with zeros (x must have rows)."""
+    return _transform(x, signs, block, out_dtype, sign_after, zero)[0]
+
+
+def transform_pairs(x: torch.Tensor, signs: torch.Tensor, block: int, zero: torch.Tensor | None = None):
+    """H(s * x) of x [rows, n] for the tensor-core GEMV: (fp16 [rows, 2 * len(signs)], every value twice,
+    and fp32 [rows, len(signs) // block], the power of two each block was divided by)."""
+    return _transform(x, signs, block, torch.float16, False, zero, pairs=True)
+
+
+def _transform(x, signs, block, out_dtype, sign_after, zero, pairs=False):
     n_pad = signs.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    y = torch.empty(rows, n_pad, dtype=out_dtype, device=x.device)
+    y = torch.empty(rows, n_pad * (2 if pairs else 1), dtype=out_dtype, device=x.device)
+    xs = torch.empty(rows, n_pad // block, dtype=torch.float32, device=x.device) if pairs else y
     if zero is not None and (not rows or zero.dtype != torch.float32 or not zero.is_contiguous()):
         raise ValueError("transform: zero= needs rows to transform and a contiguous fp32 buffer")
     if rows:
@@ -77,7 +100,9 @@ def transform(x: torch.Tensor, signs: torch.Tensor, block: int, out_dtype: torch
         grid = (triton.cdiv(rows, br), n_pad // block)
         n_zero = zero.numel() if zero is not None else 0
         zb = triton.next_power_of_2(triton.cdiv(n_zero, grid[0] * grid[1])) if n_zero else 0
-        launch(_hadamard_kernel, grid, x2, signs, y, rows, x2.shape[1], x2.stride(0), n_pad, block ** -0.5,
-               zero if n_zero else y, n_zero, B=block, LOGB=int(math.log2(block)), BR=br, SIGN_AFTER=sign_after,
-               ZB=zb)
-    return y.reshape(*lead, n_pad)
+        launch(_hadamard_kernel, grid, x2, signs, y, rows, x2.shape[1], x2.stride(0), y.stride(0), block ** -0.5,
+               zero if n_zero else y, n_zero, xs, B=block, LOGB=int(math.log2(block)), BR=br, SIGN_AFTER=sign_after,
+               ZB=zb, PAIRS=pairs)
+    if pairs:
+        return y, xs
+    return y.reshape(*lead, n_pad), None

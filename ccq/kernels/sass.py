@@ -43,6 +43,7 @@ def compile_launch(rec, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import create_function_from_signature
 
     fn = rec.kernel
@@ -53,7 +54,8 @@ def compile_launch(rec, arch: int):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*rec.args, **rec.kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, rec.kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    source = GluonASTSource if fn.is_gluon() else ASTSource
+    return triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 @dataclass
