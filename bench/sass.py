@@ -50,7 +50,7 @@ def path_of(rec) -> str:
     c = rec.constexprs()
     if rec.name in ("_gemv_kernel", "_gemm_kernel") and c.get("ROUTED"):
         return "moe_gate_up" if c.get("GATHER_A") else "moe_down"
-    return {"_gemv_kernel": "gemv", "_gemm_kernel": "gemm", "_dequant_kernel": "decode",
+    return {"_gemv_kernel": "gemv", "_gemv_tc_kernel": "gemv", "_gemm_kernel": "gemm", "_dequant_kernel": "decode",
             "_hadamard_kernel": "hadamard", "_align_kernel": "align"}[rec.name]
 
 
@@ -62,6 +62,8 @@ def per_iter_weights(rec, num_warps: int) -> float:
         return c["BR"] * c["B"] / threads
     if rec.name == "_align_kernel":
         return c["CH"] / threads
+    if rec.name == "_gemv_tc_kernel":  # 16*MT rows per warp x one K step of 128
+        return 16 * c["MT"] * 128 / 32
     bk = c["BK"] if "BK" in c else 16 * c["J"]
     return c["BN"] * bk * (2 if c.get("SWIGLU") else 1) / threads
 
@@ -73,15 +75,19 @@ def config_key(rec) -> tuple:
 def work(rec, path: str, bits: int, used_blocks: int | None) -> tuple[float, float]:
     """(units, bytes) one launch processes: weights decoded (Hadamard: elements) and HBM bytes moved."""
     a = dict(zip(rec.kernel.arg_names, rec.args)) | rec.kwargs
-    if path == "hadamard":
-        n = a["n_rows"] * a["y_stride"]
-        return n, n * (a["x_ptr"].element_size() + a["y_ptr"].element_size())
+    if path == "hadamard":  # PAIRS: every output value written twice
+        pairs = 2 if rec.kwargs.get("PAIRS") else 1
+        n = a["n_rows"] * a["y_stride"] // pairs
+        return n, n * (a["x_ptr"].element_size() + pairs * a["y_ptr"].element_size())
     if path == "align":  # pairs, in whole chunks; reads the routing twice, writes ids and block experts
         n, ch = a["N"], rec.kwargs["CH"]
         return -(-n // ch) * ch, 2 * n * a["idx_ptr"].element_size() + a["N_BLOCKS"] * (rec.kwargs["BM"] + 1) * 4
     if path == "decode":
         n = a["N"] * a["K"] * rec.grid[2]
         return n, n * (bits / 8 + a["out_ptr"].element_size())
+    if rec.name == "_gemv_tc_kernel":
+        n = a["N"] * a["KT"] * 16
+        return n, n * bits / 8
     if rec.name == "_gemv_kernel":
         n = a["N"] * a["KT"] * 16 * (2 if a.get("SWIGLU") else 1)
         if a.get("ROUTED"):  # one program row per slot; a skipped slot exits at once
@@ -154,7 +160,7 @@ def print_tables(configs: list[dict], shapes: list[dict]) -> None:
     for c in configs:
         st = c["stats"]
         p = st["per_weight"]
-        cfg = {k: v for k, v in c["config"].items() if k in ("BM", "BN", "BK", "J", "B", "BR", "RUNS", "SWIGLU")}
+        cfg = {k: v for k, v in c["config"].items() if k in ("BM", "BN", "BK", "J", "B", "BR", "RUNS", "SWIGLU", "MT", "HB")}
         eff = max(p["total"], 2 * p["alu"], 2 * p["fma_heavy"])
         # spilled registers live in the stack frame: bytes of stack + local, and LDL/STL in the kernel
         frame = st["stack"] + st["local"]
@@ -201,7 +207,8 @@ def main(argv=None) -> int:
                     st["per_weight"] = {c: st[c] / wpt for c in (*sass.CLASSES, "fma_heavy", "mma")}
                     st["per_weight"]["total"] = st["loop"] / wpt
                     configs[key] = dict(path=path_of(rec), bits=bits, code=code, kernel=rec.name,
-                                        config={k: v for k, v in rec.constexprs().items()},
+                                        config={k: v if isinstance(v, (int, float, bool, str)) else repr(v)
+                                                for k, v in rec.constexprs().items()},
                                         num_warps=kern.metadata.num_warps, weights_per_thread_per_iter=wpt,
                                         stats=st, cubin=kern.asm["cubin"])
                     print(f"compiled {len(configs)}: {rec.name} {bits}b {code} {configs[key]['config']}",

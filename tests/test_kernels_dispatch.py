@@ -68,10 +68,10 @@ def meta(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def packed(E, out, inp, bits=2):
-    """A meta-device QuantizedTensor (a stack of E when E > 0) with 512-blocks on the input side."""
+def packed(E, out, inp, bits=2, had=512):
+    """A meta-device QuantizedTensor (a stack of E when E > 0) with `had`-blocks on the input side."""
     lead = (E,) if E else ()
-    meta_vec = torch.tensor([FORMAT_VERSION, bits, 16, get_code("mul1").code_id, 512, 0, E, out, inp],
+    meta_vec = torch.tensor([FORMAT_VERSION, bits, 16, get_code("mul1").code_id, had, 0, E, out, inp],
                             dtype=torch.int32)
     words = meta(*lead, out // 16, inp // 16, 16 * bits, dtype=torch.int16)
     return QuantizedTensor(words, meta(*lead, out, dtype=torch.float16), random_signs(inp, 0).to("meta"), None,
@@ -81,16 +81,18 @@ def packed(E, out, inp, bits=2):
 def test_moe_decode_step_launches_and_has_no_host_sync():
     """One token through a 28B-shaped MoE layer on meta tensors (a host read would raise): three Triton
     launches (the input transform, which zeroes the output; gate_up with SwiGLU and down's input transform;
-    down with the weighted sum and the cast) and no torch kernel."""
+    down with the weighted sum and the cast) and no torch kernel: on tensor cores with 512-blocks, on CUDA
+    cores with 64-blocks (below the tensor-core path's 128)."""
     from ccq.kernels import launch, moe
 
-    gu, dn = packed(64, 2 * 1536, 2560), packed(64, 2560, 1536)
-    with launch.record() as recs:
-        step = lambda: moe.qmoe(meta(1, 2560), meta(1, 6, dtype=torch.long), meta(1, 6), gu, dn)  # noqa: E731
-        n_torch = launch.torch_kernels(step)
-    assert [r.name for r in recs] == ["_hadamard_kernel", "_gemv_kernel", "_gemv_kernel"]
-    assert n_torch == 0
-    assert recs[1].kwargs["HAD"] == 512 and recs[2].kwargs["FINISH"]
+    for had, kernel, fused in ((512, "_gemv_tc_kernel", "ATOMIC"), (64, "_gemv_kernel", "FINISH")):
+        gu, dn = packed(64, 2 * 1536, 2560, had=had), packed(64, 2560, 1536, had=had)
+        with launch.record() as recs:
+            step = lambda: moe.qmoe(meta(1, 2560), meta(1, 6, dtype=torch.long), meta(1, 6), gu, dn)  # noqa: E731
+            n_torch = launch.torch_kernels(step)
+        assert [r.name for r in recs] == ["_hadamard_kernel", kernel, kernel]
+        assert n_torch == 0
+        assert recs[1].kwargs["HAD"] == had and recs[2].kwargs[fused]
 
 
 def test_moe_prefill_launches_and_has_no_host_sync():
@@ -110,12 +112,14 @@ def test_moe_prefill_launches_and_has_no_host_sync():
 
 
 def test_dense_batch1_launches_and_has_no_host_sync():
-    """qlinear at one row with a bias: the transform (zeroing the split-K sums) and the GEMV (bias, cast)."""
+    """qlinear at one row with a bias: the transform (zeroing the split-K sums) and the GEMV (bias, cast), on
+    tensor cores (K split on grid axis 1) with 512-blocks, on CUDA cores (axis 2) with 64-blocks."""
     from ccq.kernels import gemm, launch
 
-    qt = packed(0, 3072, 2560)
-    with launch.record() as recs:
-        n_torch = launch.torch_kernels(lambda: gemm.qlinear(meta(1, 2560), qt, meta(3072)))
-    assert [r.name for r in recs] == ["_hadamard_kernel", "_gemv_kernel"]
-    assert n_torch == 0
-    assert recs[0].kwargs["ZB"] > 0 and recs[1].grid[2] > 1
+    for had, kernel, axis in ((512, "_gemv_tc_kernel", 1), (64, "_gemv_kernel", 2)):
+        qt = packed(0, 3072, 2560, had=had)
+        with launch.record() as recs:
+            n_torch = launch.torch_kernels(lambda: gemm.qlinear(meta(1, 2560), qt, meta(3072)))
+        assert [r.name for r in recs] == ["_hadamard_kernel", kernel]
+        assert n_torch == 0
+        assert recs[0].kwargs["ZB"] > 0 and recs[1].grid[axis] > 1

@@ -280,3 +280,59 @@ def test_gemm_decode_name_checked():
     qt = random_qt((24, 48), 2, 16, "mul1", False)
     with pytest.raises(ValueError, match="decode must be 'gather' or 'runs', got 'lut'"):
         qlinear(torch.randn(8, 48, device=DEV), qt, decode="lut")
+
+
+# the tensor-core GEMV (Gluon on a GPU, its layout-erased twin here): every bit width and code kind, small L
+TC_CASES = [(2, 16, "mul1"), (2, 12, "mcg"), (3, 16, "1mad"), (3, 10, "mcg"), (4, 16, "3inst"), (4, 8, "mul1")]
+
+
+@pytest.mark.parametrize("bits,L,code", TC_CASES)
+@pytest.mark.parametrize("rows,inp", [(1, 250), (8, 250), (3, 128)])
+def test_qlinear_tensor_core_gemv(monkeypatch, bits, L, code, rows, inp):
+    """Batch <= 8 with Hadamard blocks >= 128 runs the tensor-core GEMV: in 250 (in_pad 256: two K steps,
+    split over two programs with the ticket epilogue) or 128 (one step, direct store); out 200 (two output
+    blocks of 128, the second one clamped), bias, fp16 activations scaled per (row, block)."""
+    from ccq.kernels import gemm, gemv_tc
+
+    calls = []
+    monkeypatch.setattr(gemv_tc, "qlinear_tc", lambda *a, f=gemv_tc.qlinear_tc: calls.append(1) or f(*a))
+    qt = random_qt((200, inp), bits, L, code, False, seed=bits + L, hadamard_block=128)
+    x = torch.randn(rows, inp, device=DEV) * torch.logspace(-2, 4, rows, device=DEV)[:, None]  # beyond fp16
+    bias = torch.randn(200, device=DEV)
+    got = gemm.qlinear(x, qt, bias)
+    assert calls and got.shape == (rows, 200)
+    want = reference.qlinear(x, qt, bias)
+    for r in range(rows):  # each row against its own scale: fp16 activations, about 2**-11 relative
+        close(got[r], want[r], 2e-3)
+
+
+def test_qlinear_tensor_core_gemv_dispatch(monkeypatch):
+    """More than 8 rows, Hadamard blocks below 128 or a rotated output side take the other kernels."""
+    from ccq.kernels import gemv_tc
+
+    x = torch.randn(1, 250, device=DEV)
+    assert gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=128))
+    assert not gemv_tc.supported(torch.randn(9, 250, device=DEV), random_qt((40, 250), 2, hadamard_block=128))
+    assert not gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=64))
+    assert not gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=128, rotate_output=True))
+
+
+def test_hadamard_pairs_scaled_fp16():
+    """transform_pairs: each value twice as fp16, divided per (row, block) by a power of two that puts the
+    block's largest magnitude in [2**14, 2**15); zero blocks get scale 1."""
+    from ccq.kernels.hadamard import transform, transform_pairs
+
+    s = random_signs(512, 4).to(DEV)
+    x = torch.randn(3, 500, device=DEV) * torch.tensor([[1e-6], [1.0], [3e5]], device=DEV)
+    x[0, :128] = 0
+    xd, xs = transform_pairs(x, s, 128)
+    assert xd.shape == (3, 1024) and xd.dtype == torch.float16 and xs.shape == (3, 4)
+    pairs = xd.float().view(3, 512, 2)
+    assert torch.equal(pairs[..., 0], pairs[..., 1])
+    assert torch.equal(xs, torch.exp2(torch.log2(xs).round()))  # powers of two
+    assert xs[0, 0] == 1 and (pairs[0, :128] == 0).all()
+    peak = pairs[..., 0].abs().view(3, 4, 128).amax(-1)
+    assert ((peak[:, 1:] >= 2 ** 14) & (peak[:, 1:] < 2 ** 15)).all() and (peak[1:, 0] >= 2 ** 14).all()
+    want = transform(x, s, 128)
+    got = (pairs[..., 0].view(3, 4, 128) * xs[..., None]).view(3, 512)
+    close(got, want, 1e-3)

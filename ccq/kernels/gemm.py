@@ -1,6 +1,7 @@
 """Fused trellis-decode GEMV / GEMM: y = x' @ W'^T without materialising W'.
 
-Two kernels share the decode of `decode.py` (offsets computed once, outside the K loop):
+Two kernels share the decode of `decode.py` (offsets computed once, outside the K loop); a third, the
+tensor-core GEMV of `gemv_tc.py`, takes up to 8 rows where it applies (`gemv_tc.supported`):
 - `_gemv_kernel` (a few rows: batch-1 decode, and the MoE at up to 4 tokens): CUDA-core FMAs
   accumulated element-wise per run, the K loop split over grid axis 2 (fp32 atomics) so that
   even a short output dim fills the GPU; routed, one program row per (token, slot).
@@ -17,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gemv_tc
 from .hadamard import fwht
 from .launch import launch, sm_count
 from .decode import (code_norm, code_params, code_value, decode_at, run_history_offsets, run_strings, run_window,
@@ -456,6 +458,8 @@ def qlinear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, decode: str |
 
     lead, out_f = x.shape[:-1], qt.shape[-2]
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] and gemv_tc.supported(x2, qt):
+        return gemv_tc.qlinear_tc(x2, qt, bias).reshape(*lead, out_f)
     small = x2.shape[0] <= GEMV_MAX_ROWS
     if small and x2.shape[0] and qt.signs_out is None:
         return _qlinear_gemv(x2, qt, bias).reshape(*lead, out_f)

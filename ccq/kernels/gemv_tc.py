@@ -41,6 +41,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 MAX_ROWS = 8  # the MMA's N
 MIN_BLOCK = 128  # a K step (8 tiles) must lie inside one Hadamard block of the activation scales
 MT, WARPS = 2, 4  # 16-row blocks per warp, warps per program: 128 outputs per program
+MOE_BM1 = 32  # outputs per program of the MoE's gate_up launch (no K split there: SwiGLU needs whole sums)
 
 
 @gluon.jit
@@ -62,80 +63,202 @@ def _last_to_arrive(counter_ptr, n):
 
 
 @gluon.jit
-def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, tr_ptr, tr32_ptr, sc_ptr, y_ptr, y_stride,
-                    out_ptr, out_stride, bias_ptr, cnt_ptr, M, N, N_OUT, KT, T_PER_SPLIT, TICKETS, NORM,
+def _offsets(rows, tiles, KT, BITS: tl.constexpr):
+    """Word offsets of each run's history word (the word before its own, circularly) and first own word."""
+    NW: tl.constexpr = 16 * BITS
+    r = (rows % 16)[:, None]
+    run0 = ((rows // 16)[:, None] * KT + tiles[None, :]) * NW
+    return run0 + (r * BITS - 1 + NW) % NW, run0 + r * BITS
+
+
+@gluon.jit
+def _strings(tr_ptr, tr32_ptr, hist_off, new_off, t0, BITS: tl.constexpr):
+    """The runs' words of the K step at tile t0 as 64-bit strings, MSB first: a = words -1..2 of the run
+    (history first), b = words 0..3 (4 bits; else a)."""
+    NW: tl.constexpr = 16 * BITS
+    hist = gl.load(tr_ptr + t0 * NW + hist_off).to(gl.uint16).to(gl.uint32)
+    if BITS == 2:  # words (2r, 2r+1) are one aligned int32 (low half first): hist|w0 and w1|w0
+        u = gl.load(tr32_ptr + (t0 * NW + new_off) // 2).to(gl.uint32)
+        a = (((hist << 16) | (u & 0xFFFF)).to(gl.uint64) << 32) | u.to(gl.uint64)
+        b = a
+    elif BITS == 4:  # words 4r..4r+3 are two aligned int32s
+        u0 = gl.load(tr32_ptr + (t0 * NW + new_off) // 2).to(gl.uint32)
+        u1 = gl.load(tr32_ptr + (t0 * NW + new_off) // 2 + 1).to(gl.uint32)
+        a = (((hist << 16) | (u0 & 0xFFFF)).to(gl.uint64) << 32) | ((u0 & 0xFFFF0000) | (u1 & 0xFFFF)).to(gl.uint64)
+        b = (((u0 << 16) | (u0 >> 16)).to(gl.uint64) << 32) | ((u1 << 16) | (u1 >> 16)).to(gl.uint64)
+    else:
+        a = hist.to(gl.uint64) << 48
+        for q in gl.static_range(3):
+            a = a | (gl.load(tr_ptr + t0 * NW + new_off + q).to(gl.uint16).to(gl.uint64) << (32 - 16 * q))
+        b = a
+    return a, b
+
+
+@gluon.jit
+def _step(a, b, xp, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+          FP16SUM: tl.constexpr, BM: tl.constexpr, LA: tl.constexpr):
+    """part += the 16 MMAs of one K step: MMA c takes weight c of every run (A's K slot p: tile p) against
+    the activations of columns 16p + c of the step (B: fp16 pairs at xp + 2c)."""
+    for c in gl.static_range(16):
+        # window c of each run: string bits [E - L, E), E = 16 + BITS * (c + 1) (a: 64 bits, b: 80)
+        if 16 + BITS * (c + 1) <= 64:
+            st = a >> (48 - BITS * (c + 1))
+        else:
+            st = b >> (64 - BITS * (c + 1))
+        st = (st & ((1 << L) - 1)).to(gl.uint32) * MUL + ADD
+        wa = gl.convert_layout(gl.reshape(gl.join(st, st), [BM, 16]), LA, assert_trivial=True)
+        part = mma_v2(_pairs(wa, FP16SUM), gl.load(xp + 2 * c), part)
+    return part
+
+
+@gluon.jit
+def _hadamard(n: tl.constexpr, layout: tl.constexpr):
+    """The n x n Walsh-Hadamard matrix (Sylvester order), entry (i, j) = (-1) ** popcount(i & j)."""
+    i = gl.arange(0, n, layout=gl.SliceLayout(1, layout))[:, None]
+    j = gl.arange(0, n, layout=gl.SliceLayout(0, layout))[None, :]
+    p = i & j
+    p = p ^ (p >> 8)
+    p = p ^ (p >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    return (1 - 2 * (p & 1)).to(gl.float32)
+
+
+@gluon.jit
+def _write_pairs(v, hr_ptr, hs_ptr, off):
+    """Store v (a block of the activation) as `hadamard.transform_pairs` does: v / 2**e twice as fp16 at
+    hr_ptr + 2 * off, with 2**e (the block's largest magnitude / 2**e in [2**14, 2**15)) at hs_ptr."""
+    ex = (gl.max(gl.max(gl.abs(v), axis=1), axis=0).to(gl.int32, bitcast=True) >> 23) & 0xFF
+    scale = gl.where(ex >= 15, (ex - 14) << 23, 127 << 23).to(gl.float32, bitcast=True)
+    inv = gl.where(ex >= 15, (268 - ex) << 23, 127 << 23).to(gl.float32, bitcast=True)
+    vh = (v * inv).to(gl.float16)
+    gl.store(hr_ptr + gl.join(2 * off, 2 * off + 1), gl.join(vh, vh))
+    gl.store(hs_ptr, scale)
+
+
+@gluon.jit
+def _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT,
+            BM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr):
+    """Ticket of output block pid_n; the TICKETS-th program writes out[:N_TOK, block] = y (+ bias), cast."""
+    if _last_to_arrive(cnt_ptr + pid_n, TICKETS):
+        n2 = gl.arange(0, 8, layout=gl.SliceLayout(1, OUT_L))
+        c2 = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_L))
+        m2 = (n2 < N_TOK)[:, None] & (c2 < N_OUT)[None, :]
+        v = gl.load(y_ptr + n2[:, None] * y_stride + c2[None, :], mask=m2, other=0, cache_modifier=".cg")
+        if HAS_BIAS:
+            v += gl.load(bias_ptr + c2, mask=c2 < N_OUT, other=0).to(gl.float32)[None, :]
+        gl.store(out_ptr + n2[:, None] * out_stride + c2[None, :], v.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@gluon.jit
+def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr, tr32_ptr, tr_estride, sc_ptr,
+                    sc_estride, y_ptr, y_stride, out_ptr, out_stride, bias_ptr, s_ptr, hs_ptr, hs_stride, cnt_ptr,
+                    M, N, N_OUT, KT, T_PER_SPLIT, TICKETS, TOP_K, N_EXPERTS, GATE_OFF, NORM, HAD_SCALE,
                     BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
                     FP16SUM: tl.constexpr, MT: tl.constexpr, W: tl.constexpr, RUNS: tl.constexpr,
-                    HB: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr):
-    """out[:M, block] = x' @ W'^T (+ bias) for 16*MT*W outputs of W' and one K slice (grid axis 1).
+                    HB: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr,
+                    ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, HAD: tl.constexpr,
+                    HAD1: tl.constexpr, HAD_L: tl.constexpr):
+    """x' @ W'^T for 16*MT*W outputs (grid axis 0) and one K slice (axis 1); the activations: fp16 pairs xd
+    [rows, 2 * in_pad] with scales xs [rows, in_pad // HB]; tr / tr32: the trellis as int16 / int32.
 
-    xd: the activation as fp16 pairs [M, 2 * in_pad] with scale xs[m, block of HB columns]; tr / tr32:
-    the trellis words as int16 / int32. ATOMIC (K split): partial sums go to the zeroed fp32 y and
-    the last program per output block (ticket in cnt_ptr, TICKETS = K slices) writes out."""
-    BM: gl.constexpr = 16 * MT * W
-    NW: gl.constexpr = 16 * BITS
+    Dense (not ROUTED): rows 0..M-1 (M <= 8) of x and out; ATOMIC (K split): partial sums into the zeroed
+    fp32 y, the last program per output block (ticket in cnt_ptr, TICKETS programs) writes out (+ bias).
+    ROUTED (MoE decode, axis 2 = flat slot s of expert ids[s], skipped unless 0 <= e < N_EXPERTS): all 8
+    MMA columns read one x row; GATHER_A (launch 1, x row s // TOP_K, no K split): y[s] = silu(gate) * up
+    (SWIGLU: rows n and GATE_OFF + n), and with HAD the last program of each HAD-block of the slot writes
+    down's input H(s_ptr * y[s]) * HAD_SCALE as pairs into out / scales into hs (Hadamard as two small
+    FMA matmuls, HAD = HAD1 x HAD // HAD1); else (launch 2, x row s): y[s // TOP_K] += w[s] * result by
+    atomics, then `_finish` with TICKETS = slots x K slices."""
+    BM: tl.constexpr = 16 * MT * W
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
     la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     pid_n = gl.program_id(0)
     t_lo = gl.program_id(1) * T_PER_SPLIT
+    no = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+    k2 = gl.arange(0, 16, layout=gl.SliceLayout(1, lb))
+    if ROUTED:
+        slot = gl.program_id(2)
+        e = gl.load(ids_ptr + slot).to(gl.int64)
+        if (e < 0) | (e >= N_EXPERTS):  # skipped slot
+            if HAD > 0:  # down's input for this slot's columns: zero pairs, scale 1
+                c1 = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_L))
+                gl.store(out_ptr + slot * out_stride + 2 * c1, gl.zeros([BM], gl.float16, gl.SliceLayout(0, OUT_L)))
+                gl.store(out_ptr + slot * out_stride + 2 * c1 + 1, gl.zeros([BM], gl.float16, gl.SliceLayout(0, OUT_L)))
+                gl.store(hs_ptr + slot * hs_stride + pid_n * BM // HAD, 1.0)
+            elif GATHER_A:
+                c1 = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_L))
+                gl.store(y_ptr + slot * y_stride + c1, gl.zeros([BM], gl.float32, gl.SliceLayout(0, OUT_L)), mask=c1 < N)
+            elif ATOMIC:  # no contribution, but the block's ticket count includes this program
+                _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM,
+                        HAS_BIAS, OUT_L)
+            return
+        tr_ptr += e * tr_estride
+        tr32_ptr += e * tr_estride // 2
+        sc_ptr += e * sc_estride
+        if GATHER_A:
+            x_row = slot // TOP_K
+        else:
+            x_row = slot
+        nb = gl.zeros([8], gl.int32, gl.SliceLayout(0, lb)) + x_row
+        xs_row = xs_ptr + (gl.zeros([8], gl.int32, gl.SliceLayout(0, mma)) + x_row) * xs_stride
+    else:
+        nb = gl.minimum(gl.arange(0, 8, layout=gl.SliceLayout(0, lb)), M - 1)  # columns past M: never stored
+        xs_row = xs_ptr + gl.minimum(no, M - 1) * xs_stride
     # runs [BM rows, 8 tiles] in A's layout without its pair bit; rows past N are clamped (never stored)
     rows = gl.minimum(pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, RUNS)), N - 1)
     tiles = gl.arange(0, 8, layout=gl.SliceLayout(0, RUNS))
-    r = (rows % 16)[:, None]
-    run0 = ((rows // 16)[:, None] * KT + tiles[None, :]) * NW
-    hist_off = run0 + (r * BITS - 1 + NW) % NW  # the word before the run's own, circularly
-    new_off = run0 + r * BITS
-    k2 = gl.arange(0, 16, layout=gl.SliceLayout(1, lb))
-    nb = gl.minimum(gl.arange(0, 8, layout=gl.SliceLayout(0, lb)), M - 1)
+    hist_off, new_off = _offsets(rows, tiles, KT, BITS)
+    if SWIGLU:
+        hist_u, new_u = _offsets(GATE_OFF + rows, tiles, KT, BITS)
+        acc_u = gl.zeros([BM, 8], gl.float32, layout=mma)
     xoff = gl.max_contiguous(gl.multiple_of(nb[None, :] * x_stride + (k2 // 2 * 32 + k2 % 2)[:, None], [2, 1]),
                              [2, 1])
-    no = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
-    xs_row = xs_ptr + gl.minimum(no, M - 1) * xs_stride
     acc = gl.zeros([BM, 8], gl.float32, layout=mma)
     for t0 in range(t_lo, gl.minimum(t_lo + T_PER_SPLIT, KT), 8):  # K steps of 8 tiles
-        part = gl.zeros([BM, 8], gl.float32, layout=mma)
-        tr = tr_ptr + t0 * NW
-        hist = gl.load(tr + hist_off).to(gl.uint16).to(gl.uint32)
-        if BITS == 2:  # words (2r, 2r+1) are one aligned int32: string hist|w0|w1 in (hi, lo)
-            u = gl.load(tr32_ptr + (t0 * NW + new_off) // 2).to(gl.uint32)
-            a = (((hist << 16) | (u & 0xFFFF)).to(gl.uint64) << 32) | u.to(gl.uint64)
-            b = a
-        elif BITS == 4:  # words 4r..4r+3 are two aligned int32s
-            u0 = gl.load(tr32_ptr + (t0 * NW + new_off) // 2).to(gl.uint32)
-            u1 = gl.load(tr32_ptr + (t0 * NW + new_off) // 2 + 1).to(gl.uint32)
-            a = (((hist << 16) | (u0 & 0xFFFF)).to(gl.uint64) << 32) | \
-                ((u0 & 0xFFFF0000) | (u1 & 0xFFFF)).to(gl.uint64)
-            b = (((u0 << 16) | (u0 >> 16)).to(gl.uint64) << 32) | ((u1 << 16) | (u1 >> 16)).to(gl.uint64)
-        else:
-            a = hist.to(gl.uint64) << 48
-            for q in gl.static_range(3):
-                a = a | (gl.load(tr + new_off + q).to(gl.uint16).to(gl.uint64) << (32 - 16 * q))
-            b = a
         xp = xd_ptr + t0 * 32 + xoff
-        for c in gl.static_range(16):
-            # window c of each run: string bits [E - L, E), E = 16 + BITS * (c + 1) (a: 64 bits, b: 80)
-            if 16 + BITS * (c + 1) <= 64:
-                st = a >> (48 - BITS * (c + 1))
-            else:
-                st = b >> (64 - BITS * (c + 1))
-            st = (st & ((1 << L) - 1)).to(gl.uint32) * MUL + ADD
-            wa = gl.convert_layout(gl.reshape(gl.join(st, st), [BM, 16]), la, assert_trivial=True)
-            part = mma_v2(_pairs(wa, FP16SUM), gl.load(xp + 2 * c), part)
-        acc += part * gl.load(xs_row + t0 // (HB // 16))[None, :]  # the step's activation scale
+        sx = gl.load(xs_row + t0 // (HB // 16))[None, :]  # the step's activation scale
+        a, b = _strings(tr_ptr, tr32_ptr, hist_off, new_off, t0, BITS)
+        acc += _step(a, b, xp, gl.zeros([BM, 8], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM, la) * sx
+        if SWIGLU:
+            a, b = _strings(tr_ptr, tr32_ptr, hist_u, new_u, t0, BITS)
+            acc_u += _step(a, b, xp, gl.zeros([BM, 8], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM,
+                           la) * sx
     rows_o = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
     y = acc * (gl.load(sc_ptr + gl.minimum(rows_o, N - 1)).to(gl.float32) * NORM)[:, None]
-    if ATOMIC:
+    if SWIGLU:
+        up = acc_u * (gl.load(sc_ptr + GATE_OFF + gl.minimum(rows_o, N - 1)).to(gl.float32) * NORM)[:, None]
+        y = y / (1 + gl.exp(-y)) * up
+    if ROUTED:
+        one = (rows_o < N)[:, None] & (no == 0)[None, :]  # column 0: the slot's token
+        if GATHER_A:
+            gl.store(y_ptr + slot * y_stride + rows_o[:, None] + no[None, :] * 0, y, mask=one)
+            if HAD > 0:  # the last program of this slot's HAD-block transforms it (ordering: `_last_to_arrive`)
+                g = pid_n * BM // HAD
+                if _last_to_arrive(cnt_ptr + slot * (gl.num_programs(0) * BM // HAD) + g, HAD // BM):
+                    HAD2: tl.constexpr = HAD // HAD1
+                    i1 = gl.arange(0, HAD1, layout=gl.SliceLayout(1, HAD_L))
+                    i2 = gl.arange(0, HAD2, layout=gl.SliceLayout(0, HAD_L))
+                    cols = g * HAD + i1[:, None] * HAD2 + i2[None, :]
+                    v = gl.load(y_ptr + slot * y_stride + cols, mask=cols < N, other=0, cache_modifier=".cg")
+                    v = v * gl.load(s_ptr + cols).to(gl.float32)
+                    a_l: gl.constexpr = gl.DotOperandLayout(0, HAD_L, 0)
+                    b_l: gl.constexpr = gl.DotOperandLayout(1, HAD_L, 0)
+                    zero = gl.zeros([HAD1, HAD2], gl.float32, HAD_L)
+                    v = gl.dot_fma(gl.convert_layout(v, a_l), gl.convert_layout(_hadamard(HAD2, HAD_L), b_l), zero)
+                    v = gl.dot_fma(gl.convert_layout(_hadamard(HAD1, HAD_L), a_l), gl.convert_layout(v, b_l), zero)
+                    _write_pairs(v * HAD_SCALE, out_ptr + slot * out_stride, hs_ptr + slot * hs_stride + g, cols)
+        else:
+            y = y * gl.load(w_ptr + slot).to(gl.float32)
+            gl.atomic_add(y_ptr + (slot // TOP_K) * y_stride + rows_o[:, None] + no[None, :] * 0, y, mask=one,
+                          sem="relaxed")
+            _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS,
+                    OUT_L)
+    elif ATOMIC:
         gl.atomic_add(y_ptr + no[None, :] * y_stride + rows_o[:, None], y,
                       mask=(rows_o < N)[:, None] & (no < M)[None, :], sem="relaxed")
-        if _last_to_arrive(cnt_ptr + pid_n, TICKETS):
-            n2 = gl.arange(0, 8, layout=gl.SliceLayout(1, OUT_L))
-            c2 = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_L))
-            m2 = (n2 < M)[:, None] & (c2 < N_OUT)[None, :]
-            v = gl.load(y_ptr + n2[:, None] * y_stride + c2[None, :], mask=m2, other=0, cache_modifier=".cg")
-            if HAS_BIAS:
-                v += gl.load(bias_ptr + c2, mask=c2 < N_OUT, other=0).to(gl.float32)[None, :]
-            gl.store(out_ptr + n2[:, None] * out_stride + c2[None, :], v.to(out_ptr.dtype.element_ty), mask=m2)
+        _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS, OUT_L)
     else:
         if HAS_BIAS:
             y += gl.load(bias_ptr + rows_o, mask=rows_o < N_OUT, other=0).to(gl.float32)[:, None]
@@ -154,6 +277,10 @@ def runs_layout(mt: int, warps: int):
 
 def out_layout(warps: int):
     return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[1, warps], order=[1, 0])
+
+
+def had_layout(warps: int):
+    return gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[4, 8], warps_per_cta=[warps, 1], order=[1, 0])
 
 
 # --- the interpreter twin: the same source as a Triton kernel, layouts erased ---------------------------------
@@ -200,37 +327,84 @@ class _Erased:
         return tl.atomic_add(ptr, val, mask=mask)
 
     @staticmethod
+    def dot_fma(a, b, acc):
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+    @staticmethod
     def NVMMADistributedLayout(*args, **kwargs):
         return None
 
-    DotOperandLayout = SliceLayout = NVMMADistributedLayout
+    DotOperandLayout = SliceLayout = BlockedLayout = NVMMADistributedLayout
+
+
+_GLUON_HELPERS = ("_offsets", "_strings", "_step", "_hadamard", "_write_pairs", "_finish")
 
 
 def _interpreted():
-    """`_gemv_tc_kernel`'s source as a Triton kernel for the interpreter (see the module docstring)."""
-    fn = _gemv_tc_kernel.fn
-    env = dict(fn.__globals__, gl=_Erased(), tl=tl, _pairs=_pairs_twin, _last_to_arrive=_last_to_arrive_twin,
+    """`_gemv_tc_kernel` and its helpers as Triton functions for the interpreter (module docstring)."""
+    env = dict(globals(), gl=_Erased(), _pairs=_pairs_twin, _last_to_arrive=_last_to_arrive_twin,
                mma_v2=lambda a, b, acc: tl.dot(a.to(tl.float32), b.to(tl.float32), acc))
-    twin = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__)
-    return triton.jit(twin)
+
+    def twin(jit_fn):
+        fn = jit_fn.fn
+        return triton.jit(types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__))
+
+    for name in _GLUON_HELPERS:
+        env[name] = twin(globals()[name])
+    return twin(_gemv_tc_kernel)
 
 
 _KERNEL = _interpreted() if INTERPRET else _gemv_tc_kernel
+def _tensor_cores(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return INTERPRET or device.type == "meta"
 
 
 def supported(x: torch.Tensor, qt) -> bool:
     """The tensor-core GEMV runs this product: a few rows, tensor cores (sm_80+, or the interpreter), and
     Hadamard blocks of at least one K step (so every step has one activation scale)."""
-    if x.shape[0] > MAX_ROWS or qt.signs_out is not None or qt.had_in < MIN_BLOCK:
-        return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return INTERPRET or x.device.type == "meta"
+    return (x.shape[0] <= MAX_ROWS and qt.signs_out is None and qt.had_in >= MIN_BLOCK
+            and _tensor_cores(x.device))
 
 
-def split_for(device: torch.device, programs: int, KT: int) -> int:
-    """K slices (whole K steps of 8 tiles each) for about 4 programs per SM."""
-    return max(1, min(KT // 8, sm_count(device) * 4 // max(1, programs)))
+def moe_supported(hidden: torch.Tensor, gate_up, down, act) -> bool:
+    """The fused tensor-core decode step runs this MoE layer: a few tokens, SwiGLU, no output rotations,
+    both Hadamard blocks of at least one K step, launch 1's output blocks inside down's Hadamard blocks."""
+    inter, inter_pad = down.shape[-1], down.signs_in.shape[0]
+    return (hidden.shape[0] <= MAX_ROWS and act is torch.nn.functional.silu and gate_up.signs_out is None
+            and down.signs_out is None and min(gate_up.had_in, down.had_in) >= MIN_BLOCK
+            and down.had_in % MOE_BM1 == 0 and triton.cdiv(inter, MOE_BM1) * MOE_BM1 == inter_pad
+            and _tensor_cores(hidden.device))
+
+
+def split_for(device: torch.device, programs: int, KT: int) -> tuple[int, int]:
+    """(K slices, tiles per slice): whole K steps of 8 tiles, for about 4 programs per SM."""
+    split = max(1, min(KT // 8, sm_count(device) * 4 // max(1, programs)))
+    t_per = triton.cdiv(KT // 8, split) * 8
+    return triton.cdiv(KT, t_per), t_per
+
+
+def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_per, tickets, mt, warps,
+            bias=None, ids=None, weights=None, top_k=1, gate_off=0, had=None):
+    """One `_gemv_tc_kernel` launch (see there); had = (signs, block, scales out) for launch 1's epilogue."""
+    KT = tr.shape[-2]
+    routed = ids is not None
+    estride = tr[0].numel() if routed else 0
+    dummy = out
+    hb = had[1] if had is not None else 0
+    launch(_KERNEL, grid, xd, xd.stride(0), xs, xs.stride(0), ids if routed else dummy,
+           weights if weights is not None else dummy, tr, tr.view(torch.int32) if qt.bits in (2, 4) else tr, estride,
+           scales, scales[0].numel() if routed else 0, y, y.stride(0), out, out.stride(0),
+           bias if bias is not None else dummy, had[0] if had is not None else dummy,
+           had[2] if had is not None else dummy, had[2].stride(0) if had is not None else 0,
+           counters if counters is not None else dummy, n_rows, tr.shape[-3] * 16 if gate_off == 0 else gate_off,
+           n_out, KT, t_per, tickets, top_k, tr.shape[0] if routed else 1, gate_off, code_norm(qt),
+           hb ** -0.5 if hb else 1.0, MT=mt, W=warps, RUNS=runs_layout(mt, warps), HB=qt.had_in,
+           ATOMIC=counters is not None and had is None, HAS_BIAS=bias is not None, OUT_L=out_layout(warps),
+           ROUTED=routed, GATHER_A=routed and gate_off > 0, SWIGLU=gate_off > 0, HAD=hb,
+           HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), num_warps=warps,
+           **code_params(qt))
 
 
 def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
@@ -239,23 +413,51 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     from .hadamard import transform_pairs
 
     M, out_f = x2.shape[0], qt.shape[-2]
-    N, KT = qt.trellis.shape[0] * 16, qt.trellis.shape[1]
-    bm = 16 * MT * WARPS
-    programs = triton.cdiv(N, bm)
-    split = split_for(x2.device, programs, KT)
-    t_per = triton.cdiv(KT // 8, split) * 8
-    split = triton.cdiv(KT, t_per)
+    N = qt.trellis.shape[0] * 16
+    programs = triton.cdiv(N, 16 * MT * WARPS)
+    split, t_per = split_for(x2.device, programs, qt.trellis.shape[1])
     out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
     scratch = y = counters = None
     if split > 1:  # [y | one ticket counter per output block], zeroed by the transform
         scratch = torch.empty(M * N + programs, dtype=torch.float32, device=x2.device)
         y, counters = scratch[:M * N].view(M, N), scratch[M * N:].view(torch.int32)
     xd, xs = transform_pairs(x2, qt.signs_in, qt.had_in, zero=scratch)
-    tr = qt.trellis
-    launch(_KERNEL, (programs, split), xd, xd.stride(0), xs, xs.stride(0), tr,
-           tr.view(torch.int32) if qt.bits in (2, 4) else tr, qt.scales, y if y is not None else out,
-           y.stride(0) if y is not None else 0, out, out.stride(0), bias if bias is not None else out,
-           counters if counters is not None else out, M, N, out_f, KT, t_per, split, code_norm(qt),
-           MT=MT, W=WARPS, RUNS=runs_layout(MT, WARPS), HB=qt.had_in, ATOMIC=split > 1, HAS_BIAS=bias is not None,
-           OUT_L=out_layout(WARPS), num_warps=WARPS, **code_params(qt))
+    _launch((programs, split), xd, xs, qt, qt.trellis, qt.scales, y=out if y is None else y, out=out,
+            counters=counters, n_rows=M, n_out=out_f, t_per=t_per, tickets=split, mt=MT, warps=WARPS, bias=bias)
+    return out
+
+
+def qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    """The decode step of a MoE layer (`moe_supported`) in three launches, as `moe._qmoe_gemv` but on tensor
+    cores: the input transform as scaled fp16 pairs (zeroing the output sum and all tickets); gate_up with
+    SwiGLU, one program per (slot, 32 outputs), whose last program per (slot, Hadamard block) writes down's
+    input as scaled pairs; down, K split, routing weight and sum over slots by atomics, the last program per
+    output block casting. No host sync, no state kept between calls (CUDA-graph capturable)."""
+    from .hadamard import transform_pairs
+
+    T, K = top_k_index.shape
+    slots = T * K
+    dev = hidden.device
+    inter_pad, h_pad = down.signs_in.shape[0], down.trellis.shape[-3] * 16
+    n1 = inter_pad // MOE_BM1
+    n2 = triton.cdiv(h_pad, 16 * MT * WARPS)
+    split, t_per = split_for(dev, slots * n2, down.trellis.shape[-2])
+    groups = slots * (inter_pad // down.had_in)
+    # one zeroed buffer: [y (fp32 sum over slots) | down's tickets per output block | launch 1's tickets]
+    scratch = torch.empty(T * h_pad + n2 + groups, dtype=torch.float32, device=dev)
+    y = scratch[:T * h_pad].view(T, h_pad)
+    xd, xs = transform_pairs(hidden, gate_up.signs_in, gate_up.had_in, zero=scratch)
+    flat = top_k_index.reshape(-1)
+    h = torch.empty(slots, inter_pad, dtype=torch.float32, device=dev)
+    hd = torch.empty(slots, 2 * inter_pad, dtype=torch.float16, device=dev)
+    hs = torch.empty(slots, inter_pad // down.had_in, dtype=torch.float32, device=dev)
+    _launch((n1, 1, slots), xd, xs, gate_up, gate_up.trellis, gate_up.scales, y=h, out=hd,
+            counters=scratch[T * h_pad + n2:].view(torch.int32), n_rows=1, n_out=inter_pad,
+            t_per=gate_up.trellis.shape[-2], tickets=1, mt=1, warps=MOE_BM1 // 16, ids=flat, top_k=K,
+            gate_off=down.shape[-1], had=(down.signs_in, down.had_in, hs))
+    out = torch.empty(T, down.shape[-2], dtype=hidden.dtype, device=dev)
+    _launch((n2, split, slots), hd, hs, down, down.trellis, down.scales, y=y, out=out,
+            counters=scratch[T * h_pad:T * h_pad + n2].view(torch.int32), n_rows=T, n_out=down.shape[-2],
+            t_per=t_per, tickets=slots * split, mt=MT, warps=WARPS, ids=flat, weights=top_k_weights.reshape(-1),
+            top_k=K)
     return out

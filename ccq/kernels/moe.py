@@ -1,7 +1,8 @@
 """Fused routed-expert MoE on packed trellis weights (Triton).
 
-Up to 4 tokens (`_qmoe_gemv`, the decode step): routed GEMVs, one program row per (token, slot),
-no sorting, three launches (see there).
+Up to 8 tokens (the decode step): routed GEMVs, one program row per (token, slot), no sorting, three
+launches: on tensor cores (`gemv_tc.qmoe_tc`) where the layer allows (SwiGLU, Hadamard blocks >= 128, no
+output rotations, sm_80+), else on CUDA cores (`_qmoe_gemv`, up to 4 tokens).
 
 More tokens, flow for T tokens, top-K routing, E experts (four launches, no torch kernel):
 1. `align` (one program): the T*K (token, slot) pairs are sorted by expert and each expert's run is
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import gemv_tc
 from .gemm import GEMV_BN, GEMV_MAX_ROWS, dot_dtype, gemm, gemm_bn, gemv_launch, gemv_split
 from .hadamard import transform
 from .launch import launch
@@ -102,6 +104,8 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     H_out, inter = down.shape[-2], down.shape[-1]
     if T == 0:
         return torch.zeros(0, H_out, dtype=hidden.dtype, device=hidden.device)
+    if gemv_tc.moe_supported(hidden, gate_up, down, act):
+        return gemv_tc.qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down)
     if T <= GEMV_MAX_ROWS:
         return _qmoe_gemv(hidden, top_k_index, top_k_weights, gate_up, down, act)
     ddt = dot_dtype(hidden.dtype, hidden.device)
