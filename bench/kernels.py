@@ -81,26 +81,30 @@ def check(bits_list) -> list[dict]:
     rows = []
     for bits in bits_list:
         for code in ("mul1", "1mad", "mcg", "3inst"):  # every inline-PTX decode path
-            qt = random_packed((200, 520), bits, code)
-            for batch, decode in product((1, 37), DECODES):
-                x = torch.randn(batch, 520, device=DEVICE)
-                want = reference.qlinear(x, qt)
-                err = (gemm.qlinear(x, qt, decode=decode) - want).abs().max().item() / want.abs().max().item()
-                rows.append(dict(kind="qlinear", bits=bits, code=code, batch=batch, decode=decode, rel_err=err))
-            # intermediate 48 (Hadamard block 16: down's transform in its own launch) and 1024 (block 512:
-            # transformed by launch 1's last programs, down split over K with tickets)
-            for inter in (48, 1024):
-                gu, dn = random_packed((8, 2 * inter, 160), bits, code), random_packed((8, 160, inter), bits, code)
+            # in 520 (Hadamard block 16: CUDA-core GEMV at <= 4 rows) and 512 (tensor-core GEMV at <= 8 rows)
+            for k_in in (520, 512):
+                qt = random_packed((200, k_in), bits, code)
+                for batch, decode in product((1, 7, 37), DECODES):
+                    x = torch.randn(batch, k_in, device=DEVICE)
+                    want = reference.qlinear(x, qt)
+                    err = (gemm.qlinear(x, qt, decode=decode) - want).abs().max().item() / want.abs().max().item()
+                    rows.append(dict(kind="qlinear", bits=bits, code=code, batch=batch, decode=decode, in_features=k_in,
+                                     rel_err=err))
+            # hidden 160 with intermediate 48 (Hadamard block 16: down's transform in its own launch) and 1024
+            # (block 512: transformed by launch 1's last programs, down split over K with tickets), CUDA cores;
+            # hidden 512 with intermediate 1024: the tensor-core decode step at 1 and 3 tokens
+            for hid, inter in ((160, 48), (160, 1024), (512, 1024)):
+                gu, dn = random_packed((8, 2 * inter, hid), bits, code), random_packed((8, hid, inter), bits, code)
                 for tokens in (1, 3, 11):  # routed GEMV (<= 4 tokens) and routed GEMM
-                    x = torch.randn(tokens, 160, device=DEVICE)
+                    x = torch.randn(tokens, hid, device=DEVICE)
                     idx = torch.rand(tokens, 8, device=DEVICE).topk(3).indices
                     w = torch.rand(tokens, 3, device=DEVICE)
                     want = reference.qmoe(x, idx, w, gu, dn)
                     for decode in DECODES:
                         got = moe.qmoe(x, idx, w, gu, dn, decode=decode)
                         err = (got - want).abs().max().item() / want.abs().max().item()
-                        rows.append(dict(kind="qmoe", bits=bits, code=code, batch=tokens, decode=decode, inter=inter,
-                                         rel_err=err))
+                        rows.append(dict(kind="qmoe", bits=bits, code=code, batch=tokens, decode=decode, hidden=hid,
+                                         inter=inter, rel_err=err))
     bad = [r for r in rows if not r["rel_err"] < 2e-2]
     if bad:
         raise SystemExit(f"Triton kernels disagree with the torch reference on this GPU: {bad}")

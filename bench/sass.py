@@ -48,7 +48,7 @@ MOE = [("28B", 64, 6, 2560, 1536), ("424B", 64, 8, 8192, 3584)]
 
 def path_of(rec) -> str:
     c = rec.constexprs()
-    if rec.name in ("_gemv_kernel", "_gemm_kernel") and c.get("ROUTED"):
+    if rec.name in ("_gemv_kernel", "_gemv_tc_kernel", "_gemm_kernel") and c.get("ROUTED"):
         return "moe_gate_up" if c.get("GATHER_A") else "moe_down"
     return {"_gemv_kernel": "gemv", "_gemv_tc_kernel": "gemv", "_gemm_kernel": "gemm", "_dequant_kernel": "decode",
             "_hadamard_kernel": "hadamard", "_align_kernel": "align"}[rec.name]
@@ -62,8 +62,8 @@ def per_iter_weights(rec, num_warps: int) -> float:
         return c["BR"] * c["B"] / threads
     if rec.name == "_align_kernel":
         return c["CH"] / threads
-    if rec.name == "_gemv_tc_kernel":  # 16*MT rows per warp x one K step of 128
-        return 16 * c["MT"] * 128 / 32
+    if rec.name == "_gemv_tc_kernel":  # 16*MT rows per warp x one K step of 128 (SwiGLU: gate and up)
+        return 16 * c["MT"] * 128 / 32 * (2 if c["SWIGLU"] else 1)
     bk = c["BK"] if "BK" in c else 16 * c["J"]
     return c["BN"] * bk * (2 if c.get("SWIGLU") else 1) / threads
 
@@ -85,10 +85,7 @@ def work(rec, path: str, bits: int, used_blocks: int | None) -> tuple[float, flo
     if path == "decode":
         n = a["N"] * a["K"] * rec.grid[2]
         return n, n * (bits / 8 + a["out_ptr"].element_size())
-    if rec.name == "_gemv_tc_kernel":
-        n = a["N"] * a["KT"] * 16
-        return n, n * bits / 8
-    if rec.name == "_gemv_kernel":
+    if rec.name in ("_gemv_kernel", "_gemv_tc_kernel"):
         n = a["N"] * a["KT"] * 16 * (2 if a.get("SWIGLU") else 1)
         if a.get("ROUTED"):  # one program row per slot; a skipped slot exits at once
             n *= used_blocks
@@ -132,7 +129,7 @@ def record_shapes(bits: int, code: str):
             used = min(E, tokens * K)
             # blocks that decode an expert, uniform routing: each used expert's slots padded to BM = 16
             blocks = E * -(-tokens * K // (E * 16)) if tokens * K > E else used
-            routed = ("_gemm_kernel", "_gemv_kernel")  # the other launches run their whole grid
+            routed = ("_gemm_kernel", "_gemv_kernel", "_gemv_tc_kernel")  # the others run their whole grid
             out.append((f"{name} MoE layer", "moe", tokens, used * 3 * inter * H,
                         [(r, blocks if r.name in routed else None) for r in recs], n_torch))
     return out

@@ -336,3 +336,30 @@ def test_hadamard_pairs_scaled_fp16():
     want = transform(x, s, 128)
     got = (pairs[..., 0].view(3, 4, 128) * xs[..., None]).view(3, 512)
     close(got, want, 1e-3)
+
+
+@pytest.mark.parametrize("bits,code,tokens,inter,dtype", [(2, "mul1", 1, 250, torch.bfloat16),
+                                                          (3, "mcg", 3, 120, torch.float32),
+                                                          (4, "3inst", 2, 120, torch.float32)])
+def test_qmoe_tensor_core_decode_step(monkeypatch, bits, code, tokens, inter, dtype):
+    """The tensor-core decode step (Hadamard blocks >= 128): launch 1's last program per (slot, block)
+    writes down's input as scaled fp16 pairs (8 or 4 programs per block; padded intermediate 250 -> 256,
+    120 -> 128), down split over K at 250 (tickets: slots x slices), a skipped slot, padded hidden 120."""
+    from ccq.kernels import gemv_tc, moe
+
+    monkeypatch.setattr(gemv_tc, "sm_count", lambda device: 132)
+    E, H, K = 4, 120, 2
+    gate_up = random_qt((E, 2 * inter, H), bits, 16, code, False, seed=13, hadamard_block=512)
+    down = random_qt((E, H, inter), bits, 16, code, False, seed=14, hadamard_block=512)
+    g = torch.Generator().manual_seed(tokens)
+    x = (torch.randn(tokens, H, generator=g) * 100).to(DEV).to(dtype)
+    assert gemv_tc.moe_supported(x, gate_up, down, F.silu)
+    idx = torch.tensor([3, 1, 0, 3, 2, 2])[: tokens * K].view(tokens, K)
+    idx[-1, 0] = E + 5  # skipped slot
+    idx = idx.to(DEV)
+    w = torch.rand(tokens, K, generator=g).to(DEV)
+    calls = []
+    monkeypatch.setattr(gemv_tc, "qmoe_tc", lambda *a, f=gemv_tc.qmoe_tc: calls.append(1) or f(*a))
+    got = moe.qmoe(x, idx, w, gate_up, down)
+    assert calls and got.shape == (tokens, H) and got.dtype == dtype
+    close(got, reference.qmoe(x.float(), idx, w, gate_up, down), 3e-3 if dtype == torch.float32 else 1e-2)
