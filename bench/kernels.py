@@ -48,14 +48,15 @@ DECODES = ("gather", "runs")  # the two decode variants of ccq.kernels.gemm, bot
 DEVICE = "cuda"
 
 
-def random_packed(shape, bits: int, code: str = "mul1", L: int = 16, device=None) -> QuantizedTensor:
-    """A QuantizedTensor with random trellis words (every word pattern is a valid stream)."""
+def random_packed(shape, bits: int, code: str = "mul1", L: int = 16, device=None, block: int = 512) -> QuantizedTensor:
+    """A QuantizedTensor with random trellis words (every word pattern is a valid stream); Hadamard blocks of
+    at most `block` on the input side."""
     device = device or DEVICE
     *lead, out, inp = shape
     op, ip = -(-out // 16) * 16, -(-inp // 16) * 16
     words = torch.randint(-32768, 32768, (*lead, op // 16, ip // 16, 16 * bits), dtype=torch.int32, device=device)
     scales = (torch.rand(*lead, op, device=device) * 0.02 + 0.01).half()
-    meta = torch.tensor([FORMAT_VERSION, bits, L, get_code(code).code_id, hadamard_block_size(ip), 0,
+    meta = torch.tensor([FORMAT_VERSION, bits, L, get_code(code).code_id, hadamard_block_size(ip, block), 0,
                          lead[0] if lead else 0, out, inp], dtype=torch.int32)
     return QuantizedTensor(words.to(torch.int16), scales, random_signs(ip, 0).to(device), None, meta)
 

@@ -38,10 +38,11 @@ with launch.record() as r:
     gemm.qlinear(meta(16, 1536), random_packed((2560, 1536), 3, "1mad", device="meta"))
 dense = list(r)
 with launch.record() as r:
-    gu = random_packed((8, 2 * 1536, 2560), 4, "mcg", device="meta")
-    dn = random_packed((8, 2560, 1536), 4, "mcg", device="meta")
-    for tokens in (1, 8):
-        moe.qmoe(meta(tokens, 2560), meta(tokens, 6, dtype=torch.long), meta(tokens, 6), gu, dn)
+    for block in (512, 64):  # 512: the tensor-core decode step; 64: the CUDA-core one
+        gu = random_packed((8, 2 * 1536, 2560), 4, "mcg", device="meta", block=block)
+        dn = random_packed((8, 2560, 1536), 4, "mcg", device="meta", block=block)
+        for tokens in (1, 8):
+            moe.qmoe(meta(tokens, 2560), meta(tokens, 6, dtype=torch.long), meta(tokens, 6), gu, dn)
     decode.dequantize(dn)
 seen, out = set(), []
 for rec in dense + list(r):
@@ -73,7 +74,7 @@ def test_every_path_compiles_for_sm90_and_sm80(compiled):
             ("_gemv_tc_kernel", 80), ("_gemm_kernel", 90),
             ("_gemm_kernel", 80), ("_dequant_kernel", 90), ("_align_kernel", 90)} <= kernels
     assert {c["config"]["PAIRS"] for c in compiled if c["kernel"] == "_hadamard_kernel"} == {"True", "False"}
-    for name in ("_gemv_kernel", "_gemm_kernel"):  # both MoE launches, routed, on each path
+    for name in ("_gemv_kernel", "_gemv_tc_kernel", "_gemm_kernel"):  # both MoE launches, routed, on each path
         routed = {c["config"]["GATHER_A"] for c in compiled if c["kernel"] == name and c["config"]["ROUTED"] == "True"}
         assert routed == {"True", "False"}, name
 

@@ -63,33 +63,42 @@ def _last_to_arrive(counter_ptr, n):
 
 
 @gluon.jit
-def _offsets(rows, tiles, KT, BITS: tl.constexpr):
-    """Word offsets of each run's history word (the word before its own, circularly) and first own word."""
+def _offsets(rows, tiles, KT, LAST, BITS: tl.constexpr):
+    """Offsets of each run's history word (int16: the word before its own, circularly) and first own word
+    (int16 at 3 bits, int32 at 2 and 4, where the own words are aligned). Rows past LAST are moved into
+    LAST's tile row (valid memory; their results are never stored), not clamped one by one, so the runs of
+    a thread stay at compile-time distances (rows + 8, tiles + 4) and load from one base each."""
     NW: tl.constexpr = 16 * BITS
     r = (rows % 16)[:, None]
-    run0 = ((rows // 16)[:, None] * KT + tiles[None, :]) * NW
-    return run0 + (r * BITS - 1 + NW) % NW, run0 + r * BITS
+    run0 = ((gl.minimum(rows // 16, LAST // 16))[:, None] * KT + tiles[None, :]) * NW
+    own = run0 + r * BITS
+    hist = own - 1 + gl.where(r == 0, NW, 0)
+    if BITS == 3:
+        return hist, own
+    else:
+        return hist, own // 2
 
 
 @gluon.jit
-def _strings(tr_ptr, tr32_ptr, hist_off, new_off, t0, BITS: tl.constexpr):
+def _strings(hist_p, own_p, t0, BITS: tl.constexpr):
     """The runs' words of the K step at tile t0 as 64-bit strings, MSB first: a = words -1..2 of the run
-    (history first), b = words 0..3 (4 bits; else a)."""
+    (history first), b = words 0..3 (4 bits; else a). hist_p, own_p: pointers of the first step's words
+    (own_p: int32 at 2 and 4 bits), computed once outside the K loop."""
     NW: tl.constexpr = 16 * BITS
-    hist = gl.load(tr_ptr + t0 * NW + hist_off).to(gl.uint16).to(gl.uint32)
+    hist = gl.load(hist_p + t0 * NW).to(gl.uint16).to(gl.uint32)
     if BITS == 2:  # words (2r, 2r+1) are one aligned int32 (low half first): hist|w0 and w1|w0
-        u = gl.load(tr32_ptr + (t0 * NW + new_off) // 2).to(gl.uint32)
+        u = gl.load(own_p + t0 * (NW // 2)).to(gl.uint32)
         a = (((hist << 16) | (u & 0xFFFF)).to(gl.uint64) << 32) | u.to(gl.uint64)
         b = a
     elif BITS == 4:  # words 4r..4r+3 are two aligned int32s
-        u0 = gl.load(tr32_ptr + (t0 * NW + new_off) // 2).to(gl.uint32)
-        u1 = gl.load(tr32_ptr + (t0 * NW + new_off) // 2 + 1).to(gl.uint32)
+        u0 = gl.load(own_p + t0 * (NW // 2)).to(gl.uint32)
+        u1 = gl.load(own_p + t0 * (NW // 2) + 1).to(gl.uint32)
         a = (((hist << 16) | (u0 & 0xFFFF)).to(gl.uint64) << 32) | ((u0 & 0xFFFF0000) | (u1 & 0xFFFF)).to(gl.uint64)
         b = (((u0 << 16) | (u0 >> 16)).to(gl.uint64) << 32) | ((u1 << 16) | (u1 >> 16)).to(gl.uint64)
     else:
         a = hist.to(gl.uint64) << 48
         for q in gl.static_range(3):
-            a = a | (gl.load(tr_ptr + t0 * NW + new_off + q).to(gl.uint16).to(gl.uint64) << (32 - 16 * q))
+            a = a | (gl.load(own_p + t0 * NW + q).to(gl.uint16).to(gl.uint64) << (32 - 16 * q))
         b = a
     return a, b
 
@@ -206,12 +215,15 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     else:
         nb = gl.minimum(gl.arange(0, 8, layout=gl.SliceLayout(0, lb)), M - 1)  # columns past M: never stored
         xs_row = xs_ptr + gl.minimum(no, M - 1) * xs_stride
-    # runs [BM rows, 8 tiles] in A's layout without its pair bit; rows past N are clamped (never stored)
-    rows = gl.minimum(pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, RUNS)), N - 1)
+    # runs [BM rows, 8 tiles] in A's layout without its pair bit
+    rows = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, RUNS))
     tiles = gl.arange(0, 8, layout=gl.SliceLayout(0, RUNS))
-    hist_off, new_off = _offsets(rows, tiles, KT, BITS)
+    hist_off, own_off = _offsets(rows, tiles, KT, N - 1, BITS)
+    own_ptr = tr32_ptr if BITS != 3 else tr_ptr
+    hist_p, own_p = tr_ptr + hist_off, own_ptr + own_off
     if SWIGLU:
-        hist_u, new_u = _offsets(GATE_OFF + rows, tiles, KT, BITS)
+        hist_off, own_off = _offsets(GATE_OFF + rows, tiles, KT, GATE_OFF + N - 1, BITS)
+        hist_u, own_u = tr_ptr + hist_off, own_ptr + own_off
         acc_u = gl.zeros([BM, 8], gl.float32, layout=mma)
     xoff = gl.max_contiguous(gl.multiple_of(nb[None, :] * x_stride + (k2 // 2 * 32 + k2 % 2)[:, None], [2, 1]),
                              [2, 1])
@@ -219,10 +231,10 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     for t0 in range(t_lo, gl.minimum(t_lo + T_PER_SPLIT, KT), 8):  # K steps of 8 tiles
         xp = xd_ptr + t0 * 32 + xoff
         sx = gl.load(xs_row + t0 // (HB // 16))[None, :]  # the step's activation scale
-        a, b = _strings(tr_ptr, tr32_ptr, hist_off, new_off, t0, BITS)
+        a, b = _strings(hist_p, own_p, t0, BITS)
         acc += _step(a, b, xp, gl.zeros([BM, 8], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM, la) * sx
         if SWIGLU:
-            a, b = _strings(tr_ptr, tr32_ptr, hist_u, new_u, t0, BITS)
+            a, b = _strings(hist_u, own_u, t0, BITS)
             acc_u += _step(a, b, xp, gl.zeros([BM, 8], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM,
                            la) * sx
     rows_o = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
