@@ -318,8 +318,9 @@ def test_qlinear_tensor_core_gemv_dispatch(monkeypatch):
 
 
 def test_hadamard_pairs_scaled_fp16():
-    """transform_pairs: each value twice as fp16, divided per (row, block) by a power of two that puts the
-    block's largest magnitude in [2**14, 2**15); zero blocks get scale 1."""
+    """transform_pairs: each value twice as fp16 at its `pair_index` (per 128 columns: 256 * step + 64 * (tile
+    % 4) + 4 * c + 2 * (tile // 4)), divided per (row, block) by a power of two that puts the block's largest
+    magnitude in [2**14, 2**15); zero blocks get scale 1."""
     from ccq.kernels.hadamard import transform, transform_pairs
 
     s = random_signs(512, 4).to(DEV)
@@ -327,7 +328,11 @@ def test_hadamard_pairs_scaled_fp16():
     x[0, :128] = 0
     xd, xs = transform_pairs(x, s, 128)
     assert xd.shape == (3, 1024) and xd.dtype == torch.float16 and xs.shape == (3, 4)
-    pairs = xd.float().view(3, 512, 2)
+    k = torch.arange(512, device=DEV)
+    tile = k % 128 // 16
+    dest = k // 128 * 256 + tile % 4 * 64 + k % 16 * 4 + tile // 4 * 2
+    assert torch.equal(torch.sort(dest).values, torch.arange(0, 1024, 2, device=DEV))  # every slot once
+    pairs = torch.stack([xd.float()[:, dest], xd.float()[:, dest + 1]], -1)
     assert torch.equal(pairs[..., 0], pairs[..., 1])
     assert torch.equal(xs, torch.exp2(torch.log2(xs).round()))  # powers of two
     assert xs[0, 0] == 1 and (pairs[0, :128] == 0).all()

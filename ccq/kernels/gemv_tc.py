@@ -35,6 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import code_norm, code_params
+from .hadamard import pair_index
 from .launch import launch, sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -104,10 +105,10 @@ def _strings(hist_p, own_p, t0, BITS: tl.constexpr):
 
 
 @gluon.jit
-def _step(a, b, xp, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+def _step(a, b, xb, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
           FP16SUM: tl.constexpr, BM: tl.constexpr, LA: tl.constexpr):
     """part += the 16 MMAs of one K step: MMA c takes weight c of every run (A's K slot p: tile p) against
-    the activations of columns 16p + c of the step (B: fp16 pairs at xp + 2c)."""
+    the activations of columns 16p + c of the step (B = xb[c], from `_operands`)."""
     for c in gl.static_range(16):
         # window c of each run: string bits [E - L, E), E = 16 + BITS * (c + 1) (a: 64 bits, b: 80)
         if 16 + BITS * (c + 1) <= 64:
@@ -116,8 +117,40 @@ def _step(a, b, xp, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr
             st = b >> (64 - BITS * (c + 1))
         st = (st & ((1 << L) - 1)).to(gl.uint32) * MUL + ADD
         wa = gl.convert_layout(gl.reshape(gl.join(st, st), [BM, 16]), LA, assert_trivial=True)
-        part = mma_v2(_pairs(wa, FP16SUM), gl.load(xp + 2 * c), part)
+        part = mma_v2(_pairs(wa, FP16SUM), xb[c], part)
     return part
+
+
+@gluon.jit
+def _operands(v, LB: tl.constexpr):
+    """The 16 B operands [16 (K: tile p, twice), 8 (tokens)] of a K step from v [8 tokens, 4, 64]: lane t
+    holds the pairs of tiles t and t + 4 for all 16 weights c, 128 contiguous bytes (`pair_index`). Only
+    reshapes, a permute and splits of registers: each result is B's layout exactly (no data moves)."""
+    v = gl.permute(gl.reshape(v, [8, 4, 16, 2, 2]), [3, 1, 4, 0, 2])  # (tile // 4, tile % 4, half, token, c)
+    v = gl.reshape(v, [16, 8, 2, 2, 2, 2])  # (k, token, c3, c2, c1, c0): c = 8 c3 + 4 c2 + 2 c1 + c0
+    s0, s1 = gl.split(v)  # s{c0}{c1}{c2}: split takes the last dimension
+    s00, s01 = gl.split(s0)
+    s10, s11 = gl.split(s1)
+    s000, s001 = gl.split(s00)
+    s010, s011 = gl.split(s01)
+    s100, s101 = gl.split(s10)
+    s110, s111 = gl.split(s11)
+    a000, b000 = gl.split(s000)  # a: c3 = 0, b: c3 = 1
+    a001, b001 = gl.split(s001)
+    a010, b010 = gl.split(s010)
+    a011, b011 = gl.split(s011)
+    a100, b100 = gl.split(s100)
+    a101, b101 = gl.split(s101)
+    a110, b110 = gl.split(s110)
+    a111, b111 = gl.split(s111)
+    return (_lb(a000, LB), _lb(a100, LB), _lb(a010, LB), _lb(a110, LB), _lb(a001, LB), _lb(a101, LB),
+            _lb(a011, LB), _lb(a111, LB), _lb(b000, LB), _lb(b100, LB), _lb(b010, LB), _lb(b110, LB),
+            _lb(b001, LB), _lb(b101, LB), _lb(b011, LB), _lb(b111, LB))
+
+
+@gluon.jit
+def _lb(x, LB: tl.constexpr):
+    return gl.convert_layout(x, LB, assert_trivial=True)
 
 
 @gluon.jit
@@ -135,13 +168,14 @@ def _hadamard(n: tl.constexpr, layout: tl.constexpr):
 
 @gluon.jit
 def _write_pairs(v, hr_ptr, hs_ptr, off):
-    """Store v (a block of the activation) as `hadamard.transform_pairs` does: v / 2**e twice as fp16 at
-    hr_ptr + 2 * off, with 2**e (the block's largest magnitude / 2**e in [2**14, 2**15)) at hs_ptr."""
+    """Store v (a block of the activation, columns off) as `hadamard.transform_pairs` does: v / 2**e twice as
+    fp16 at hr_ptr + pair_index(off), with 2**e (the block's largest magnitude / 2**e in [2**14, 2**15)) at hs_ptr."""
     ex = (gl.max(gl.max(gl.abs(v), axis=1), axis=0).to(gl.int32, bitcast=True) >> 23) & 0xFF
     scale = gl.where(ex >= 15, (ex - 14) << 23, 127 << 23).to(gl.float32, bitcast=True)
     inv = gl.where(ex >= 15, (268 - ex) << 23, 127 << 23).to(gl.float32, bitcast=True)
     vh = (v * inv).to(gl.float16)
-    gl.store(hr_ptr + gl.join(2 * off, 2 * off + 1), gl.join(vh, vh))
+    dest = pair_index(off)
+    gl.store(hr_ptr + gl.join(dest, dest + 1), gl.join(vh, vh))
     gl.store(hs_ptr, scale)
 
 
@@ -167,7 +201,7 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                     FP16SUM: tl.constexpr, MT: tl.constexpr, W: tl.constexpr, RUNS: tl.constexpr,
                     HB: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr,
                     ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, HAD: tl.constexpr,
-                    HAD1: tl.constexpr, HAD_L: tl.constexpr):
+                    HAD1: tl.constexpr, HAD_L: tl.constexpr, XL: tl.constexpr):
     """x' @ W'^T for 16*MT*W outputs (grid axis 0) and one K slice (axis 1); the activations: fp16 pairs xd
     [rows, 2 * in_pad] with scales xs [rows, in_pad // HB]; tr / tr32: the trellis as int16 / int32.
 
@@ -186,7 +220,6 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     pid_n = gl.program_id(0)
     t_lo = gl.program_id(1) * T_PER_SPLIT
     no = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
-    k2 = gl.arange(0, 16, layout=gl.SliceLayout(1, lb))
     if ROUTED:
         slot = gl.program_id(2)
         e = gl.load(ids_ptr + slot).to(gl.int64)
@@ -210,10 +243,10 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
             x_row = slot // TOP_K
         else:
             x_row = slot
-        nb = gl.zeros([8], gl.int32, gl.SliceLayout(0, lb)) + x_row
+        nb = gl.zeros([8], gl.int32, gl.SliceLayout(1, gl.SliceLayout(2, XL))) + x_row
         xs_row = xs_ptr + (gl.zeros([8], gl.int32, gl.SliceLayout(0, mma)) + x_row) * xs_stride
     else:
-        nb = gl.minimum(gl.arange(0, 8, layout=gl.SliceLayout(0, lb)), M - 1)  # columns past M: never stored
+        nb = gl.minimum(gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL))), M - 1)  # past M: not stored
         xs_row = xs_ptr + gl.minimum(no, M - 1) * xs_stride
     # runs [BM rows, 8 tiles] in A's layout without its pair bit
     rows = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, RUNS))
@@ -225,17 +258,19 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
         hist_off, own_off = _offsets(GATE_OFF + rows, tiles, KT, GATE_OFF + N - 1, BITS)
         hist_u, own_u = tr_ptr + hist_off, own_ptr + own_off
         acc_u = gl.zeros([BM, 8], gl.float32, layout=mma)
-    xoff = gl.max_contiguous(gl.multiple_of(nb[None, :] * x_stride + (k2 // 2 * 32 + k2 % 2)[:, None], [2, 1]),
-                             [2, 1])
+    # a K step's activations: [8 tokens, 4 lanes, 64] fp16, 128 contiguous bytes per lane (`pair_index`)
+    t3 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
+    e3 = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
+    xoff = nb[:, None, None] * x_stride + t3[None, :, None] * 64 + e3[None, None, :]
     acc = gl.zeros([BM, 8], gl.float32, layout=mma)
     for t0 in range(t_lo, gl.minimum(t_lo + T_PER_SPLIT, KT), 8):  # K steps of 8 tiles
-        xp = xd_ptr + t0 * 32 + xoff
+        xb = _operands(gl.load(xd_ptr + t0 * 32 + xoff), lb)
         sx = gl.load(xs_row + t0 // (HB // 16))[None, :]  # the step's activation scale
         a, b = _strings(hist_p, own_p, t0, BITS)
-        acc += _step(a, b, xp, gl.zeros([BM, 8], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM, la) * sx
+        acc += _step(a, b, xb, gl.zeros([BM, 8], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM, la) * sx
         if SWIGLU:
             a, b = _strings(hist_u, own_u, t0, BITS)
-            acc_u += _step(a, b, xp, gl.zeros([BM, 8], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM,
+            acc_u += _step(a, b, xb, gl.zeros([BM, 8], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM,
                            la) * sx
     rows_o = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
     y = acc * (gl.load(sc_ptr + gl.minimum(rows_o, N - 1)).to(gl.float32) * NORM)[:, None]
@@ -289,6 +324,12 @@ def runs_layout(mt: int, warps: int):
 
 def out_layout(warps: int):
     return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[1, warps], order=[1, 0])
+
+
+def xd_layout(warps: int):
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1 << i] for i in range(6)], lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[0, 0, 0]] * int(math.log2(warps)), block_bases=[], shape=[8, 4, 64])
 
 
 def had_layout(warps: int):
@@ -349,7 +390,7 @@ class _Erased:
     DotOperandLayout = SliceLayout = BlockedLayout = NVMMADistributedLayout
 
 
-_GLUON_HELPERS = ("_offsets", "_strings", "_step", "_hadamard", "_write_pairs", "_finish")
+_GLUON_HELPERS = ("_offsets", "_strings", "_step", "_operands", "_lb", "_hadamard", "_write_pairs", "_finish")
 
 
 def _interpreted():
@@ -415,7 +456,7 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
            hb ** -0.5 if hb else 1.0, MT=mt, W=warps, RUNS=runs_layout(mt, warps), HB=qt.had_in,
            ATOMIC=counters is not None and had is None, HAS_BIAS=bias is not None, OUT_L=out_layout(warps),
            ROUTED=routed, GATHER_A=routed and gate_off > 0, SWIGLU=gate_off > 0, HAD=hb,
-           HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), num_warps=warps,
+           HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), XL=xd_layout(warps), num_warps=warps,
            **code_params(qt))
 
 

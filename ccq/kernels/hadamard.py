@@ -35,13 +35,23 @@ def fwht(x, BR: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr):
 
 
 @triton.jit
+def pair_index(k):
+    """Where the tensor-core GEMV wants the fp16 pair of activation column k: per K step of 128 columns (8
+    tiles p of 16 weights c), lane t = p % 4 of an MMA reads tiles t and t + 4 for all 16 c as one run of 64
+    values (128 bytes): position 256 * step + 64 * t + 4 * c + 2 * (p // 4), then the pair."""
+    p = k % 128 // 16
+    return k // 128 * 256 + p % 4 * 64 + k % 16 * 4 + p // 4 * 2
+
+
+@triton.jit
 def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCALE, zero_ptr, n_zero, xs_ptr,
                      B: tl.constexpr, LOGB: tl.constexpr, BR: tl.constexpr, SIGN_AFTER: tl.constexpr,
                      ZB: tl.constexpr, PAIRS: tl.constexpr):
     """y = H(s * x) (or s * H x) of one [BR, B] block; with ZB > 0 also zero_ptr[ZB * p + 0..ZB) = 0
     (p: the program's linear index, n_zero elements in all): no loop, so the whole kernel stays the hot part.
     PAIRS (for the tensor-core GEMV): y holds every value twice as fp16, divided by a power of two per row
-    and block that puts the block's largest magnitude in [2**14, 2**15); the power goes to xs[row, block]."""
+    and block that puts the block's largest magnitude in [2**14, 2**15), at `pair_index` (B >= 128); the
+    power goes to xs[row, block]."""
     if ZB > 0:
         z = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * ZB + tl.arange(0, ZB)
         tl.store(zero_ptr + z, tl.zeros((ZB,), tl.float32), mask=z < n_zero)
@@ -64,8 +74,8 @@ def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCAL
         inv = tl.where(ok, (268 - ex) << 23, 127 << 23).to(tl.float32, bitcast=True)
         xh = (x * inv[:, None]).to(tl.float16)
         tl.store(xs_ptr + rows.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), scale, mask=rows < n_rows)
-        pc = tl.program_id(1) * 2 * B + tl.arange(0, 2 * B)
-        tl.store(y_ptr + r64 * y_stride + pc[None, :], tl.reshape(tl.join(xh, xh), (BR, 2 * B)), mask=rmask)
+        dest = pair_index(cols)[None, :]
+        tl.store(y_ptr + (r64 * y_stride)[:, :, None] + tl.join(dest, dest + 1), tl.join(xh, xh), mask=rmask[:, :, None])
     else:
         tl.store(y_ptr + r64 * y_stride + cols[None, :], x.to(y_ptr.dtype.element_ty), mask=rmask)
 
@@ -79,8 +89,8 @@ def transform(x: torch.Tensor, signs: torch.Tensor, block: int, out_dtype: torch
 
 
 def transform_pairs(x: torch.Tensor, signs: torch.Tensor, block: int, zero: torch.Tensor | None = None):
-    """H(s * x) of x [rows, n] for the tensor-core GEMV: (fp16 [rows, 2 * len(signs)], every value twice,
-    and fp32 [rows, len(signs) // block], the power of two each block was divided by)."""
+    """H(s * x) of x [rows, n] for the tensor-core GEMV: (fp16 [rows, 2 * len(signs)], every value twice at
+    `pair_index`, and fp32 [rows, len(signs) // block], the power of two each block was divided by)."""
     return _transform(x, signs, block, torch.float16, False, zero, pairs=True)
 
 
