@@ -113,7 +113,7 @@ def check(bits_list) -> list[dict]:
 
 
 def bench_dense(bits_list, batches) -> list[dict]:
-    from ccq.kernels import gemm
+    from ccq.kernels import gemm, gemv_tc
     from ccq.kernels.hadamard import transform
 
     rows = []
@@ -132,7 +132,8 @@ def bench_dense(bits_list, batches) -> list[dict]:
                 kern = {d: timer(lambda: gemm.matmul(xr, qt, decode=d))[0] for d in DECODES}
                 best = min(kern, key=kern.get)
                 wbytes = qt.trellis.numel() * 2 + qt.scales.numel() * 2
-                rows.append(dict(base, bits=bits, ccq_ms=t_full, ccq_decode=gemm.DECODE, ccq_timer=how,
+                path = "tensor-core GEMV" if gemv_tc.supported(x, qt) else "CUDA-core GEMV" if small else "GEMM"
+                rows.append(dict(base, bits=bits, ccq_ms=t_full, ccq_path=path, ccq_decode=gemm.DECODE, ccq_timer=how,
                                  **{f"ccq_kernel_ms_{d}": t for d, t in kern.items()}, best_decode=best,
                                  weight_bytes=wbytes, ccq_kernel_GBps=wbytes / kern[best] / 1e6,
                                  speedup=t16 / t_full, speedup_kernel=t16 / kern[best]))
@@ -144,7 +145,7 @@ def bench_dense(bits_list, batches) -> list[dict]:
 def bench_moe(bits_list, token_counts) -> list[dict]:
     from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import Ernie4_5_VLMoeMoeExperts
 
-    from ccq.kernels import moe
+    from ccq.kernels import gemv_tc, moe
 
     E, K, H, inter = MOE["experts"], MOE["top_k"], MOE["hidden"], MOE["inter"]
     experts = {}
@@ -176,8 +177,10 @@ def bench_moe(bits_list, token_counts) -> list[dict]:
             best = min(times, key=lambda d: times[d][0])
             t, how = times[best]
             wbytes = hit * (gu.trellis[0].numel() + dn.trellis[0].numel()) * 2
+            tc = gemv_tc.moe_supported(x, gu, dn, torch.nn.functional.silu)
             rows.append(dict(base, bits=bits, **{f"ccq_ms_{d}": times[d][0] for d in DECODES}, best_decode=best,
-                             ccq_ms=t, ccq_timer=how, ccq_GBps=wbytes / t / 1e6,
+                             ccq_path="tensor-core decode step" if tc else "CUDA-core decode step" if tokens <= 4
+                             else "routed GEMM", ccq_ms=t, ccq_timer=how, ccq_GBps=wbytes / t / 1e6,
                              speedup_vs_grouped=t_grp / t, speedup_vs_loop=t_loop / t))
     return rows
 
