@@ -202,12 +202,12 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                     HB: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr,
                     ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, HAD: tl.constexpr,
                     HAD1: tl.constexpr, HAD_L: tl.constexpr, XL: tl.constexpr):
-    """x' @ W'^T for 16*MT*W outputs (grid axis 0) and one K slice (axis 1); the activations: fp16 pairs xd
+    """x' @ W'^T for 16*MT*W outputs (grid axis 1) and one K slice (axis 2); the activations: fp16 pairs xd
     [rows, 2 * in_pad] with scales xs [rows, in_pad // HB]; tr / tr32: the trellis as int16 / int32.
 
     Dense (not ROUTED): rows 0..M-1 (M <= 8) of x and out; ATOMIC (K split): partial sums into the zeroed
     fp32 y, the last program per output block (ticket in cnt_ptr, TICKETS programs) writes out (+ bias).
-    ROUTED (MoE decode, axis 2 = flat slot s of expert ids[s], skipped unless 0 <= e < N_EXPERTS): all 8
+    ROUTED (MoE decode, axis 0 = flat slot s of expert ids[s], skipped unless 0 <= e < N_EXPERTS): all 8
     MMA columns read one x row; GATHER_A (launch 1, x row s // TOP_K, no K split): y[s] = silu(gate) * up
     (SWIGLU: rows n and GATE_OFF + n), and with HAD the last program of each HAD-block of the slot writes
     down's input H(s_ptr * y[s]) * HAD_SCALE as pairs into out / scales into hs (Hadamard as two small
@@ -217,11 +217,11 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
     la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    pid_n = gl.program_id(0)
-    t_lo = gl.program_id(1) * T_PER_SPLIT
+    pid_n = gl.program_id(1)
+    t_lo = gl.program_id(2) * T_PER_SPLIT
     no = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
     if ROUTED:
-        slot = gl.program_id(2)
+        slot = gl.program_id(0)
         e = gl.load(ids_ptr + slot).to(gl.int64)
         if (e < 0) | (e >= N_EXPERTS):  # skipped slot
             if HAD > 0:  # down's input for this slot's columns: zero pairs, scale 1
@@ -283,7 +283,7 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
             gl.store(y_ptr + slot * y_stride + rows_o[:, None] + no[None, :] * 0, y, mask=one)
             if HAD > 0:  # the last program of this slot's HAD-block transforms it (ordering: `_last_to_arrive`)
                 g = pid_n * BM // HAD
-                if _last_to_arrive(cnt_ptr + slot * (gl.num_programs(0) * BM // HAD) + g, HAD // BM):
+                if _last_to_arrive(cnt_ptr + slot * (gl.num_programs(1) * BM // HAD) + g, HAD // BM):
                     HAD2: tl.constexpr = HAD // HAD1
                     i1 = gl.arange(0, HAD1, layout=gl.SliceLayout(1, HAD_L))
                     i2 = gl.arange(0, HAD2, layout=gl.SliceLayout(0, HAD_L))
@@ -475,7 +475,7 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
         scratch = torch.empty(M * N + programs, dtype=torch.float32, device=x2.device)
         y, counters = scratch[:M * N].view(M, N), scratch[M * N:].view(torch.int32)
     xd, xs = transform_pairs(x2, qt.signs_in, qt.had_in, zero=scratch)
-    _launch((programs, split), xd, xs, qt, qt.trellis, qt.scales, y=out if y is None else y, out=out,
+    _launch((1, programs, split), xd, xs, qt, qt.trellis, qt.scales, y=out if y is None else y, out=out,
             counters=counters, n_rows=M, n_out=out_f, t_per=t_per, tickets=split, mt=MT, warps=WARPS, bias=bias)
     return out
 
@@ -504,12 +504,12 @@ def qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
     h = torch.empty(slots, inter_pad, dtype=torch.float32, device=dev)
     hd = torch.empty(slots, 2 * inter_pad, dtype=torch.float16, device=dev)
     hs = torch.empty(slots, inter_pad // down.had_in, dtype=torch.float32, device=dev)
-    _launch((n1, 1, slots), xd, xs, gate_up, gate_up.trellis, gate_up.scales, y=h, out=hd,
+    _launch((slots, n1, 1), xd, xs, gate_up, gate_up.trellis, gate_up.scales, y=h, out=hd,
             counters=scratch[T * h_pad + n2:].view(torch.int32), n_rows=1, n_out=inter_pad,
             t_per=gate_up.trellis.shape[-2], tickets=1, mt=1, warps=MOE_BM1 // 16, ids=flat, top_k=K,
             gate_off=down.shape[-1], had=(down.signs_in, down.had_in, hs))
     out = torch.empty(T, down.shape[-2], dtype=hidden.dtype, device=dev)
-    _launch((n2, split, slots), hd, hs, down, down.trellis, down.scales, y=y, out=out,
+    _launch((slots, n2, split), hd, hs, down, down.trellis, down.scales, y=y, out=out,
             counters=scratch[T * h_pad:T * h_pad + n2].view(torch.int32), n_rows=T, n_out=down.shape[-2],
             t_per=t_per, tickets=slots * split, mt=MT, warps=WARPS, ids=flat, weights=top_k_weights.reshape(-1),
             top_k=K)
