@@ -287,11 +287,12 @@ TC_CASES = [(2, 16, "mul1"), (2, 12, "mcg"), (3, 16, "1mad"), (3, 10, "mcg"), (4
 
 
 @pytest.mark.parametrize("bits,L,code", TC_CASES)
-@pytest.mark.parametrize("rows,inp", [(1, 250), (8, 250), (3, 128)])
+@pytest.mark.parametrize("rows,inp", [(1, 250), (8, 250), (3, 128), (13, 250)])
 def test_qlinear_tensor_core_gemv(monkeypatch, bits, L, code, rows, inp):
-    """Batch <= 8 with Hadamard blocks >= 128 runs the tensor-core GEMV: in 250 (in_pad 256: two K steps,
-    split over two programs with the ticket epilogue) or 128 (one step, direct store); out 200 (two output
-    blocks of 128, the second one clamped), bias, fp16 activations scaled per (row, block)."""
+    """Batch <= 16 (8 or 16 MMA columns) with Hadamard blocks >= 128 runs the tensor-core GEMV: in 250
+    (in_pad 256: two K steps, split over two programs with the ticket epilogue) or 128 (one step, direct
+    store); out 200 (two output blocks of 128, the second one partly past the output), bias, fp16
+    activations scaled per (row, block)."""
     from ccq.kernels import gemm, gemv_tc
 
     calls = []
@@ -307,12 +308,18 @@ def test_qlinear_tensor_core_gemv(monkeypatch, bits, L, code, rows, inp):
 
 
 def test_qlinear_tensor_core_gemv_dispatch(monkeypatch):
-    """More than 8 rows, Hadamard blocks below 128 or a rotated output side take the other kernels."""
+    """More than 16 rows (MoE: 8 tokens), Hadamard blocks below 128 or a rotated output side take the other
+    kernels."""
     from ccq.kernels import gemv_tc
 
     x = torch.randn(1, 250, device=DEV)
     assert gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=128))
-    assert not gemv_tc.supported(torch.randn(9, 250, device=DEV), random_qt((40, 250), 2, hadamard_block=128))
+    assert gemv_tc.supported(torch.randn(16, 250, device=DEV), random_qt((40, 250), 2, hadamard_block=128))
+    assert not gemv_tc.supported(torch.randn(17, 250, device=DEV), random_qt((40, 250), 2, hadamard_block=128))
+    gu, dn = random_qt((4, 256, 128), 2, hadamard_block=128), random_qt((4, 128, 128), 2, hadamard_block=128)
+    assert gemv_tc.moe_supported(torch.randn(8, 128, device=DEV), gu, dn, F.silu)
+    assert not gemv_tc.moe_supported(torch.randn(9, 128, device=DEV), gu, dn, F.silu)
+    assert not gemv_tc.moe_supported(torch.randn(1, 128, device=DEV), gu, dn, F.gelu)
     assert not gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=64))
     assert not gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=128, rotate_output=True))
 

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 # qlinear at batch 1 (Hadamard as fp16 pairs + the tensor-core GEMV, in Gluon; and, with Hadamard blocks of 16,
-# the CUDA-core GEMV) and at 16 rows (GEMM), qmoe at one token (the routed GEMV
+# the CUDA-core GEMV) and at 32 rows (GEMM), qmoe at one token (the routed GEMV
 # launches) and at 8 tokens (align and the routed GEMM launches with their fused epilogues), dequantize:
 # every kernel path, each bit width and code kind once. sm_80 for the dense kernels only (the MoE launches are
 # the same kernels), to keep it short.
@@ -35,7 +35,7 @@ with launch.record() as r:
     gemm.qlinear(meta(1, 2560), random_packed((3072, 2560), 2, "mul1", device="meta"))
     gemm.qlinear(meta(1, 2560), random_packed((3072, 2560), 3, "mcg", device="meta"))
     gemm.qlinear(meta(2, 1008), random_packed((3072, 1008), 2, "mul1", device="meta"))
-    gemm.qlinear(meta(16, 1536), random_packed((2560, 1536), 3, "1mad", device="meta"))
+    gemm.qlinear(meta(32, 1536), random_packed((2560, 1536), 3, "1mad", device="meta"))
 dense = list(r)
 with launch.record() as r:
     for block in (512, 64):  # 512: the tensor-core decode step; 64: the CUDA-core one

@@ -39,7 +39,8 @@ from .hadamard import pair_index
 from .launch import launch, sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
-MAX_ROWS = 8  # the MMA's N
+MAX_ROWS = 16  # dense: the MMA's N, 8 or 16 token columns
+MOE_MAX_TOKENS = 8  # beyond, the sorted GEMM decodes each used expert fewer times than one program per slot
 MIN_BLOCK = 128  # a K step (8 tiles) must lie inside one Hadamard block of the activation scales
 MT, WARPS = 2, 4  # 16-row blocks per warp, warps per program: 128 outputs per program
 MOE_BM1 = 32  # outputs per program of the MoE's gate_up launch (no K split there: SwiGLU needs whole sums)
@@ -122,12 +123,12 @@ def _step(a, b, xb, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr
 
 
 @gluon.jit
-def _operands(v, LB: tl.constexpr):
+def _operands(v, LB: tl.constexpr, NT: tl.constexpr):
     """The 16 B operands [16 (K: tile p, twice), 8 (tokens)] of a K step from v [8 tokens, 4, 64]: lane t
     holds the pairs of tiles t and t + 4 for all 16 weights c, 128 contiguous bytes (`pair_index`). Only
     reshapes, a permute and splits of registers: each result is B's layout exactly (no data moves)."""
-    v = gl.permute(gl.reshape(v, [8, 4, 16, 2, 2]), [3, 1, 4, 0, 2])  # (tile // 4, tile % 4, half, token, c)
-    v = gl.reshape(v, [16, 8, 2, 2, 2, 2])  # (k, token, c3, c2, c1, c0): c = 8 c3 + 4 c2 + 2 c1 + c0
+    v = gl.permute(gl.reshape(v, [NT, 4, 16, 2, 2]), [3, 1, 4, 0, 2])  # (tile // 4, tile % 4, half, token, c)
+    v = gl.reshape(v, [16, NT, 2, 2, 2, 2])  # (k, token, c3, c2, c1, c0): c = 8 c3 + 4 c2 + 2 c1 + c0
     s0, s1 = gl.split(v)  # s{c0}{c1}{c2}: split takes the last dimension
     s00, s01 = gl.split(s0)
     s10, s11 = gl.split(s1)
@@ -181,10 +182,10 @@ def _write_pairs(v, hr_ptr, hs_ptr, off):
 
 @gluon.jit
 def _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT,
-            BM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr):
+            BM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr, NT: tl.constexpr):
     """Ticket of output block pid_n; the TICKETS-th program writes out[:N_TOK, block] = y (+ bias), cast."""
     if _last_to_arrive(cnt_ptr + pid_n, TICKETS):
-        n2 = gl.arange(0, 8, layout=gl.SliceLayout(1, OUT_L))
+        n2 = gl.arange(0, NT, layout=gl.SliceLayout(1, OUT_L))
         c2 = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_L))
         m2 = (n2 < N_TOK)[:, None] & (c2 < N_OUT)[None, :]
         v = gl.load(y_ptr + n2[:, None] * y_stride + c2[None, :], mask=m2, other=0, cache_modifier=".cg")
@@ -201,7 +202,7 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                     FP16SUM: tl.constexpr, MT: tl.constexpr, W: tl.constexpr, RUNS: tl.constexpr,
                     HB: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr,
                     ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, HAD: tl.constexpr,
-                    HAD1: tl.constexpr, HAD_L: tl.constexpr, XL: tl.constexpr):
+                    HAD1: tl.constexpr, HAD_L: tl.constexpr, XL: tl.constexpr, NT: tl.constexpr):
     """x' @ W'^T for 16*MT*W outputs (grid axis 1) and one K slice (axis 2); the activations: fp16 pairs xd
     [rows, 2 * in_pad] with scales xs [rows, in_pad // HB]; tr / tr32: the trellis as int16 / int32.
 
@@ -215,11 +216,12 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     atomics, then `_finish` with TICKETS = slots x K slices."""
     BM: tl.constexpr = 16 * MT * W
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
+    # NT token columns (8 or 16): the MMA's N
     la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     pid_n = gl.program_id(1)
     t_lo = gl.program_id(2) * T_PER_SPLIT
-    no = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+    no = gl.arange(0, NT, layout=gl.SliceLayout(0, mma))
     if ROUTED:
         slot = gl.program_id(0)
         e = gl.load(ids_ptr + slot).to(gl.int64)
@@ -231,10 +233,11 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                 gl.store(hs_ptr + slot * hs_stride + pid_n * BM // HAD, 1.0)
             elif GATHER_A:
                 c1 = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_L))
-                gl.store(y_ptr + slot * y_stride + c1, gl.zeros([BM], gl.float32, gl.SliceLayout(0, OUT_L)), mask=c1 < N)
+                gl.store(y_ptr + slot * y_stride + c1, gl.zeros([BM], gl.float32, gl.SliceLayout(0, OUT_L)),
+                         mask=c1 < N)
             elif ATOMIC:  # no contribution, but the block's ticket count includes this program
                 _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM,
-                        HAS_BIAS, OUT_L)
+                        HAS_BIAS, OUT_L, NT)
             return
         tr_ptr += e * tr_estride
         tr32_ptr += e * tr_estride // 2
@@ -243,10 +246,10 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
             x_row = slot // TOP_K
         else:
             x_row = slot
-        nb = gl.zeros([8], gl.int32, gl.SliceLayout(1, gl.SliceLayout(2, XL))) + x_row
-        xs_row = xs_ptr + (gl.zeros([8], gl.int32, gl.SliceLayout(0, mma)) + x_row) * xs_stride
+        nb = gl.zeros([NT], gl.int32, gl.SliceLayout(1, gl.SliceLayout(2, XL))) + x_row
+        xs_row = xs_ptr + (gl.zeros([NT], gl.int32, gl.SliceLayout(0, mma)) + x_row) * xs_stride
     else:
-        nb = gl.minimum(gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL))), M - 1)  # past M: not stored
+        nb = gl.minimum(gl.arange(0, NT, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL))), M - 1)  # past M: not stored
         xs_row = xs_ptr + gl.minimum(no, M - 1) * xs_stride
     # runs [BM rows, 8 tiles] in A's layout without its pair bit
     rows = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, RUNS))
@@ -257,20 +260,20 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     if SWIGLU:
         hist_off, own_off = _offsets(GATE_OFF + rows, tiles, KT, GATE_OFF + N - 1, BITS)
         hist_u, own_u = tr_ptr + hist_off, own_ptr + own_off
-        acc_u = gl.zeros([BM, 8], gl.float32, layout=mma)
+        acc_u = gl.zeros([BM, NT], gl.float32, layout=mma)
     # a K step's activations: [8 tokens, 4 lanes, 64] fp16, 128 contiguous bytes per lane (`pair_index`)
     t3 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
     e3 = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
     xoff = nb[:, None, None] * x_stride + t3[None, :, None] * 64 + e3[None, None, :]
-    acc = gl.zeros([BM, 8], gl.float32, layout=mma)
+    acc = gl.zeros([BM, NT], gl.float32, layout=mma)
     for t0 in range(t_lo, gl.minimum(t_lo + T_PER_SPLIT, KT), 8):  # K steps of 8 tiles
-        xb = _operands(gl.load(xd_ptr + t0 * 32 + xoff), lb)
+        xb = _operands(gl.load(xd_ptr + t0 * 32 + xoff), lb, NT)
         sx = gl.load(xs_row + t0 // (HB // 16))[None, :]  # the step's activation scale
         a, b = _strings(hist_p, own_p, t0, BITS)
-        acc += _step(a, b, xb, gl.zeros([BM, 8], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM, la) * sx
+        acc += _step(a, b, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM, la) * sx
         if SWIGLU:
             a, b = _strings(hist_u, own_u, t0, BITS)
-            acc_u += _step(a, b, xb, gl.zeros([BM, 8], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM,
+            acc_u += _step(a, b, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM,
                            la) * sx
     rows_o = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
     y = acc * (gl.load(sc_ptr + gl.minimum(rows_o, N - 1)).to(gl.float32) * NORM)[:, None]
@@ -301,11 +304,12 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
             gl.atomic_add(y_ptr + (slot // TOP_K) * y_stride + rows_o[:, None] + no[None, :] * 0, y, mask=one,
                           sem="relaxed")
             _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS,
-                    OUT_L)
+                    OUT_L, NT)
     elif ATOMIC:
         gl.atomic_add(y_ptr + no[None, :] * y_stride + rows_o[:, None], y,
                       mask=(rows_o < N)[:, None] & (no < M)[None, :], sem="relaxed")
-        _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS, OUT_L)
+        _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS,
+                OUT_L, NT)
     else:
         if HAS_BIAS:
             y += gl.load(bias_ptr + rows_o, mask=rows_o < N_OUT, other=0).to(gl.float32)[:, None]
@@ -326,10 +330,11 @@ def out_layout(warps: int):
     return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[1, warps], order=[1, 0])
 
 
-def xd_layout(warps: int):
+def xd_layout(warps: int, nt: int = 8):
     return gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1 << i] for i in range(6)], lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[0, 0, 0]] * int(math.log2(warps)), block_bases=[], shape=[8, 4, 64])
+        reg_bases=[[0, 0, 1 << i] for i in range(6)] + [[8, 0, 0]] * (nt // 16),
+        lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[0, 0, 0]] * int(math.log2(warps)), block_bases=[], shape=[nt, 4, 64])
 
 
 def had_layout(warps: int):
@@ -415,7 +420,7 @@ def _tensor_cores(device: torch.device) -> bool:
 
 
 def supported(x: torch.Tensor, qt) -> bool:
-    """The tensor-core GEMV runs this product: a few rows, tensor cores (sm_80+, or the interpreter), and
+    """The tensor-core GEMV runs this product: at most 16 rows, tensor cores (sm_80+, or the interpreter), and
     Hadamard blocks of at least one K step (so every step has one activation scale)."""
     return (x.shape[0] <= MAX_ROWS and qt.signs_out is None and qt.had_in >= MIN_BLOCK
             and _tensor_cores(x.device))
@@ -425,7 +430,7 @@ def moe_supported(hidden: torch.Tensor, gate_up, down, act) -> bool:
     """The fused tensor-core decode step runs this MoE layer: a few tokens, SwiGLU, no output rotations,
     both Hadamard blocks of at least one K step, launch 1's output blocks inside down's Hadamard blocks."""
     inter, inter_pad = down.shape[-1], down.signs_in.shape[0]
-    return (hidden.shape[0] <= MAX_ROWS and act is torch.nn.functional.silu and gate_up.signs_out is None
+    return (hidden.shape[0] <= MOE_MAX_TOKENS and act is torch.nn.functional.silu and gate_up.signs_out is None
             and down.signs_out is None and min(gate_up.had_in, down.had_in) >= MIN_BLOCK
             and down.had_in % MOE_BM1 == 0 and triton.cdiv(inter, MOE_BM1) * MOE_BM1 == inter_pad
             and _tensor_cores(hidden.device))
@@ -439,7 +444,7 @@ def split_for(device: torch.device, programs: int, KT: int) -> tuple[int, int]:
 
 
 def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_per, tickets, mt, warps,
-            bias=None, ids=None, weights=None, top_k=1, gate_off=0, had=None):
+            bias=None, ids=None, weights=None, top_k=1, gate_off=0, had=None, nt=8):
     """One `_gemv_tc_kernel` launch (see there); had = (signs, block, scales out) for launch 1's epilogue."""
     KT = tr.shape[-2]
     routed = ids is not None
@@ -456,13 +461,14 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
            hb ** -0.5 if hb else 1.0, MT=mt, W=warps, RUNS=runs_layout(mt, warps), HB=qt.had_in,
            ATOMIC=counters is not None and had is None, HAS_BIAS=bias is not None, OUT_L=out_layout(warps),
            ROUTED=routed, GATHER_A=routed and gate_off > 0, SWIGLU=gate_off > 0, HAD=hb,
-           HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), XL=xd_layout(warps), num_warps=warps,
+           HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), XL=xd_layout(warps, nt), NT=nt,
+           num_warps=warps,
            **code_params(qt))
 
 
 def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x2 @ W^T (+ bias) for at most 8 rows, output side not rotated: two launches (the input transform
-    as scaled fp16 pairs, which also zeroes the partial sums and tickets; the tensor-core GEMV)."""
+    """y = x2 @ W^T (+ bias) for at most 16 rows (8 or 16 MMA columns), output side not rotated: two launches
+    (the input transform as scaled fp16 pairs, which also zeroes the partial sums and tickets; the GEMV)."""
     from .hadamard import transform_pairs
 
     M, out_f = x2.shape[0], qt.shape[-2]
@@ -476,16 +482,18 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
         y, counters = scratch[:M * N].view(M, N), scratch[M * N:].view(torch.int32)
     xd, xs = transform_pairs(x2, qt.signs_in, qt.had_in, zero=scratch)
     _launch((1, programs, split), xd, xs, qt, qt.trellis, qt.scales, y=out if y is None else y, out=out,
-            counters=counters, n_rows=M, n_out=out_f, t_per=t_per, tickets=split, mt=MT, warps=WARPS, bias=bias)
+            counters=counters, n_rows=M, n_out=out_f, t_per=t_per, tickets=split, mt=MT, warps=WARPS, bias=bias,
+            nt=8 if M <= 8 else 16)
     return out
 
 
 def qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
-    """The decode step of a MoE layer (`moe_supported`) in three launches, as `moe._qmoe_gemv` but on tensor
-    cores: the input transform as scaled fp16 pairs (zeroing the output sum and all tickets); gate_up with
-    SwiGLU, one program per (slot, 32 outputs), whose last program per (slot, Hadamard block) writes down's
-    input as scaled pairs; down, K split, routing weight and sum over slots by atomics, the last program per
-    output block casting. No host sync, no state kept between calls (CUDA-graph capturable)."""
+    """The decode step of a MoE layer (`moe_supported`, at most 8 tokens) in three launches, as
+    `moe._qmoe_gemv` but on tensor cores: the input transform as scaled fp16 pairs (zeroing the output sum
+    and all tickets); gate_up with SwiGLU, one program per (slot, 32 outputs), whose last program per
+    (slot, Hadamard block) writes down's input as scaled pairs; down, K split, routing weight and sum over
+    slots by atomics, the last program per output block casting. No host sync, no state kept between calls
+    (CUDA-graph capturable)."""
     from .hadamard import transform_pairs
 
     T, K = top_k_index.shape

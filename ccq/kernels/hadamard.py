@@ -75,7 +75,8 @@ def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCAL
         xh = (x * inv[:, None]).to(tl.float16)
         tl.store(xs_ptr + rows.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), scale, mask=rows < n_rows)
         dest = pair_index(cols)[None, :]
-        tl.store(y_ptr + (r64 * y_stride)[:, :, None] + tl.join(dest, dest + 1), tl.join(xh, xh), mask=rmask[:, :, None])
+        tl.store(y_ptr + (r64 * y_stride)[:, :, None] + tl.join(dest, dest + 1), tl.join(xh, xh),
+                 mask=rmask[:, :, None])
     else:
         tl.store(y_ptr + r64 * y_stride + cols[None, :], x.to(y_ptr.dtype.element_ty), mask=rmask)
 
