@@ -113,6 +113,13 @@ def test_quantize_model_synthetic_calibrates_every_module():
         ccq.quantize_model(copy.deepcopy(ref), 2, "random", L=8)
 
 
+def test_quantize_model_synthetic_samples_a_causal_lm_at_the_codec_damping():
+    tok = build_tiny_tokenizer()
+    m = ccq.quantize_model(_tiny_llama(tok), 2, "synthetic", tokenizer=tok, samples=2, seq_len=8, L=8)
+    assert all(e["hessian"] for e in m.ccq_report)
+    assert m.config.quantization_config["damp"] == 0.01  # the 0.1 default is for vocabulary words only
+
+
 def test_cli_synthetic_calibration(tmp_path):
     tok = build_tiny_tokenizer()
     model = _tiny_llama(tok)

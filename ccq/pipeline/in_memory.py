@@ -30,15 +30,15 @@ def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrid
     sampled from the model itself when it can generate (seq_len default 256), else whole-word
     vocabulary tokens inside the tokenizer's special tokens, of lengths drawn from min_len..seq_len
     (default 10..50, seq_len // 5 when only seq_len is given: on MiniLM short sequences of mixed
-    length calibrated better than long or fixed ones); "synthetic" also damps the Hessians by
-    0.1 unless `damp` is given (they are less certain than real data's; +0.03 on MiniLM).
+    length calibrated better than long or fixed ones), whose Hessians are damped by 0.1 unless
+    `damp` is given (+0.03 on MiniLM: their correlations are less certain than real text's).
     tokenizer: for "synthetic", a tokenizer or its folder (default: the folder the model was loaded from).
     options: codec options (L, code, hadamard_block, ...) and `target_bpw` / `finetune_steps`
     (see QuantSettings), or pass `settings`. Sets
     `model.config.quantization_config` and keeps the report in `model.ccq_report`.
     """
     if settings is None:
-        if isinstance(calibration, str) and calibration == SYNTHETIC:
+        if isinstance(calibration, str) and calibration == SYNTHETIC and not _generates(model):
             options.setdefault("damp", SYNTHETIC_DAMP)
         settings = QuantSettings.of(bits, overrides=overrides, seed=seed, rotate_output=rotate_output, **options)
     plan = quant_plan(model, settings.bits, settings.overrides)
@@ -68,11 +68,15 @@ def _synthetic(model: nn.Module, kind: str, tokenizer, samples: int, seq_len: in
             raise ValueError("synthetic calibration: the model has no folder to load its tokenizer from; "
                              "pass tokenizer=")
         tokenizer = load_tokenizer(src)
-    if getattr(model, "can_generate", lambda: False)():
+    if _generates(model):
         return sampled_batches(model, tokenizer, samples, seq_len or 256, seed)
     seq_len = seq_len or 50
     return word_batches(tokenizer, samples, seq_len, seed, where=type(model).__name__,
                         min_len=seq_len // 5 if min_len is None else min_len)
+
+
+def _generates(model: nn.Module) -> bool:
+    return bool(getattr(model, "can_generate", lambda: False)())
 
 
 def _allocate(model: nn.Module, plan: dict[str, int], settings: QuantSettings, batches) -> dict[str, int]:
