@@ -76,10 +76,10 @@ def random_token_batches(vocab_size: int, samples: int, seq_len: int, seed: int 
     return [{"input_ids": torch.randint(0, vocab_size, (1, seq_len), generator=g)} for _ in range(samples)]
 
 
-def quantize(model, method, calib, L, keep=KEEP, damp=None, syn=None, finetune_steps=200):
+def quantize(model, method, calib, L, keep=KEEP, damp=None, syn=None, finetune_steps=200, seed=0):
     """Quantize a copy of `model` by `method`; returns (model, bpw, seconds). damp: the ccq Hessian
     damping (None: quantize_model's default); syn: keywords for ccq-syn (samples, seq_len, min_len);
-    finetune_steps: per layer for a `:ft` method."""
+    finetune_steps: per layer for a `:ft` method; seed: ccq's (signs and synthetic draws)."""
     from ccq import quantize_model
     from ccq.calibration.hessian import HessianCapture
     from ccq.models.policy import quant_plan
@@ -97,9 +97,9 @@ def quantize(model, method, calib, L, keep=KEEP, damp=None, syn=None, finetune_s
         if flag == "ft":
             kw["finetune_steps"] = finetune_steps
         if arg.startswith("t"):
-            quantize_model(m, 2, data, overrides=keep, L=L, target_bpw=float(arg[1:]), **kw)
+            quantize_model(m, 2, data, overrides=keep, L=L, seed=seed, target_bpw=float(arg[1:]), **kw)
         else:
-            quantize_model(m, int(arg), data, overrides=keep, L=L, **kw)
+            quantize_model(m, int(arg), data, overrides=keep, L=L, seed=seed, **kw)
         rep = m.ccq_report
         n = sum(torch.Size(e["shape"]).numel() for e in rep)
         bpw = sum(e["bytes"] for e in rep) * 8 / n
@@ -151,7 +151,7 @@ def run_minilm(args):
         if method == "fp":
             continue
         m, bpw, sec, bits = quantize(model, method, calib, args.L, damp=args.damp, finetune_steps=args.finetune_steps,
-                                     syn=args.syn)
+                                     syn=args.syn, seed=args.seed)
         cos = (minilm_embed(dense_copy(m), batches) * ref).sum(-1)
         row = {"method": method, "bits": bits, "bpw": round(bpw, 4), "cosine_mean": float(cos.mean()),
                "cosine_median": float(cos.median()), "cosine_min": float(cos.min()), "seconds": round(sec, 1)}
@@ -283,6 +283,7 @@ def main():
     ap.add_argument("--min-len", type=int, default=None, help="minilm ccq-syn: shortest synthetic sample in tokens "
                     "(lengths drawn from min-len..seq-len; = seq-len for fixed lengths) [seq-len // 5]; without --samples / "
                     "--seq-len / --min-len ccq-syn takes quantize_model's defaults (128 samples of 10..50 tokens)")
+    ap.add_argument("--seed", type=int, default=0, help="minilm: ccq's seed (Hadamard signs, synthetic draws)")
     ap.add_argument("--finetune-steps", type=int, default=200, help="steps per layer for the :ft methods")
     ap.add_argument("--layers", type=int, default=None, help="lm: quantize only the first N decoder layers "
                     "(every method; the others stay fp32) to fit a busy CPU [all]")
@@ -302,7 +303,7 @@ def main():
     info, rows = run_lm(args) if lm else run_minilm(args)
     out = Path(args.out or f"bench/results/real-{args.which}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**info, "L": args.L, "damp": args.damp, "synthetic": args.syn,
+    out.write_text(json.dumps({**info, "L": args.L, "damp": args.damp, "synthetic": args.syn, "seed": args.seed,
                                "finetune_steps": args.finetune_steps, "calibration": f"{args.samples} x {args.seq_len} tokens",
                                "threads": args.threads, "machine": platform.machine(), "rows": rows}, indent=1))
     print(f"wrote {out}")
