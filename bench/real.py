@@ -11,11 +11,11 @@ per token and top-1 agreement. Text: English prose from Python's own documentati
 shipped with every Python): calibration from its first half, evaluation from its second half.
 
 Methods (space separated): fp, ccq:BITS (calibrated), ccq-df:BITS (data-free), ccq-rt:BITS (no data:
-calibrated on random token ids), ccq-syn:BITS (no data: `calibration="synthetic"`, as many
-samples and tokens as the real calibration), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1
-(bits chosen per module for a target bpw), rtn:BITS:gGROUP, gptq:BITS:gGROUP. For the lm, the ccq methods run
-the streaming `ccq quantize` path (layer by layer, each calibrated on the quantized layers' outputs) and take a
-`:ft` suffix for layer-wise fine-tuning (ccq:2:ft, ccq:t2.1:ft). Every method quantizes the
+calibrated on random token ids), ccq-syn:BITS (no data: `calibration="synthetic"`, --samples
+sequences of at most --seq-len tokens, the shortest --min-len), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1 /
+ccq-syn:t2.1 (bits chosen per module for a target bpw), rtn:BITS:gGROUP, gptq:BITS:gGROUP. A `:ft` suffix
+adds layer-wise fine-tuning (--finetune-steps per layer; ccq:2:ft, ccq-syn:t2.1:ft). For the lm, the ccq
+methods run the streaming `ccq quantize` path (layer by layer, each calibrated on the quantized layers' outputs). Every method quantizes the
 same modules (every Linear except the head; MiniLM's unused pooler stays fp32) on the same calibration
 tokens. Prints one JSON line per method and writes all of them to --out.
 """
@@ -76,9 +76,10 @@ def random_token_batches(vocab_size: int, samples: int, seq_len: int, seed: int 
     return [{"input_ids": torch.randint(0, vocab_size, (1, seq_len), generator=g)} for _ in range(samples)]
 
 
-def quantize(model, method, calib, L, keep=KEEP, damp=None):
+def quantize(model, method, calib, L, keep=KEEP, damp=None, syn=None, finetune_steps=200, seed=0):
     """Quantize a copy of `model` by `method`; returns (model, bpw, seconds). damp: the ccq Hessian
-    damping (None: the codec default)."""
+    damping (None: quantize_model's default); syn: keywords for ccq-syn (samples, seq_len, min_len);
+    finetune_steps: per layer for a `:ft` method; seed: ccq's (signs and synthetic draws)."""
     from ccq import quantize_model
     from ccq.calibration.hessian import HessianCapture
     from ccq.models.policy import quant_plan
@@ -87,15 +88,18 @@ def quantize(model, method, calib, L, keep=KEEP, damp=None):
     kind, _, arg = method.partition(":")
     t0 = time.perf_counter()
     if kind.startswith("ccq"):
+        arg, _, flag = arg.partition(":")
         data = {"ccq-df": None, "ccq-syn": "synthetic", "ccq-rt": random_token_batches(m.config.vocab_size, len(calib), calib[0].shape[1]),
                 "ccq": calib}[kind]
-        syn = {"samples": len(calib), "seq_len": calib[0].shape[1]} if kind == "ccq-syn" else {}
+        kw = dict(syn or {}) if kind == "ccq-syn" else {}
         if damp is not None:
-            syn["damp"] = damp
+            kw["damp"] = damp
+        if flag == "ft":
+            kw["finetune_steps"] = finetune_steps
         if arg.startswith("t"):
-            quantize_model(m, 2, data, overrides=keep, L=L, target_bpw=float(arg[1:]), **syn)
+            quantize_model(m, 2, data, overrides=keep, L=L, seed=seed, target_bpw=float(arg[1:]), **kw)
         else:
-            quantize_model(m, int(arg), data, overrides=keep, L=L, **syn)
+            quantize_model(m, int(arg), data, overrides=keep, L=L, seed=seed, **kw)
         rep = m.ccq_report
         n = sum(torch.Size(e["shape"]).numel() for e in rep)
         bpw = sum(e["bytes"] for e in rep) * 8 / n
@@ -146,7 +150,8 @@ def run_minilm(args):
     for method in args.methods:
         if method == "fp":
             continue
-        m, bpw, sec, bits = quantize(model, method, calib, args.L, damp=args.damp)
+        m, bpw, sec, bits = quantize(model, method, calib, args.L, damp=args.damp, finetune_steps=args.finetune_steps,
+                                     syn=args.syn, seed=args.seed)
         cos = (minilm_embed(dense_copy(m), batches) * ref).sum(-1)
         row = {"method": method, "bits": bits, "bpw": round(bpw, 4), "cosine_mean": float(cos.mean()),
                "cosine_median": float(cos.median()), "cosine_min": float(cos.min()), "seconds": round(sec, 1)}
@@ -274,7 +279,11 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=16, help="lm: evaluation windows of --seq-len tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--damp", type=float, default=None, help="minilm: ccq Hessian damping, relative to the mean "
-                    "diagonal [the codec default, 0.01]")
+                    "diagonal [quantize_model's default: 0.1 for ccq-syn, else the codec's 0.01]")
+    ap.add_argument("--min-len", type=int, default=None, help="minilm ccq-syn: shortest synthetic sample in tokens "
+                    "(lengths drawn from min-len..seq-len; = seq-len for fixed lengths) [seq-len // 5]; without --samples / "
+                    "--seq-len / --min-len ccq-syn takes quantize_model's defaults (128 samples of 10..50 tokens)")
+    ap.add_argument("--seed", type=int, default=0, help="minilm: ccq's seed (Hadamard signs, synthetic draws)")
     ap.add_argument("--finetune-steps", type=int, default=200, help="steps per layer for the :ft methods")
     ap.add_argument("--layers", type=int, default=None, help="lm: quantize only the first N decoder layers "
                     "(every method; the others stay fp32) to fit a busy CPU [all]")
@@ -283,6 +292,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = args.which == "lm"
+    # ccq-syn takes quantize_model's own defaults for what the command line leaves out
+    args.syn = {k: v for k, v in (("samples", args.samples), ("seq_len", args.seq_len), ("min_len", args.min_len))
+                if v is not None}
     args.samples = args.samples or 32
     args.seq_len = args.seq_len or (512 if lm else 128)
     args.methods = args.methods or (["ccq-df:2", "ccq-df:3", "ccq-df:4", "ccq:2", "ccq:3", "ccq:4",
@@ -291,7 +303,8 @@ def main():
     info, rows = run_lm(args) if lm else run_minilm(args)
     out = Path(args.out or f"bench/results/real-{args.which}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**info, "L": args.L, "damp": args.damp, "calibration": f"{args.samples} x {args.seq_len} tokens",
+    out.write_text(json.dumps({**info, "L": args.L, "damp": args.damp, "synthetic": args.syn, "seed": args.seed,
+                               "finetune_steps": args.finetune_steps, "calibration": f"{args.samples} x {args.seq_len} tokens",
                                "threads": args.threads, "machine": platform.machine(), "rows": rows}, indent=1))
     print(f"wrote {out}")
 

@@ -55,6 +55,17 @@ def test_word_batches_are_framed_and_seeded():
     assert word_batches(tok, 1, 20)[0]["input_ids"].shape == (1, 12)
 
 
+def test_word_batches_mix_lengths_from_min_len():
+    tok = wordpiece_tokenizer()
+    a, b = (word_batches(tok, 40, 20, seed=0, min_len=5) for _ in range(2))
+    lens = [x["input_ids"].shape[1] for x in a]
+    assert min(lens) == 5 and max(lens) == 20 and len(set(lens)) > 8
+    assert lens == [x["input_ids"].shape[1] for x in b]
+    assert all(int(x["input_ids"][0, 0]) == 3 and int(x["input_ids"][0, -1]) == 4 for x in a)
+    with pytest.raises(ValueError, match="min_len 2 leaves no room"):
+        word_batches(tok, 1, 20, min_len=2)
+
+
 def test_tokenizer_without_words_is_one_clear_error():
     from tokenizers import Tokenizer, models
 
@@ -90,10 +101,23 @@ def test_quantize_model_synthetic_calibrates_every_module():
     m = ccq.quantize_model(copy.deepcopy(ref), 2, "synthetic", tokenizer=tok, samples=2, seq_len=16, L=8,
                            overrides=[("pooler.*", 16)])
     assert len(m.ccq_report) == 12 and all(e["hessian"] for e in m.ccq_report)
+    assert m.config.quantization_config["damp"] == 0.1  # synthetic Hessians are damped harder by default
+    m = ccq.quantize_model(copy.deepcopy(ref), 2, "synthetic", tokenizer=tok, samples=2, seq_len=16, L=8,
+                           overrides=[("pooler.*", 16)], damp=0.01, finetune_steps=3)
+    assert m.config.quantization_config["damp"] == 0.01
+    tuned = {e["tensor"].split(".")[2] for e in m.ccq_report if e["layer_finetune"]["steps"] == 3}
+    assert tuned == {"0", "1"}  # both encoder layers fine-tuned on the synthetic inputs
     with pytest.raises(ValueError, match="pass tokenizer="):
         ccq.quantize_model(copy.deepcopy(ref), 2, "synthetic", L=8)
     with pytest.raises(ValueError, match="must be 'synthetic'"):
         ccq.quantize_model(copy.deepcopy(ref), 2, "random", L=8)
+
+
+def test_quantize_model_synthetic_samples_a_causal_lm_at_the_codec_damping():
+    tok = build_tiny_tokenizer()
+    m = ccq.quantize_model(_tiny_llama(tok), 2, "synthetic", tokenizer=tok, samples=2, seq_len=8, L=8)
+    assert all(e["hessian"] for e in m.ccq_report)
+    assert m.config.quantization_config["damp"] == 0.01  # the 0.1 default is for vocabulary words only
 
 
 def test_cli_synthetic_calibration(tmp_path):
