@@ -35,7 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import code_norm, code_params
-from .hadamard import pair_index
+from .hadamard import pair_index, pair_scale
 from .launch import launch, sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -170,10 +170,8 @@ def _hadamard(n: tl.constexpr, layout: tl.constexpr):
 @gluon.jit
 def _write_pairs(v, hr_ptr, hs_ptr, off):
     """Store v (a block of the activation, columns off) as `hadamard.transform_pairs` does: v / 2**e twice as
-    fp16 at hr_ptr + pair_index(off), with 2**e (the block's largest magnitude / 2**e in [2**14, 2**15)) at hs_ptr."""
-    ex = (gl.max(gl.max(gl.abs(v), axis=1), axis=0).to(gl.int32, bitcast=True) >> 23) & 0xFF
-    scale = gl.where(ex >= 15, (ex - 14) << 23, 127 << 23).to(gl.float32, bitcast=True)
-    inv = gl.where(ex >= 15, (268 - ex) << 23, 127 << 23).to(gl.float32, bitcast=True)
+    fp16 at hr_ptr + pair_index(off), with 2**e (`pair_scale` of the block's largest magnitude) at hs_ptr."""
+    scale, inv = pair_scale(gl.max(gl.max(gl.abs(v), axis=1), axis=0))
     vh = (v * inv).to(gl.float16)
     dest = pair_index(off)
     gl.store(hr_ptr + gl.join(dest, dest + 1), gl.join(vh, vh))

@@ -44,6 +44,16 @@ def pair_index(k):
 
 
 @triton.jit
+def pair_scale(m):
+    """(2**e, 2**-e) for a block of the activation whose largest magnitude is m: m / 2**e in [2**14, 2**15),
+    so fp16 neither overflows nor loses the block's small values; (1, 1) for a (nearly) zero block."""
+    ex = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent
+    ok = ex >= 15
+    return (tl.where(ok, (ex - 14) << 23, 127 << 23).to(tl.float32, bitcast=True),
+            tl.where(ok, (268 - ex) << 23, 127 << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCALE, zero_ptr, n_zero, xs_ptr,
                      B: tl.constexpr, LOGB: tl.constexpr, BR: tl.constexpr, SIGN_AFTER: tl.constexpr,
                      ZB: tl.constexpr, PAIRS: tl.constexpr):
@@ -68,10 +78,7 @@ def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCAL
     if SIGN_AFTER:
         x = x * s
     if PAIRS:
-        ex = (tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of the max
-        ok = ex >= 15  # else the block is (nearly) zero: scale 1
-        scale = tl.where(ok, (ex - 14) << 23, 127 << 23).to(tl.float32, bitcast=True)
-        inv = tl.where(ok, (268 - ex) << 23, 127 << 23).to(tl.float32, bitcast=True)
+        scale, inv = pair_scale(tl.max(tl.abs(x), axis=1))
         xh = (x * inv[:, None]).to(tl.float16)
         tl.store(xs_ptr + rows.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), scale, mask=rows < n_rows)
         dest = pair_index(cols)[None, :]
