@@ -82,41 +82,62 @@ def _offsets(rows, tiles, KT, LAST, BITS: tl.constexpr):
 
 
 @gluon.jit
-def _strings(hist_p, own_p, t0, BITS: tl.constexpr):
-    """The runs' words of the K step at tile t0 as 64-bit strings, MSB first: a = words -1..2 of the run
-    (history first), b = words 0..3 (4 bits; else a). hist_p, own_p: pointers of the first step's words
-    (own_p: int32 at 2 and 4 bits), computed once outside the K loop."""
+def _registers(hist_p, own_p, t0, BITS: tl.constexpr):
+    """The run's string of the K step at tile t0, history word first (MSB) then its own words, as 32-bit
+    registers r0 (least significant) .. r2 (bits past the string are junk no window reads). hist_p, own_p:
+    pointers of the first step's words (own_p: int32 at 2 and 4 bits), computed once outside the K loop."""
     NW: tl.constexpr = 16 * BITS
     hist = gl.load(hist_p + t0 * NW).to(gl.uint16).to(gl.uint32)
-    if BITS == 2:  # words (2r, 2r+1) are one aligned int32 (low half first): hist|w0 and w1|w0
+    if BITS == 2:  # words (2r, 2r+1) are one aligned int32, low half first: r0 = w0 << 16 | w1
         u = gl.load(own_p + t0 * (NW // 2)).to(gl.uint32)
-        a = (((hist << 16) | (u & 0xFFFF)).to(gl.uint64) << 32) | u.to(gl.uint64)
-        b = a
+        return (u << 16) | (u >> 16), hist, hist
     elif BITS == 4:  # words 4r..4r+3 are two aligned int32s
         u0 = gl.load(own_p + t0 * (NW // 2)).to(gl.uint32)
         u1 = gl.load(own_p + t0 * (NW // 2) + 1).to(gl.uint32)
-        a = (((hist << 16) | (u0 & 0xFFFF)).to(gl.uint64) << 32) | ((u0 & 0xFFFF0000) | (u1 & 0xFFFF)).to(gl.uint64)
-        b = (((u0 << 16) | (u0 >> 16)).to(gl.uint64) << 32) | ((u1 << 16) | (u1 >> 16)).to(gl.uint64)
+        return (u1 << 16) | (u1 >> 16), (u0 << 16) | (u0 >> 16), hist
     else:
-        a = hist.to(gl.uint64) << 48
-        for q in gl.static_range(3):
-            a = a | (gl.load(own_p + t0 * NW + q).to(gl.uint16).to(gl.uint64) << (32 - 16 * q))
-        b = a
-    return a, b
+        w0 = gl.load(own_p + t0 * NW).to(gl.uint16).to(gl.uint32)
+        w1 = gl.load(own_p + t0 * NW + 1).to(gl.uint16).to(gl.uint32)
+        w2 = gl.load(own_p + t0 * NW + 2).to(gl.uint16).to(gl.uint32)
+        r1 = (hist << 16) | w0
+        return (w1 << 16) | w2, r1, r1
 
 
 @gluon.jit
-def _step(a, b, xb, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+def _funnel(r0, r1, r2, p: tl.constexpr):
+    """String bits [p, p + 32) as one register: a funnel shift (nothing where p is a multiple of 32)."""
+    if p // 32 == 0:
+        lo = r0
+        hi = r1
+    else:
+        lo = r1
+        hi = r2
+    if p % 32 == 0:
+        return lo
+    else:
+        return ((hi.to(gl.uint64) << 32 | lo.to(gl.uint64)) >> (p % 32)).to(gl.uint32)
+
+
+@gluon.jit
+def _window(r0, r1, r2, c: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr):
+    """Window c of the run: string bits [p, p + L), p = BITS * (15 - c). Windows pair up as (p, p + 32 - L)
+    when both exist: one funnel holds both, the low one is a mask away and the high one a shift (whose zero
+    fill is the mask), 1.5 instructions a window instead of 2."""
+    p: tl.constexpr = BITS * (15 - c)
+    D: tl.constexpr = 32 - L
+    if (D % BITS == 0) & ((p // D) % 2 == 1):  # the high one of a pair
+        return _funnel(r0, r1, r2, p - D) >> D
+    else:
+        return _funnel(r0, r1, r2, p) & ((1 << L) - 1)
+
+
+@gluon.jit
+def _step(r0, r1, r2, xb, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
           FP16SUM: tl.constexpr, BM: tl.constexpr, LA: tl.constexpr):
     """part += the 16 MMAs of one K step: MMA c takes weight c of every run (A's K slot p: tile p) against
     the activations of columns 16p + c of the step (B = xb[c], from `_operands`)."""
     for c in gl.static_range(16):
-        # window c of each run: string bits [E - L, E), E = 16 + BITS * (c + 1) (a: 64 bits, b: 80)
-        if 16 + BITS * (c + 1) <= 64:
-            st = a >> (48 - BITS * (c + 1))
-        else:
-            st = b >> (64 - BITS * (c + 1))
-        st = (st & ((1 << L) - 1)).to(gl.uint32) * MUL + ADD
+        st = _window(r0, r1, r2, c, BITS, L) * MUL + ADD
         wa = gl.convert_layout(gl.reshape(gl.join(st, st), [BM, 16]), LA, assert_trivial=True)
         part = mma_v2(_pairs(wa, FP16SUM), xb[c], part)
     return part
@@ -267,11 +288,11 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     for t0 in range(t_lo, gl.minimum(t_lo + T_PER_SPLIT, KT), 8):  # K steps of 8 tiles
         xb = _operands(gl.load(xd_ptr + t0 * 32 + xoff), lb, NT)
         sx = gl.load(xs_row + t0 // (HB // 16))[None, :]  # the step's activation scale
-        a, b = _strings(hist_p, own_p, t0, BITS)
-        acc += _step(a, b, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM, la) * sx
+        r0, r1, r2 = _registers(hist_p, own_p, t0, BITS)
+        acc += _step(r0, r1, r2, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM, la) * sx
         if SWIGLU:
-            a, b = _strings(hist_u, own_u, t0, BITS)
-            acc_u += _step(a, b, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM,
+            r0, r1, r2 = _registers(hist_u, own_u, t0, BITS)
+            acc_u += _step(r0, r1, r2, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM,
                            la) * sx
     rows_o = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
     y = acc * (gl.load(sc_ptr + gl.minimum(rows_o, N - 1)).to(gl.float32) * NORM)[:, None]
@@ -393,7 +414,7 @@ class _Erased:
     DotOperandLayout = SliceLayout = BlockedLayout = NVMMADistributedLayout
 
 
-_GLUON_HELPERS = ("_offsets", "_strings", "_step", "_operands", "_lb", "_hadamard", "_write_pairs", "_finish")
+_GLUON_HELPERS = ("_offsets", "_registers", "_funnel", "_window", "_step", "_operands", "_lb", "_hadamard", "_write_pairs", "_finish")
 
 
 def _interpreted():
