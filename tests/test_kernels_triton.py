@@ -320,6 +320,8 @@ def test_qlinear_tensor_core_gemv_dispatch(monkeypatch):
     assert gemv_tc.moe_supported(torch.randn(8, 128, device=DEV), gu, dn, F.silu)
     assert not gemv_tc.moe_supported(torch.randn(9, 128, device=DEV), gu, dn, F.silu)
     assert not gemv_tc.moe_supported(torch.randn(1, 128, device=DEV), gu, dn, F.gelu)
+    odd = random_qt((4, 242, 128), 2, hadamard_block=128), random_qt((4, 128, 121), 2, hadamard_block=128)
+    assert not gemv_tc.moe_supported(torch.randn(1, 128, device=DEV), *odd, F.silu)  # up rows start mid-pair
     assert not gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=64))
     assert not gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=128, rotate_output=True))
 

@@ -65,42 +65,83 @@ def _last_to_arrive(counter_ptr, n):
 
 
 @gluon.jit
-def _offsets(rows, tiles, KT, LAST, BITS: tl.constexpr):
-    """Offsets of each run's history word (int16: the word before its own, circularly) and first own word
-    (int16 at 3 bits, int32 at 2 and 4, where the own words are aligned). Rows past LAST are moved into
-    LAST's tile row (valid memory; their results are never stored), not clamped one by one, so the runs of
-    a thread stay at compile-time distances (rows + 8, tiles + 4) and load from one base each."""
+def _pointers(tr_ptr, tr32_ptr, rows, tiles, k, KT, LAST, BITS: tl.constexpr):
+    """Pointers of the first K step's words of each group (rows: its first row, J consecutive rows in one
+    tile row): its first row's history word (int16: the word before the own ones, circularly) [groups, 8]
+    and its own words [groups, 8, k] (`_registers`). Rows past LAST are moved into LAST's tile row (valid
+    memory; their results are never stored)."""
     NW: tl.constexpr = 16 * BITS
     r = (rows % 16)[:, None]
-    run0 = ((gl.minimum(rows // 16, LAST // 16))[:, None] * KT + tiles[None, :]) * NW
-    own = run0 + r * BITS
-    hist = own - 1 + gl.where(r == 0, NW, 0)
+    own = ((gl.minimum(rows // 16, LAST // 16))[:, None] * KT + tiles[None, :]) * NW + r * BITS
+    hist_p = tr_ptr + own - 1 + gl.where(r == 0, NW, 0)
     if BITS == 3:
-        return hist, own
+        return hist_p, tr_ptr + own[:, :, None] + 3 * k[None, None, :]
     else:
-        return hist, own // 2
+        return hist_p, tr32_ptr + (own // 2)[:, :, None] + k[None, None, :]
 
 
 @gluon.jit
-def _registers(hist_p, own_p, t0, BITS: tl.constexpr):
-    """The run's string of the K step at tile t0, history word first (MSB) then its own words, as 32-bit
-    registers r0 (least significant) .. r2 (bits past the string are junk no window reads). hist_p, own_p:
-    pointers of the first step's words (own_p: int32 at 2 and 4 bits), computed once outside the K loop."""
-    NW: tl.constexpr = 16 * BITS
-    hist = gl.load(hist_p + t0 * NW).to(gl.uint16).to(gl.uint32)
-    if BITS == 2:  # words (2r, 2r+1) are one aligned int32, low half first: r0 = w0 << 16 | w1
-        u = gl.load(own_p + t0 * (NW // 2)).to(gl.uint32)
-        return (u << 16) | (u >> 16), hist, hist
-    elif BITS == 4:  # words 4r..4r+3 are two aligned int32s
-        u0 = gl.load(own_p + t0 * (NW // 2)).to(gl.uint32)
-        u1 = gl.load(own_p + t0 * (NW // 2) + 1).to(gl.uint32)
-        return (u1 << 16) | (u1 >> 16), (u0 << 16) | (u0 >> 16), hist
+def _by_row(x, J: tl.constexpr, LR: tl.constexpr):
+    """The J (2 or 4) entries of x's last axis, one tensor each in layout LR (J = 2: repeated)."""
+    if J == 2:
+        a, b = gl.split(x)
+        c, d = a, b
     else:
-        w0 = gl.load(own_p + t0 * NW).to(gl.uint16).to(gl.uint32)
-        w1 = gl.load(own_p + t0 * NW + 1).to(gl.uint16).to(gl.uint32)
-        w2 = gl.load(own_p + t0 * NW + 2).to(gl.uint16).to(gl.uint32)
-        r1 = (hist << 16) | w0
-        return (w1 << 16) | w2, r1, r1
+        e, o = gl.split(gl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))
+        a, c = gl.split(e)
+        b, d = gl.split(o)
+    return _lb(a, LR), _lb(b, LR), _lb(c, LR), _lb(d, LR)
+
+
+@gluon.jit
+def _rot(u):
+    """Words (lo, hi) of an int32 as the string hi:lo... reversed to MSB-first lo:hi (rotate by 16)."""
+    return (u << 16) | (u >> 16)
+
+
+@gluon.jit
+def _load_tiles(p, off, HALF: tl.constexpr, LT: tl.constexpr):
+    """The words at p + off ([groups, 4 tiles (, k)]) and at HALF words on (tiles + 4), in layout LT
+    ([groups, 8 tiles (, k)]): the second load takes the first's address plus a constant."""
+    a = gl.load(p + off)
+    x = gl.join(a, gl.load(p + off + HALF))
+    if len(a.shape) == 2:
+        x = gl.reshape(gl.permute(x, [0, 2, 1]), [a.shape[0], 8])
+    else:
+        x = gl.reshape(gl.permute(x, [0, 3, 1, 2]), [a.shape[0], 8, a.shape[2]])
+    return _lb(x, LT)
+
+
+@gluon.jit
+def _registers(hist_p, own_p, t0, BITS: tl.constexpr, J: tl.constexpr, LO: tl.constexpr):
+    """The strings of a thread's J consecutive rows (x its 2 tiles) for the K step at tile t0, one (r0, r1, r2)
+    per row: the history word (MSB) then the own words as 32-bit registers, r0 least significant (bits past
+    the string are junk no window reads). One load of the group's own words and one of its first row's
+    history word: row j's history is row j-1's last own word, already in a register. hist_p: pointers of
+    the groups' history words [groups, 8]; own_p: of their own words [groups, 8, J * (1 | 2)] (int32 at 2 and 4
+    bits) or of each row's first word [groups, 8, J] (int16 at 3 bits)."""
+    NW: tl.constexpr = 16 * BITS
+    LR: tl.constexpr = gl.SliceLayout(2, LO)
+    h = _load_tiles(hist_p, t0 * NW, 4 * NW, LR).to(gl.uint16).to(gl.uint32)
+    if BITS == 2:  # row j: one int32 (w0 low, w1 high): r0 = w0:w1, r1 = hist (low half)
+        u = _by_row(_load_tiles(own_p, t0 * (NW // 2), 2 * NW, LO).to(gl.uint32), J, LR)
+        r0 = (_rot(u[0]), _rot(u[1]), _rot(u[2]), _rot(u[3]))
+        return ((r0[0], h, h), (r0[1], r0[0], r0[0]), (r0[2], r0[1], r0[1]), (r0[3], r0[2], r0[2]))
+    elif BITS == 4:  # row j: two int32s (w0:w1, w2:w3 low first): r0 = w2:w3, r1 = w0:w1, r2 = hist
+        u = _load_tiles(own_p, t0 * (NW // 2), 2 * NW, LO).to(gl.uint32)
+        u0, u1 = gl.split(gl.reshape(u, [u.shape[0], u.shape[1], J, 2]))
+        a = _by_row(u0, J, LR)
+        b = _by_row(u1, J, LR)
+        r0 = (_rot(b[0]), _rot(b[1]), _rot(b[2]), _rot(b[3]))
+        return ((r0[0], _rot(a[0]), h), (r0[1], _rot(a[1]), r0[0]), (r0[2], _rot(a[2]), r0[1]),
+                (r0[3], _rot(a[3]), r0[2]))
+    else:  # row j: three int16 words: r0 = w1:w2, r1 = hist:w0
+        w0 = _by_row(_load_tiles(own_p, t0 * NW, 4 * NW, LO).to(gl.uint16).to(gl.uint32), J, LR)
+        w1 = _by_row(_load_tiles(own_p, t0 * NW + 1, 4 * NW, LO).to(gl.uint16).to(gl.uint32), J, LR)
+        w2 = _by_row(_load_tiles(own_p, t0 * NW + 2, 4 * NW, LO).to(gl.uint16).to(gl.uint32), J, LR)
+        r1 = ((h << 16) | w0[0], (w2[0] << 16) | w0[1], (w2[1] << 16) | w0[2], (w2[2] << 16) | w0[3])
+        return (((w1[0] << 16) | w2[0], r1[0], r1[0]), ((w1[1] << 16) | w2[1], r1[1], r1[1]),
+                ((w1[2] << 16) | w2[2], r1[2], r1[2]), ((w1[3] << 16) | w2[3], r1[3], r1[3]))
 
 
 @gluon.jit
@@ -131,16 +172,62 @@ def _window(r0, r1, r2, c: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr):
         return _funnel(r0, r1, r2, p) & ((1 << L) - 1)
 
 
+@triton.constexpr_function
+def _half_tiles(own):
+    """`own_layout` over tiles 0..3 (the loads of `_load_tiles`)."""
+    return gl.DistributedLinearLayout(reg_bases=[b for b in own.reg_bases if b[1] == 0], lane_bases=own.lane_bases,
+                                      warp_bases=own.warp_bases, block_bases=[],
+                                      shape=[own.shape[0], 4, own.shape[2]])
+
+
+@triton.constexpr_function
+def _log2(n):
+    return n.bit_length() - 1
+
+
+@triton.constexpr_function
+def _order(i, bits, L):
+    """The window of MMA number i of a K step: a pair's two windows (`_window`) one after the other, so their
+    funnel dies at once (held over 8 MMAs, ptxas computes it twice)."""
+    d = 32 - L
+    g = d // bits  # windows per band
+    if d % bits or 16 % (2 * g):
+        return i
+    return i // 2 // g * 2 * g + i // 2 % g + i % 2 * g
+
+
 @gluon.jit
-def _step(r0, r1, r2, xb, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
-          FP16SUM: tl.constexpr, BM: tl.constexpr, LA: tl.constexpr):
+def _step(rr, xb, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+          FP16SUM: tl.constexpr, J: tl.constexpr, W: tl.constexpr, LA: tl.constexpr):
     """part += the 16 MMAs of one K step: MMA c takes weight c of every run (A's K slot p: tile p) against
-    the activations of columns 16p + c of the step (B = xb[c], from `_operands`)."""
-    for c in gl.static_range(16):
-        st = _window(r0, r1, r2, c, BITS, L) * MUL + ADD
-        wa = gl.convert_layout(gl.reshape(gl.join(st, st), [BM, 16]), LA, assert_trivial=True)
-        part = mma_v2(_pairs(wa, FP16SUM), xb[c], part)
+    the activations of columns 16p + c of the step (B = xb[c], from `_operands`). rr: `_registers`."""
+    for i in gl.static_range(16):
+        st = gl.join(_window(rr[0][0], rr[0][1], rr[0][2], _order(i, BITS, L), BITS, L),
+                     _window(rr[1][0], rr[1][1], rr[1][2], _order(i, BITS, L), BITS, L))
+        if J == 4:
+            st = gl.join(st, gl.join(_window(rr[2][0], rr[2][1], rr[2][2], _order(i, BITS, L), BITS, L),
+                                     _window(rr[3][0], rr[3][1], rr[3][2], _order(i, BITS, L), BITS, L)))
+        st = st * MUL + ADD
+        part = mma_v2(_pairs(_a_operand(gl.join(st, st), J, W, LA), FP16SUM), xb[_order(i, BITS, L)], part)
     return part
+
+
+@gluon.jit
+def _a_operand(x, J: tl.constexpr, W: tl.constexpr, LA: tl.constexpr):
+    """[groups = 8 W, 8 tiles, 2 (j0) (, 2 (j1)), 2 (pair)] -> A [16 J W / 2 rows, 16]: MMA row
+    m = 16 W j1 + 16 w + 8 j0 + i (group 8 w + i, its row j0 + 2 j1; `_mma_rows`), K slot 2 tile + pair.
+    Register-only reshapes and a permute: the result is A's layout exactly."""
+    if J == 4:
+        x = gl.permute(gl.reshape(x, [W, 8, 8, 2, 2, 2]), [4, 0, 3, 1, 2, 5])
+    else:
+        x = gl.permute(gl.reshape(x, [W, 8, 8, 2, 2]), [0, 3, 1, 2, 4])
+    return gl.convert_layout(gl.reshape(x, [8 * J * W, 16]), LA, assert_trivial=True)
+
+
+@gluon.jit
+def _mma_rows(m, J: tl.constexpr, W: tl.constexpr):
+    """The output row (within the program's block) of MMA row m (`_a_operand`): thread-consecutive rows."""
+    return J * (8 * ((m // 16) % W) + m % 8) + (m // 8) % 2 + 2 * (m // (16 * W))
 
 
 @gluon.jit
@@ -218,7 +305,7 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                     sc_estride, y_ptr, y_stride, out_ptr, out_stride, bias_ptr, s_ptr, hs_ptr, hs_stride, cnt_ptr,
                     M, N, N_OUT, KT, T_PER_SPLIT, TICKETS, TOP_K, N_EXPERTS, GATE_OFF, NORM, HAD_SCALE,
                     BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
-                    FP16SUM: tl.constexpr, MT: tl.constexpr, W: tl.constexpr, RUNS: tl.constexpr,
+                    FP16SUM: tl.constexpr, MT: tl.constexpr, W: tl.constexpr, OWN: tl.constexpr,
                     HB: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr,
                     ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, HAD: tl.constexpr,
                     HAD1: tl.constexpr, HAD_L: tl.constexpr, XL: tl.constexpr, NT: tl.constexpr):
@@ -270,15 +357,15 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     else:
         nb = gl.minimum(gl.arange(0, NT, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL))), M - 1)  # past M: not stored
         xs_row = xs_ptr + gl.minimum(no, M - 1) * xs_stride
-    # runs [BM rows, 8 tiles] in A's layout without its pair bit
-    rows = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, RUNS))
-    tiles = gl.arange(0, 8, layout=gl.SliceLayout(0, RUNS))
-    hist_off, own_off = _offsets(rows, tiles, KT, N - 1, BITS)
-    own_ptr = tr32_ptr if BITS != 3 else tr_ptr
-    hist_p, own_p = tr_ptr + hist_off, own_ptr + own_off
+    # a thread's runs: J consecutive rows (MMA rows m, m + 8 (, + 16 W, + 16 W + 8): `_mma_rows`) x 2 tiles
+    J: tl.constexpr = 2 * MT
+    OWN4: gl.constexpr = _half_tiles(OWN)
+    g = pid_n * BM + J * gl.arange(0, BM // J, layout=gl.SliceLayout(1, gl.SliceLayout(2, OWN4)))
+    tiles = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, OWN4)))  # and tiles + 4: `_load_tiles`
+    k = gl.arange(0, J * (BITS // 2), layout=gl.SliceLayout(0, gl.SliceLayout(1, OWN4)))
+    hist_p, own_p = _pointers(tr_ptr, tr32_ptr, g, tiles, k, KT, N - 1, BITS)
     if SWIGLU:
-        hist_off, own_off = _offsets(GATE_OFF + rows, tiles, KT, GATE_OFF + N - 1, BITS)
-        hist_u, own_u = tr_ptr + hist_off, own_ptr + own_off
+        hist_u, own_u = _pointers(tr_ptr, tr32_ptr, GATE_OFF + g, tiles, k, KT, GATE_OFF + N - 1, BITS)
         acc_u = gl.zeros([BM, NT], gl.float32, layout=mma)
     # a K step's activations: [8 tokens, 4 lanes, 64] fp16, 128 contiguous bytes per lane (`pair_index`)
     t3 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
@@ -287,14 +374,14 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     acc = gl.zeros([BM, NT], gl.float32, layout=mma)
     for t0 in range(t_lo, gl.minimum(t_lo + T_PER_SPLIT, KT), 8):  # K steps of 8 tiles
         xb = _operands(gl.load(xd_ptr + t0 * 32 + xoff), lb, NT)
-        sx = gl.load(xs_row + t0 // (HB // 16))[None, :]  # the step's activation scale
-        r0, r1, r2 = _registers(hist_p, own_p, t0, BITS)
-        acc += _step(r0, r1, r2, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM, la) * sx
+        sx = gl.load(xs_row + (t0 >> _log2(HB // 16)))[None, :]  # the step's activation scale
+        rr = _registers(hist_p, own_p, t0, BITS, J, OWN)
+        acc += _step(rr, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, J, W, la) * sx
         if SWIGLU:
-            r0, r1, r2 = _registers(hist_u, own_u, t0, BITS)
-            acc_u += _step(r0, r1, r2, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, BM,
+            rr = _registers(hist_u, own_u, t0, BITS, J, OWN)
+            acc_u += _step(rr, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, J, W,
                            la) * sx
-    rows_o = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+    rows_o = pid_n * BM + _mma_rows(gl.arange(0, BM, layout=gl.SliceLayout(1, mma)), J, W)
     y = acc * (gl.load(sc_ptr + gl.minimum(rows_o, N - 1)).to(gl.float32) * NORM)[:, None]
     if SWIGLU:
         up = acc_u * (gl.load(sc_ptr + GATE_OFF + gl.minimum(rows_o, N - 1)).to(gl.float32) * NORM)[:, None]
@@ -336,13 +423,15 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                  mask=(rows_o < N_OUT)[:, None] & (no < M)[None, :])
 
 
-def runs_layout(mt: int, warps: int):
-    """A's DotOperand layout ([16*mt*warps, 16]: registers k+1, m+8, k+8, then the mt blocks; lanes k+2,
-    k+4, m+1, m+2, m+4; warps m+16..) with the pair bit (k+1) dropped: [rows, 8 tiles]."""
+def own_layout(mt: int, warps: int, bits: int):
+    """The groups' own words [8 * warps groups, 8 tiles, J * (2 at 4 bits, else 1)]: a thread's J = 2 mt
+    consecutive rows in registers, contiguous; its tiles t, t + 4 (lanes: tiles + 1, + 2, groups + 1, + 2,
+    + 4; warps: groups + 8 ..), as A's layout holds the rows (`_a_operand`)."""
+    ko = 2 * mt * (bits // 2)
     return gl.DistributedLinearLayout(
-        reg_bases=[[8, 0], [0, 4]] + [[(16 * warps) << i, 0] for i in range(int(math.log2(mt)))],
-        lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
-        warp_bases=[[16 << i, 0] for i in range(int(math.log2(warps)))], block_bases=[], shape=[16 * mt * warps, 8])
+        reg_bases=[[0, 0, 1 << i] for i in range(int(math.log2(ko)))] + [[0, 4, 0]],
+        lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[8 << i, 0, 0] for i in range(int(math.log2(warps)))], block_bases=[], shape=[8 * warps, 8, ko])
 
 
 def out_layout(warps: int):
@@ -414,7 +503,8 @@ class _Erased:
     DotOperandLayout = SliceLayout = BlockedLayout = NVMMADistributedLayout
 
 
-_GLUON_HELPERS = ("_offsets", "_registers", "_funnel", "_window", "_step", "_operands", "_lb", "_hadamard", "_write_pairs", "_finish")
+_GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_step", "_a_operand", "_mma_rows",
+                  "_operands", "_lb", "_hadamard", "_write_pairs", "_finish")
 
 
 def _interpreted():
@@ -447,11 +537,12 @@ def supported(x: torch.Tensor, qt) -> bool:
 
 def moe_supported(hidden: torch.Tensor, gate_up, down, act) -> bool:
     """The fused tensor-core decode step runs this MoE layer: a few tokens, SwiGLU, no output rotations,
-    both Hadamard blocks of at least one K step, launch 1's output blocks inside down's Hadamard blocks."""
+    both Hadamard blocks of at least one K step, launch 1's output blocks inside down's Hadamard blocks, and
+    an even intermediate size (launch 1's threads own pairs of consecutive rows, also at the up rows)."""
     inter, inter_pad = down.shape[-1], down.signs_in.shape[0]
     return (hidden.shape[0] <= MOE_MAX_TOKENS and act is torch.nn.functional.silu and gate_up.signs_out is None
             and down.signs_out is None and min(gate_up.had_in, down.had_in) >= MIN_BLOCK
-            and down.had_in % MOE_BM1 == 0 and triton.cdiv(inter, MOE_BM1) * MOE_BM1 == inter_pad
+            and down.had_in % MOE_BM1 == 0 and triton.cdiv(inter, MOE_BM1) * MOE_BM1 == inter_pad and inter % 2 == 0
             and _tensor_cores(hidden.device))
 
 
@@ -477,7 +568,7 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
            had[2] if had is not None else dummy, had[2].stride(0) if had is not None else 0,
            counters if counters is not None else dummy, n_rows, tr.shape[-3] * 16 if gate_off == 0 else gate_off,
            n_out, KT, t_per, tickets, top_k, tr.shape[0] if routed else 1, gate_off, code_norm(qt),
-           hb ** -0.5 if hb else 1.0, MT=mt, W=warps, RUNS=runs_layout(mt, warps), HB=qt.had_in,
+           hb ** -0.5 if hb else 1.0, MT=mt, W=warps, OWN=own_layout(mt, warps, qt.bits), HB=qt.had_in,
            ATOMIC=counters is not None and had is None, HAS_BIAS=bias is not None, OUT_L=out_layout(warps),
            ROUTED=routed, GATHER_A=routed and gate_off > 0, SWIGLU=gate_off > 0, HAD=hb,
            HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), XL=xd_layout(warps, nt), NT=nt,
