@@ -62,8 +62,8 @@ def per_iter_weights(rec, num_warps: int) -> float:
         return c["BR"] * c["B"] / threads
     if rec.name == "_align_kernel":
         return c["CH"] / threads
-    if rec.name == "_gemv_tc_kernel":  # 16*MT rows per warp x one K step of 128 (SwiGLU: gate and up)
-        return 16 * c["MT"] * 128 / 32 * (2 if c["SWIGLU"] else 1)
+    if rec.name == "_gemv_tc_kernel":  # 16*MT rows per warp x U K steps of 128 (SwiGLU: gate and up)
+        return 16 * c["MT"] * 128 * c["U"] / 32 * (2 if c["SWIGLU"] else 1)
     bk = c["BK"] if "BK" in c else 16 * c["J"]
     return c["BN"] * bk * (2 if c.get("SWIGLU") else 1) / threads
 

@@ -307,6 +307,23 @@ def test_qlinear_tensor_core_gemv(monkeypatch, bits, L, code, rows, inp):
         close(got[r], want[r], 2e-3)
 
 
+@pytest.mark.parametrize("bits,code", [(2, "mul1"), (3, "mcg"), (4, "3inst")])
+def test_qlinear_tensor_core_two_steps_per_iteration(monkeypatch, bits, code):
+    """Hadamard blocks of 256 (16 tiles): each loop iteration takes two K steps under one activation scale;
+    in 768 (48 tiles: three blocks of different scales) split over three programs of one iteration each
+    (sm_count 2: about 8 programs wanted)."""
+    from ccq.kernels import gemm, gemv_tc
+
+    monkeypatch.setattr(gemv_tc, "sm_count", lambda device: 2)
+    qt = random_qt((40, 768), bits, 16, code, False, seed=bits, hadamard_block=256)
+    assert gemv_tc.steps_per_iteration(qt) == 2 and gemv_tc.split_for(DEV, 1, 48, 2) == (3, 16)
+    x = torch.randn(2, 768, device=DEV) * torch.tensor([[1e-3], [1e4]], device=DEV)
+    x[:, 256:512] *= 50  # the middle block's scale differs from its neighbours'
+    got, want = gemm.qlinear(x, qt), reference.qlinear(x, qt)
+    for r in range(2):
+        close(got[r], want[r], 2e-3)
+
+
 def test_qlinear_tensor_core_gemv_dispatch(monkeypatch):
     """More than 16 rows (MoE: 8 tokens), Hadamard blocks below 128 or a rotated output side take the other
     kernels."""

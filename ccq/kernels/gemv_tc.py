@@ -308,7 +308,7 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                     FP16SUM: tl.constexpr, MT: tl.constexpr, W: tl.constexpr, OWN: tl.constexpr,
                     HB: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr,
                     ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, HAD: tl.constexpr,
-                    HAD1: tl.constexpr, HAD_L: tl.constexpr, XL: tl.constexpr, NT: tl.constexpr):
+                    HAD1: tl.constexpr, HAD_L: tl.constexpr, XL: tl.constexpr, NT: tl.constexpr, U: tl.constexpr):
     """x' @ W'^T for 16*MT*W outputs (grid axis 1) and one K slice (axis 2); the activations: fp16 pairs xd
     [rows, 2 * in_pad] with scales xs [rows, in_pad // HB]; tr / tr32: the trellis as int16 / int32.
 
@@ -372,15 +372,21 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     e3 = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
     xoff = nb[:, None, None] * x_stride + t3[None, :, None] * 64 + e3[None, None, :]
     acc = gl.zeros([BM, NT], gl.float32, layout=mma)
-    for t0 in range(t_lo, gl.minimum(t_lo + T_PER_SPLIT, KT), 8):  # K steps of 8 tiles
-        xb = _operands(gl.load(xd_ptr + t0 * 32 + xoff), lb, NT)
-        sx = gl.load(xs_row + (t0 >> _log2(HB // 16)))[None, :]  # the step's activation scale
-        rr = _registers(hist_p, own_p, t0, BITS, J, OWN)
-        acc += _step(rr, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, J, W, la) * sx
+    for t0 in range(t_lo, gl.minimum(t_lo + T_PER_SPLIT, KT), 8 * U):  # U K steps of 8 tiles, one scale
+        sx = gl.load(xs_row + (t0 >> _log2(HB // 16)))[None, :]  # the steps' activation scale
+        part = gl.zeros([BM, NT], gl.float32, layout=mma)
         if SWIGLU:
-            rr = _registers(hist_u, own_u, t0, BITS, J, OWN)
-            acc_u += _step(rr, xb, gl.zeros([BM, NT], gl.float32, layout=mma), BITS, L, MUL, ADD, FP16SUM, J, W,
-                           la) * sx
+            part_u = gl.zeros([BM, NT], gl.float32, layout=mma)
+        for u in gl.static_range(U):
+            xb = _operands(gl.load(xd_ptr + (t0 + 8 * u) * 32 + xoff), lb, NT)
+            part = _step(_registers(hist_p, own_p, t0 + 8 * u, BITS, J, OWN), xb, part, BITS, L, MUL, ADD, FP16SUM,
+                         J, W, la)
+            if SWIGLU:
+                part_u = _step(_registers(hist_u, own_u, t0 + 8 * u, BITS, J, OWN), xb, part_u, BITS, L, MUL, ADD,
+                               FP16SUM, J, W, la)
+        acc += part * sx
+        if SWIGLU:
+            acc_u += part_u * sx
     rows_o = pid_n * BM + _mma_rows(gl.arange(0, BM, layout=gl.SliceLayout(1, mma)), J, W)
     y = acc * (gl.load(sc_ptr + gl.minimum(rows_o, N - 1)).to(gl.float32) * NORM)[:, None]
     if SWIGLU:
@@ -546,10 +552,17 @@ def moe_supported(hidden: torch.Tensor, gate_up, down, act) -> bool:
             and _tensor_cores(hidden.device))
 
 
-def split_for(device: torch.device, programs: int, KT: int) -> tuple[int, int]:
-    """(K slices, tiles per slice): whole K steps of 8 tiles, for about 4 programs per SM."""
-    split = max(1, min(KT // 8, sm_count(device) * 4 // max(1, programs)))
-    t_per = triton.cdiv(KT // 8, split) * 8
+def steps_per_iteration(qt) -> int:
+    """K steps of 8 tiles per loop iteration: 2 where Hadamard blocks (one activation scale) hold both, which
+    shares the scale's load and FFMAs and the loop's own instructions between them."""
+    return 2 if qt.had_in >= 256 and qt.trellis.shape[-2] % 16 == 0 else 1
+
+
+def split_for(device: torch.device, programs: int, KT: int, U: int = 1) -> tuple[int, int]:
+    """(K slices, tiles per slice): whole loop iterations (U steps of 8 tiles), for about 4 programs per SM."""
+    unit = 8 * U
+    split = max(1, min(KT // unit, sm_count(device) * 4 // max(1, programs)))
+    t_per = triton.cdiv(KT // unit, split) * unit
     return triton.cdiv(KT, t_per), t_per
 
 
@@ -572,7 +585,7 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
            ATOMIC=counters is not None and had is None, HAS_BIAS=bias is not None, OUT_L=out_layout(warps),
            ROUTED=routed, GATHER_A=routed and gate_off > 0, SWIGLU=gate_off > 0, HAD=hb,
            HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), XL=xd_layout(warps, nt), NT=nt,
-           num_warps=warps,
+           U=steps_per_iteration(qt), num_warps=warps,
            **code_params(qt))
 
 
@@ -584,7 +597,7 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     M, out_f = x2.shape[0], qt.shape[-2]
     N = qt.trellis.shape[0] * 16
     programs = triton.cdiv(N, 16 * MT * WARPS)
-    split, t_per = split_for(x2.device, programs, qt.trellis.shape[1])
+    split, t_per = split_for(x2.device, programs, qt.trellis.shape[1], steps_per_iteration(qt))
     out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
     scratch = y = counters = None
     if split > 1:  # [y | one ticket counter per output block], zeroed by the transform
@@ -612,7 +625,7 @@ def qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
     inter_pad, h_pad = down.signs_in.shape[0], down.trellis.shape[-3] * 16
     n1 = inter_pad // MOE_BM1
     n2 = triton.cdiv(h_pad, 16 * MT * WARPS)
-    split, t_per = split_for(dev, slots * n2, down.trellis.shape[-2])
+    split, t_per = split_for(dev, slots * n2, down.trellis.shape[-2], steps_per_iteration(down))
     groups = slots * (inter_pad // down.had_in)
     # one zeroed buffer: [y (fp32 sum over slots) | down's tickets per output block | launch 1's tickets]
     scratch = torch.empty(T * h_pad + n2 + groups, dtype=torch.float32, device=dev)
