@@ -307,7 +307,7 @@ def test_qlinear_tensor_core_gemv(monkeypatch, bits, L, code, rows, inp):
         close(got[r], want[r], 2e-3)
 
 
-@pytest.mark.parametrize("bits,code", [(2, "mul1"), (3, "mcg"), (4, "3inst")])
+@pytest.mark.parametrize("bits,code", [(2, "mul1"), (2, "3inst"), (3, "mcg"), (4, "3inst")])
 def test_qlinear_tensor_core_two_steps_per_iteration(monkeypatch, bits, code):
     """Hadamard blocks of 256 (16 tiles): each loop iteration takes two K steps under one activation scale;
     in 768 (48 tiles: three blocks of different scales) split over three programs of one iteration each

@@ -185,6 +185,26 @@ def _log2(n):
     return n.bit_length() - 1
 
 
+@gluon.jit
+def _hash(r, c: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+          BY_IMAD: tl.constexpr):
+    """state * MUL + ADD of window c of the run with registers r. BY_IMAD (the fp16-sum codes, whose lop3
+    loads the integer pipe): a 16-bit window that is the low one of its funnel f skips the mask, as
+    (f & 0xFFFF) * MUL = f * MUL - (f >> 16) * (MUL << 16) mod 2**32, two IMADs on the FMA pipe sharing
+    f >> 16 with the pair's high window."""
+    p: tl.constexpr = BITS * (15 - c)
+    if BY_IMAD & (L == 16) & ((p // 16) % 2 == 0) & (16 % BITS == 0):
+        f = _funnel(r[0], r[1], r[2], p)
+        return f * MUL + ((f >> 16) * _wrap(-(MUL << 16)) + ADD)
+    else:
+        return _window(r[0], r[1], r[2], c, BITS, L) * MUL + ADD
+
+
+@triton.constexpr_function
+def _wrap(n):
+    return n % (1 << 32)
+
+
 @triton.constexpr_function
 def _order(i, bits, L):
     """The window of MMA number i of a K step: a pair's two windows (`_window`) one after the other, so their
@@ -202,12 +222,11 @@ def _step(rr, xb, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, 
     """part += the 16 MMAs of one K step: MMA c takes weight c of every run (A's K slot p: tile p) against
     the activations of columns 16p + c of the step (B = xb[c], from `_operands`). rr: `_registers`."""
     for i in gl.static_range(16):
-        st = gl.join(_window(rr[0][0], rr[0][1], rr[0][2], _order(i, BITS, L), BITS, L),
-                     _window(rr[1][0], rr[1][1], rr[1][2], _order(i, BITS, L), BITS, L))
+        st = gl.join(_hash(rr[0], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM),
+                     _hash(rr[1], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM))
         if J == 4:
-            st = gl.join(st, gl.join(_window(rr[2][0], rr[2][1], rr[2][2], _order(i, BITS, L), BITS, L),
-                                     _window(rr[3][0], rr[3][1], rr[3][2], _order(i, BITS, L), BITS, L)))
-        st = st * MUL + ADD
+            st = gl.join(st, gl.join(_hash(rr[2], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM),
+                                     _hash(rr[3], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM)))
         part = mma_v2(_pairs(_a_operand(gl.join(st, st), J, W, LA), FP16SUM), xb[_order(i, BITS, L)], part)
     return part
 
@@ -509,7 +528,7 @@ class _Erased:
     DotOperandLayout = SliceLayout = BlockedLayout = NVMMADistributedLayout
 
 
-_GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_step", "_a_operand", "_mma_rows",
+_GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_hash", "_step", "_a_operand", "_mma_rows",
                   "_operands", "_lb", "_hadamard", "_write_pairs", "_finish")
 
 
