@@ -189,11 +189,11 @@ def _log2(n):
 def _hash(r, c: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
           BY_IMAD: tl.constexpr):
     """state * MUL + ADD of window c of the run with registers r. BY_IMAD (the fp16-sum codes, whose lop3
-    loads the integer pipe): a 16-bit window that is the low one of its funnel f skips the mask, as
-    (f & 0xFFFF) * MUL = f * MUL - (f >> 16) * (MUL << 16) mod 2**32, two IMADs on the FMA pipe sharing
-    f >> 16 with the pair's high window."""
+    loads the integer pipe) and no ADD: a 16-bit window that is the low one of its funnel f skips the mask,
+    as (f & 0xFFFF) * MUL = f * MUL - (f >> 16) * (MUL << 16) mod 2**32, two IMADs on the FMA pipe sharing
+    f >> 16 with the pair's high window (with an ADD, ptxas rematerialises the second constant each time)."""
     p: tl.constexpr = BITS * (15 - c)
-    if BY_IMAD & (L == 16) & ((p // 16) % 2 == 0) & (16 % BITS == 0):
+    if BY_IMAD & (ADD == 0) & (L == 16) & ((p // 16) % 2 == 0) & (16 % BITS == 0):
         f = _funnel(r[0], r[1], r[2], p)
         return f * MUL + ((f >> 16) * _wrap(-(MUL << 16)) + ADD)
     else:
@@ -571,10 +571,11 @@ def moe_supported(hidden: torch.Tensor, gate_up, down, act) -> bool:
             and _tensor_cores(hidden.device))
 
 
-def steps_per_iteration(qt) -> int:
+def steps_per_iteration(qt, nt: int = 8) -> int:
     """K steps of 8 tiles per loop iteration: 2 where Hadamard blocks (one activation scale) hold both, which
-    shares the scale's load and FFMAs and the loop's own instructions between them."""
-    return 2 if qt.had_in >= 256 and qt.trellis.shape[-2] % 16 == 0 else 1
+    shares the scale's load and FFMAs and the loop's own instructions between them; 1 with 16 MMA columns
+    (twice the activation registers: two steps spill in the loop)."""
+    return 2 if nt == 8 and qt.had_in >= 256 and qt.trellis.shape[-2] % 16 == 0 else 1
 
 
 def split_for(device: torch.device, programs: int, KT: int, U: int = 1) -> tuple[int, int]:
@@ -604,7 +605,7 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
            ATOMIC=counters is not None and had is None, HAS_BIAS=bias is not None, OUT_L=out_layout(warps),
            ROUTED=routed, GATHER_A=routed and gate_off > 0, SWIGLU=gate_off > 0, HAD=hb,
            HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), XL=xd_layout(warps, nt), NT=nt,
-           U=steps_per_iteration(qt), num_warps=warps,
+           U=steps_per_iteration(qt, nt), num_warps=warps,
            **code_params(qt))
 
 
@@ -616,7 +617,8 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     M, out_f = x2.shape[0], qt.shape[-2]
     N = qt.trellis.shape[0] * 16
     programs = triton.cdiv(N, 16 * MT * WARPS)
-    split, t_per = split_for(x2.device, programs, qt.trellis.shape[1], steps_per_iteration(qt))
+    nt = 8 if M <= 8 else 16
+    split, t_per = split_for(x2.device, programs, qt.trellis.shape[1], steps_per_iteration(qt, nt))
     out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
     scratch = y = counters = None
     if split > 1:  # [y | one ticket counter per output block], zeroed by the transform
@@ -625,7 +627,7 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     xd, xs = transform_pairs(x2, qt.signs_in, qt.had_in, zero=scratch)
     _launch((1, programs, split), xd, xs, qt, qt.trellis, qt.scales, y=out if y is None else y, out=out,
             counters=counters, n_rows=M, n_out=out_f, t_per=t_per, tickets=split, mt=MT, warps=WARPS, bias=bias,
-            nt=8 if M <= 8 else 16)
+            nt=nt)
     return out
 
 
