@@ -82,10 +82,11 @@ def check(bits_list) -> list[dict]:
     rows = []
     for bits in bits_list:
         for code in ("mul1", "1mad", "mcg", "3inst"):  # every inline-PTX decode path
-            # in 520 (Hadamard block 16: CUDA-core GEMV at <= 4 rows) and 512 (tensor-core GEMV at <= 8 rows)
+            # in 520 (Hadamard block 16: CUDA-core GEMV at <= 4 rows) and 512 (tensor-core GEMV at <= 16 rows:
+            # 8 MMA columns and two K steps per iteration at 1 and 7 rows, 16 columns and one step at 13)
             for k_in in (520, 512):
                 qt = random_packed((200, k_in), bits, code)
-                for batch, decode in product((1, 7, 37), DECODES):
+                for batch, decode in product((1, 7, 13, 37), DECODES):
                     x = torch.randn(batch, k_in, device=DEVICE)
                     want = reference.qlinear(x, qt)
                     err = (gemm.qlinear(x, qt, decode=decode) - want).abs().max().item() / want.abs().max().item()
