@@ -6,14 +6,16 @@ output register *is* the operand: `dp4a(x, 0x01010101, 0xE5FE6400)` yields the e
 (1024 + s, -1534) and the fp16-sum codes' `lop3` the exact pair (lo, hi); both sum to the code value
 (s - 510, lo + hi). Taken as two K entries of an m16n8k16 MMA whose other operand holds the
 activation twice, they give x * value with fp32 accumulation and no conversion, so a weight costs
-window + hash + code = 4 instructions plus a quarter MMA (docs/KERNELS.md).
+window (1.5: two windows from one funnel shift) + hash + code = 3.5 instructions plus a quarter MMA
+(docs/KERNELS.md).
 
 Layout (Gluon, so the operand layout is exact and nothing moves between threads): weights are
-MMA operand A (16 output rows x 8 weights per MMA); MMA number c of a K step takes weight c of the
-runs of 8 tiles (A's K slot p <-> tile p), so a thread cuts all 16 windows of its 4*MT runs from
-64-bit strings with compile-time shifts, as the CUDA-core kernels do. Operand B is the activation,
+MMA operand A (16 rows x 8 weights per MMA); MMA number c of a K step takes weight c of the runs of
+8 tiles (A's K slot p <-> tile p), so a thread cuts all 16 windows of its 4*MT runs with compile-time
+shifts. Its MMA rows stand for consecutive output rows, so their words arrive in one vector load and
+each row's history word is the row before's last word. Operand B is the activation,
 8 token columns (rows past M repeat the last one and are never stored), read as fp16 pairs written
-by the input transform (`hadamard.transform(..., pairs=True)`) with one power-of-two scale per
+by the input transform (`hadamard.transform_pairs`) with one power-of-two scale per
 (token, Hadamard block) to keep fp16 in range; a block's partial sum is scaled into the fp32 total.
 
 Gluon has no interpreter: under `TRITON_INTERPRET=1` the same kernel source runs as a Triton kernel
@@ -95,7 +97,7 @@ def _by_row(x, J: tl.constexpr, LR: tl.constexpr):
 
 @gluon.jit
 def _rot(u):
-    """Words (lo, hi) of an int32 as the string hi:lo... reversed to MSB-first lo:hi (rotate by 16)."""
+    """An int32 of words w0 (low half) and w1 as the MSB-first string w0:w1 (a rotation by 16)."""
     return (u << 16) | (u >> 16)
 
 
