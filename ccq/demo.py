@@ -16,9 +16,10 @@ import torch
 
 @torch.no_grad()
 def quantize_and_compare(src, out_dir, bits: int, batches: dict[str, dict], *, calibration=None,
-                         samples: int = 8, seq_len: int = 64, L: int = 12, seed: int = 0) -> dict:
+                         samples: int = 8, seq_len: int = 64, L: int = 12, seed: int = 0, **options) -> dict:
     """Quantize the model dir `src` (any family) into `out_dir`, then the relative logit error
-    ||logits - ref|| / ||ref|| of ccq and of RTN g64 on every named batch, with size and time."""
+    ||logits - ref|| / ||ref|| of ccq and of RTN g64 on every named batch, with size and time.
+    options: more of `quantize_model_dir`'s (e.g. finetune_steps, target_bpw)."""
     from .format.loader import load
     from .format.source import read_json
     from .models.arch import resolve
@@ -27,7 +28,7 @@ def quantize_and_compare(src, out_dir, bits: int, batches: dict[str, dict], *, c
 
     t0 = time.perf_counter()
     rep = quantize_model_dir(src, out_dir, bits, calibration=calibration, samples=samples, seq_len=seq_len,
-                             L=L, seed=seed, progress=False)
+                             L=L, seed=seed, progress=False, **options)
     wall = time.perf_counter() - t0
     plan = json.loads((Path(out_dir) / "config.json").read_text())["quantization_config"]["modules"]
     cls = resolve(read_json(Path(src) / "config.json")).cls
