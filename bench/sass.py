@@ -26,10 +26,11 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interprete
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import Ernie4_5_VLMoeMoeExperts  # noqa: E402
 
+from ccq.codec.tensor import random_quantized  # noqa: E402
 from ccq.kernels import launch, sass  # noqa: E402
 
 # H200 (SXM): the model's constants, see docs/KERNELS.md
@@ -96,10 +97,28 @@ def work(rec, path: str, bits: int, used_blocks: int | None) -> tuple[float, flo
     return n * used_blocks, n * used_blocks * bits / 8  # MoE: a block per used expert
 
 
-def record_shapes(bits: int, code: str):
-    """[(shape name, kind, rows, bf16 weights, [(launch, used blocks)], torch kernels)] for one bits/code."""
-    from kernels import random_packed
+def bf16_kernels(kind: str, x, *args) -> int:
+    """Kernels the bf16 baseline launches for one call, counted like ccq's torch kernels (meta tensors, views
+    excluded): dense `x @ W.T` (cuBLAS); MoE: transformers' ERNIE-4.5-VL experts with their `grouped_mm`
+    implementation (sort, gathers, offsets, two grouped GEMMs, SwiGLU, weighting, un-permuting, the sum), what
+    bench/kernel_speed.py times on a GPU. A lower bound: a torch op may launch more than one kernel there."""
+    if kind == "dense":
+        w = torch.empty(*args, dtype=torch.bfloat16, device="meta")
+        return launch.torch_kernels(lambda: torch.nn.functional.linear(x, w))
+    from types import SimpleNamespace
 
+    E, H, inter, idx, w = args
+    cfg = SimpleNamespace(num_experts=E, hidden_size=H, moe_intermediate_size=inter, hidden_act="silu",
+                          _experts_implementation="grouped_mm")
+    with torch.device("meta"):
+        experts = Ernie4_5_VLMoeMoeExperts(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        return launch.torch_kernels(lambda: experts(x, idx, w))
+
+
+def record_shapes(bits: int, code: str):
+    """[(shape name, kind, rows, bf16 weights, [(launch, used blocks)], torch kernels, bf16 kernels)] for one
+    bits/code."""
     from ccq.kernels import decode, gemm, moe
 
     out = []
@@ -110,17 +129,18 @@ def record_shapes(bits: int, code: str):
         return list(recs), n_torch
 
     for name, k_in, n_out in DENSE:
-        qt = random_packed((n_out, k_in), bits, code, device="meta")
+        qt = random_quantized((n_out, k_in), bits, code, device="meta")
         for rows in (1, 16, 64):
             x = torch.empty(rows, k_in, dtype=torch.bfloat16, device="meta")
             recs, n_torch = run(lambda: gemm.qlinear(x, qt))
-            out.append((name, "dense", rows, n_out * k_in, [(r, None) for r in recs], n_torch))
+            out.append((name, "dense", rows, n_out * k_in, [(r, None) for r in recs], n_torch,
+                        bf16_kernels("dense", x, n_out, k_in)))
         if name == "28B gate_up":
             recs, n_torch = run(lambda: decode.dequantize(qt))
-            out.append((name, "dequantize", 0, n_out * k_in, [(r, None) for r in recs], n_torch))
+            out.append((name, "dequantize", 0, n_out * k_in, [(r, None) for r in recs], n_torch, 1))
     for name, E, K, H, inter in MOE:
-        gu = random_packed((E, 2 * inter, H), bits, code, device="meta")
-        dn = random_packed((E, H, inter), bits, code, device="meta")
+        gu = random_quantized((E, 2 * inter, H), bits, code, device="meta")
+        dn = random_quantized((E, H, inter), bits, code, device="meta")
         for tokens in (1, 64):
             x = torch.empty(tokens, H, dtype=torch.bfloat16, device="meta")
             idx = torch.empty(tokens, K, dtype=torch.long, device="meta")
@@ -131,22 +151,25 @@ def record_shapes(bits: int, code: str):
             blocks = E * -(-tokens * K // (E * 16)) if tokens * K > E else used
             routed = ("_gemm_kernel", "_gemv_kernel", "_gemv_tc_kernel")  # the others run their whole grid
             out.append((f"{name} MoE layer", "moe", tokens, used * 3 * inter * H,
-                        [(r, blocks if r.name in routed else None) for r in recs], n_torch))
+                        [(r, blocks if r.name in routed else None) for r in recs], n_torch,
+                        bf16_kernels("moe", x, E, H, inter, idx, w)))
     return out
 
 
-def predict(parts: list[tuple[dict, float, float, int]], bf16_weights: float, launches: int) -> dict:
+def predict(parts: list[tuple[dict, float, float, int]], bf16_weights: float, launches: int,
+            bf16_launches: int) -> dict:
     """parts: (per-unit counts, units, bytes, programs) of each Triton launch; launches: all kernels incl.
-    torch's. A launch with fewer programs than SMs issues on that many SMs only."""
+    torch's; bf16_launches: the baseline's. A launch with fewer programs than SMs issues on that many SMs only."""
     t_issue = t_mem = t = 0.0
     for n, units, nbytes, programs in parts:
         eff = max(n["total"], 2 * n["alu"], 2 * n["fma_heavy"])
         ti, tm = units * eff / ISSUE * SMS / min(SMS, programs), nbytes / HBM
         t_issue, t_mem, t = t_issue + ti, t_mem + tm, t + max(ti, tm)
     t += launches * LAUNCH_S
-    t16 = bf16_weights * 2 / HBM + LAUNCH_S
+    t16 = bf16_weights * 2 / HBM + bf16_launches * LAUNCH_S
+    kernels, kernels16 = t - launches * LAUNCH_S, t16 - bf16_launches * LAUNCH_S
     return dict(issue_us=t_issue * 1e6, memory_us=t_mem * 1e6, predicted_us=t * 1e6, bf16_us=t16 * 1e6,
-                ratio_vs_bf16=t16 / t)
+                ratio_vs_bf16=t16 / t, kernels_ratio_vs_bf16=kernels16 / kernels)
 
 
 def print_tables(configs: list[dict], shapes: list[dict]) -> None:
@@ -167,12 +190,13 @@ def print_tables(configs: list[dict], shapes: list[dict]) -> None:
               f"{p['total']:>8.2f}{p['alu']:>6.2f}{p['fma']:>6.2f}{p['mem']:>6.2f}{p['other']:>6.2f}{ceil:>6}")
     print()
     print(f"{'shape':<20}{'rows':>5}{'bits':>5} {'code':<6}{'launches':>9}{'warps/SM':>9}{'issue us':>9}{'mem us':>8}"
-          f"{'pred us':>9}{'bf16 us':>9}{'ratio':>7}")
+          f"{'pred us':>9}{'bf16 l.':>8}{'bf16 us':>9}{'ratio':>7}{'kernels':>8}")
     for s in shapes:
         print(f"{s['shape']:<20}{s['rows']:>5}{s['bits']:>5} {s['code']:<6}"
               f"{str(s['triton_launches']) + '+' + str(s['torch_launches']):>9}{s.get('warps_per_sm', 0):>9.1f}"
               f"{s['issue_us']:>9.2f}{s['memory_us']:>8.2f}"
-              f"{s['predicted_us']:>9.2f}{s['bf16_us']:>9.2f}{s['ratio_vs_bf16']:>6.2f}x")
+              f"{s['predicted_us']:>9.2f}{s.get('bf16_launches', 1):>8}{s['bf16_us']:>9.2f}{s['ratio_vs_bf16']:>6.2f}x"
+              f"{s.get('kernels_ratio_vs_bf16', 0):>7.2f}x")
 
 
 def main(argv=None) -> int:
@@ -188,7 +212,7 @@ def main(argv=None) -> int:
     shapes = []
     for bits in args.bits:
         for code in args.codes:
-            for name, kind, rows, w16, recs, n_torch in record_shapes(bits, code):
+            for name, kind, rows, w16, recs, n_torch, n16 in record_shapes(bits, code):
                 keys, parts = [], []
                 for rec, used in recs:
                     key = config_key(rec)
@@ -218,9 +242,10 @@ def main(argv=None) -> int:
                                   progs))
                     if configs[key]["path"] != "hadamard":  # warps in flight of the busiest weight launch
                         warps = max(warps, progs * configs[key]["num_warps"] / SMS)
-                pred = predict(parts, w16, len(recs) + n_torch)
+                pred = predict(parts, w16, len(recs) + n_torch, n16)
                 shapes.append(dict(shape=name, kind=kind, rows=rows, bits=bits, code=code, triton_launches=len(recs),
-                                   torch_launches=n_torch, warps_per_sm=round(warps, 1), paths=[configs[k]["path"] for k in keys], **pred))
+                                   torch_launches=n_torch, bf16_launches=n16, warps_per_sm=round(warps, 1),
+                                   paths=[configs[k]["path"] for k in keys], **pred))
 
     public = [{k: v for k, v in c.items() if k != "cubin"} for c in configs.values()]
     print_tables(public, shapes)

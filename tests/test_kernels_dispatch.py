@@ -57,7 +57,7 @@ def test_torch_backend_on_cpu_matches_dequantized_weight(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_benchmark_refuses_to_run_without_cuda(tmp_path):
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_speed.py"), "--out", str(out)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr

@@ -26,21 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # the same kernels), to keep it short.
 SCRIPT = r"""
 import json, sys, torch
-sys.path.insert(0, "bench")
-from kernels import random_packed
+from ccq.codec.tensor import random_quantized
 from ccq.kernels import launch, sass, decode, gemm, moe
 def meta(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, device="meta", dtype=dtype)
 with launch.record() as r:
-    gemm.qlinear(meta(1, 2560), random_packed((3072, 2560), 2, "mul1", device="meta"))
-    gemm.qlinear(meta(1, 2560), random_packed((3072, 2560), 3, "mcg", device="meta"))
-    gemm.qlinear(meta(2, 1008), random_packed((3072, 1008), 2, "mul1", device="meta"))
-    gemm.qlinear(meta(32, 1536), random_packed((2560, 1536), 3, "1mad", device="meta"))
+    gemm.qlinear(meta(1, 2560), random_quantized((3072, 2560), 2, "mul1", device="meta"))
+    gemm.qlinear(meta(1, 2560), random_quantized((3072, 2560), 3, "mcg", device="meta"))
+    gemm.qlinear(meta(2, 1008), random_quantized((3072, 1008), 2, "mul1", device="meta"))
+    gemm.qlinear(meta(32, 1536), random_quantized((2560, 1536), 3, "1mad", device="meta"))
 dense = list(r)
 with launch.record() as r:
     for block in (512, 64):  # 512: the tensor-core decode step; 64: the CUDA-core one
-        gu = random_packed((8, 2 * 1536, 2560), 4, "mcg", device="meta", block=block)
-        dn = random_packed((8, 2560, 1536), 4, "mcg", device="meta", block=block)
+        gu = random_quantized((8, 2 * 1536, 2560), 4, "mcg", device="meta", block=block)
+        dn = random_quantized((8, 2560, 1536), 4, "mcg", device="meta", block=block)
         for tokens in (1, 8):
             moe.qmoe(meta(tokens, 2560), meta(tokens, 6, dtype=torch.long), meta(tokens, 6), gu, dn)
     decode.dequantize(dn)

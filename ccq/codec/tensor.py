@@ -14,8 +14,8 @@ import torch
 
 from .bitstream import words_to_states_torch
 from .codes import get_code
-from .config import check_bits
-from .hadamard import fwht, unrotate_in
+from .config import TrellisConfig, check_bits
+from .hadamard import fwht, hadamard_block_size, random_signs, unrotate_in
 
 FORMAT_VERSION = 1
 TILE = 16
@@ -171,3 +171,16 @@ class QuantizedTensor:
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={self.shape}, bits={self.bits}, L={self.L}, code={self.code}, "
                 f"bpw={self.bits_per_weight:.4f})")
+
+
+def random_quantized(shape: tuple[int, ...], bits: int, code: str = "mul1", L: int = 16, device="cpu",
+                     block: int = 512) -> QuantizedTensor:
+    """A QuantizedTensor of random trellis words (every word pattern is a valid stream) with Hadamard blocks of
+    at most `block` on the input side: kernel speed and dispatch do not depend on the values, so the kernel
+    benchmarks and compile checks use these instead of running a search (`device="meta"` for no data)."""
+    *lead, out, inp = shape
+    op, ip = -(-out // 16) * 16, -(-inp // 16) * 16
+    words = torch.randint(-32768, 32768, (*lead, op // 16, ip // 16, 16 * bits), dtype=torch.int32, device=device)
+    scales = (torch.rand(*lead, op, device=device) * 0.02 + 0.01).half()
+    meta = make_meta(tuple(shape), TrellisConfig(bits=bits, L=L, code=code), hadamard_block_size(ip, block), 0)
+    return QuantizedTensor(words.to(torch.int16), scales, random_signs(ip, 0).to(device), None, meta)

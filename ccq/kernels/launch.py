@@ -76,7 +76,7 @@ def torch_kernels(fn) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     views = ("view", "slice", "select", "expand", "reshape", "t.", "transpose", "unsqueeze", "squeeze", "alias",
-             "detach", "as_strided", "empty", "permute", "_unsafe_view")
+             "detach", "as_strided", "empty", "permute", "_unsafe_view", "split", "unbind")
 
     class Count(TorchDispatchMode):
         n = 0

@@ -1,6 +1,6 @@
 """Speed of the ccq Triton kernels against 16-bit baselines measured in the same run.
 
-    python bench/kernels.py [--bits 2 3 4] [--batches 1 4 16 64] [--tokens 1 8 64]
+    python bench/kernel_speed.py [--bits 2 3 4] [--batches 1 4 16 64] [--tokens 1 8 64]
 
 Needs a CUDA GPU. Times (medians, CUDA graphs where the code allows it, so launch overhead
 does not hide the kernels):
@@ -30,9 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ccq.codec.codes import get_code  # noqa: E402
-from ccq.codec.hadamard import hadamard_block_size, random_signs  # noqa: E402
-from ccq.codec.tensor import FORMAT_VERSION, QuantizedTensor  # noqa: E402
+from ccq.codec.tensor import random_quantized  # noqa: E402
 
 # (name, in, out): ERNIE-4.5-VL-28B expert (gate/up fused as 2x) and attention shapes, the 424B's gate/up
 DENSE_SHAPES = [
@@ -46,19 +44,6 @@ DENSE_SHAPES = [
 MOE = dict(experts=64, top_k=6, hidden=2560, inter=1536)
 DECODES = ("gather", "runs")  # the two decode variants of ccq.kernels.gemm, both timed
 DEVICE = "cuda"
-
-
-def random_packed(shape, bits: int, code: str = "mul1", L: int = 16, device=None, block: int = 512) -> QuantizedTensor:
-    """A QuantizedTensor with random trellis words (every word pattern is a valid stream); Hadamard blocks of
-    at most `block` on the input side."""
-    device = device or DEVICE
-    *lead, out, inp = shape
-    op, ip = -(-out // 16) * 16, -(-inp // 16) * 16
-    words = torch.randint(-32768, 32768, (*lead, op // 16, ip // 16, 16 * bits), dtype=torch.int32, device=device)
-    scales = (torch.rand(*lead, op, device=device) * 0.02 + 0.01).half()
-    meta = torch.tensor([FORMAT_VERSION, bits, L, get_code(code).code_id, hadamard_block_size(ip, block), 0,
-                         lead[0] if lead else 0, out, inp], dtype=torch.int32)
-    return QuantizedTensor(words.to(torch.int16), scales, random_signs(ip, 0).to(device), None, meta)
 
 
 def timer(fn, graph: bool = True) -> tuple[float, str]:
@@ -85,7 +70,7 @@ def check(bits_list) -> list[dict]:
             # in 520 (Hadamard block 16: CUDA-core GEMV at <= 4 rows) and 512 (tensor-core GEMV at <= 16 rows:
             # 8 MMA columns and two K steps per iteration at 1 and 7 rows, 16 columns and one step at 13)
             for k_in in (520, 512):
-                qt = random_packed((200, k_in), bits, code)
+                qt = random_quantized((200, k_in), bits, code, device=DEVICE)
                 for batch, decode in product((1, 7, 13, 37), DECODES):
                     x = torch.randn(batch, k_in, device=DEVICE)
                     want = reference.qlinear(x, qt)
@@ -96,7 +81,8 @@ def check(bits_list) -> list[dict]:
             # (block 512: transformed by launch 1's last programs, down split over K with tickets), CUDA cores;
             # hidden 512 with intermediate 1024: the tensor-core decode step at 1 and 3 tokens
             for hid, inter in ((160, 48), (160, 1024), (512, 1024)):
-                gu, dn = random_packed((8, 2 * inter, hid), bits, code), random_packed((8, hid, inter), bits, code)
+                gu, dn = (random_quantized((8, 2 * inter, hid), bits, code, device=DEVICE),
+                          random_quantized((8, hid, inter), bits, code, device=DEVICE))
                 for tokens in (1, 3, 11):  # routed GEMV (<= 4 tokens) and routed GEMM
                     x = torch.randn(tokens, hid, device=DEVICE)
                     idx = torch.rand(tokens, 8, device=DEVICE).topk(3).indices
@@ -120,7 +106,7 @@ def bench_dense(bits_list, batches) -> list[dict]:
     rows = []
     for name, k_in, n_out in DENSE_SHAPES:
         w16 = torch.randn(n_out, k_in, device=DEVICE, dtype=torch.bfloat16)
-        packed = {b: random_packed((n_out, k_in), b) for b in bits_list}
+        packed = {b: random_quantized((n_out, k_in), b, device=DEVICE) for b in bits_list}
         for batch in batches:
             x = torch.randn(batch, k_in, device=DEVICE, dtype=torch.bfloat16)
             t16, how16 = timer(lambda: x @ w16.T)
@@ -159,7 +145,8 @@ def bench_moe(bits_list, token_counts) -> list[dict]:
     for m in experts.values():
         m.gate_up_proj = torch.nn.Parameter(gate_up16, requires_grad=False)
         m.down_proj = torch.nn.Parameter(down16, requires_grad=False)
-    packed = {b: (random_packed((E, 2 * inter, H), b), random_packed((E, H, inter), b)) for b in bits_list}
+    packed = {b: (random_quantized((E, 2 * inter, H), b, device=DEVICE),
+                  random_quantized((E, H, inter), b, device=DEVICE)) for b in bits_list}
     per_expert = 3 * inter * H
     rows = []
     for tokens in token_counts:
@@ -210,7 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kernels-<device>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured",
+        print("bench/kernel_speed.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured",
               file=sys.stderr)
         return 2
     import triton
