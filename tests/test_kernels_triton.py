@@ -187,6 +187,27 @@ def test_qlinear_gemv_fused_epilogue_with_split_k(monkeypatch, rows, dtype):
     close(got, reference.qlinear(x.float(), qt, bias.float()), 1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("rows,dtype", [(20, torch.float32), (70, torch.bfloat16)])
+def test_qlinear_gemm_fused_epilogue_with_split_k(monkeypatch, rows, dtype):
+    """More rows, two launches: the input transform zeroes the GEMM's sum, block experts and tickets; K split
+    in 4 slices (grids sized for 132 SMs), 1 or 2 row blocks; the last program per output block adds the bias
+    and casts (70 rows: in two steps of 64)."""
+    from ccq.kernels import gemm, launch
+
+    monkeypatch.setattr(gemm, "sm_count", lambda device: 132)
+    qt = random_qt((72, 1000), 3, 16, "mul1", False, seed=9)  # in_pad 1008, out 72: two 64-output blocks
+    assert gemm._gemm_shape(rows, 80, 1008, torch.device(DEV))[1] == 4
+    x = torch.randn(rows, 1000, device=DEV).to(dtype)
+    bias = torch.randn(72, device=DEV).to(dtype)
+    xm, qm, bm = x.to("meta"), qt.to("meta"), bias.to("meta")
+    with launch.record() as recs:
+        n_torch = launch.torch_kernels(lambda: gemm.qlinear(xm, qm, bm))
+    assert [r.name for r in recs] == ["_hadamard_kernel", "_gemm_kernel"] and n_torch == 0
+    got = gemm.qlinear(x, qt, bias)
+    assert got.shape == (rows, 72) and got.dtype == dtype
+    close(got, reference.qlinear(x.float(), qt, bias.float()), 1e-5 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("tokens,inter,had", [(1, 1024, 512), (2, 576, 64)])
 def test_qmoe_gemv_fused_transform_and_cast(monkeypatch, tokens, inter, had):
     """The decode-step MoE with down's Hadamard block spanning several launch-1 programs (16 or 2; their

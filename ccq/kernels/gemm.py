@@ -172,20 +172,20 @@ def _gemv_kernel(x_ptr, x_stride, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc
 @triton.jit
 def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, sc_ptr, sc_estride,
                  y_ptr, y_stride, M, N, K, KT, K_PER_SPLIT, TOP_K, GATE_OFF, NORM,
-                 w_ptr, out_ptr, out_stride, N_OUT, cnt_ptr, TICKETS, N_TOK, s_ptr, HAD_SCALE,
+                 w_ptr, out_ptr, out_stride, N_OUT, cnt_ptr, TICKETS, N_TOK, s_ptr, HAD_SCALE, bias_ptr,
                  BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
                  FP16SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_Y: tl.constexpr,
                  SWIGLU: tl.constexpr, DOT: tl.constexpr, RUNS: tl.constexpr, ATOMIC: tl.constexpr,
                  WEIGHTED: tl.constexpr, FINISH: tl.constexpr, TB: tl.constexpr, HAD: tl.constexpr,
-                 LOGHAD: tl.constexpr, RB: tl.constexpr):
+                 LOGHAD: tl.constexpr, RB: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Row r of block pid_m: without ROUTED, row r of A and y. With ROUTED, ids[r] is a flat
     (token, slot) index (>= M marks padding): A row ids[r] // TOP_K when GATHER_A, else r;
     y row ids[r] when SCATTER_Y, else r; WEIGHTED (with SCATTER_Y, ATOMIC): y row ids[r] // TOP_K +=
     w[ids[r]] * result, the weighted sum over slots. SWIGLU: y[:, n] = silu(W'[n] x) * (W'[GATE_OFF + n] x).
     K is split over grid axis 2 in slices of K_PER_SPLIT, summed into y with fp32 atomics when ATOMIC.
     FINISH (ATOMIC): the last of the TICKETS programs of output block pid_n writes out[:N_TOK, block] = y
-    in out's dtype (`_finish`; unused blocks take their ticket too).
+    (+ bias) in out's dtype (`_finish`; unused blocks take their ticket too).
     HAD > 0 (ROUTED, SWIGLU, one K slice): out[block rows] = HAD_SCALE * H(s_ptr * y) per HAD-block of columns
     (padding rows zero; RB rows at a time), done by the last of the HAD // BN programs of (pid_m, HAD-block)
     (ticket in cnt_ptr): the next launch's input transform, as in `_gemv_kernel`."""
@@ -195,8 +195,8 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if e < 0:  # past the last used block
         if FINISH:
-            _finish(y_ptr, y_stride, out_ptr, out_stride, y_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT, BN, TB,
-                    False)
+            _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT, BN, TB,
+                    HAS_BIAS)
         return
     r = pid_m * BM + tl.arange(0, BM)
     if ROUTED:
@@ -265,8 +265,8 @@ def _gemm_kernel(a_ptr, a_stride, ids_ptr, expert_ids_ptr, tr_ptr, tr_estride, s
     if ATOMIC:  # relaxed: read by a later launch, or ordered by the ticket in `_finish`
         tl.atomic_add(ptrs, y, mask=valid[:, None] & nmask[None, :], sem="relaxed")
         if FINISH:
-            _finish(y_ptr, y_stride, out_ptr, out_stride, y_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT, BN, TB,
-                    False)
+            _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT, BN, TB,
+                    HAS_BIAS)
     else:
         tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
     if HAD > 0:  # the last program of this block's HAD-block transforms it (ordering: `_last_to_arrive`)
@@ -368,7 +368,7 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
          top_k: int = 1, gather_a: bool = False, scatter_y: bool = False, gate_off: int = 0,
          decode: str | None = None, split: int = 1, weights: torch.Tensor | None = None,
          finish: torch.Tensor | None = None, counters: torch.Tensor | None = None, n_tok: int = 0,
-         had: tuple | None = None) -> torch.Tensor:
+         had: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Launch `_gemm_kernel`: out[rows, :n_out] = (a @ W'^T)[rows] (or SwiGLU of it when gate_off > 0).
 
     tr/scales: [E, out/16, in/16, 16*bits] / [E, out] (a 2-D weight is a stack of one);
@@ -376,7 +376,7 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
     split: K slices (linear outputs only), added atomically into `out`, which must then be zeroed.
     weights (with scatter_y): out [T, n_out] is zeroed and row ids // top_k gets weights[ids] * result
     (atomics). finish [n_tok, :]: the cast result, written by the last program per output block
-    (`counters`: one zeroed int32 per block of `gemm_bn(n_out)` outputs). had = (hr, signs, block) (SwiGLU):
+    (`counters`: one zeroed int32 per block of `gemm_bn(n_out)` outputs), plus bias. had = (hr, signs, block) (SwiGLU):
     also write the next launch's input transform H(signs * out) into hr (rows like out); `counters` then
     holds one zeroed int32 per (block of block_m rows, Hadamard block).
     """
@@ -390,6 +390,8 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
     weighted = weights is not None
     if weighted and not scatter_y or (finish is not None or had is not None) and counters is None:
         raise ValueError("gemm: weights need scatter_y, finish / had need zeroed counters")
+    if bias is not None and finish is None:
+        raise ValueError("gemm: a bias is added by the finishing epilogue only")
     if had is not None and (not routed or grid[2] > 1 or scatter_y or had[2] % BN or had[1].shape[0] != grid[1] * BN):
         raise ValueError("gemm: had needs one K slice, rows in place and output blocks tiling the signs")
     atomic = grid[2] > 1 or weighted or finish is not None
@@ -399,18 +401,29 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
                        k_per, top_k, gate_off, code_norm(qt), weights if weighted else out, target, target.stride(0),
                        finish.shape[-1] if finish is not None else n_out, counters if counters is not None else out,
                        grid[0] * grid[2], n_tok, had[1] if had is not None else out,
-                       had[2] ** -0.5 if had is not None else 1.0, BM=block_m, BN=BN, BK=BK, ROUTED=routed,
-                       GATHER_A=gather_a,
+                       had[2] ** -0.5 if had is not None else 1.0, bias if bias is not None else out, BM=block_m,
+                       BN=BN, BK=BK, ROUTED=routed, GATHER_A=gather_a,
                        SCATTER_Y=scatter_y, SWIGLU=gate_off > 0, DOT=_DOT_DTYPES[a.dtype],
                        RUNS=_runs(decode), ATOMIC=atomic, WEIGHTED=weighted, FINISH=finish is not None,
                        TB=min(64, triton.next_power_of_2(max(1, n_tok))), HAD=had[2] if had is not None else 0,
                        LOGHAD=had[2].bit_length() - 1 if had is not None else 0,
-                       RB=min(block_m, max(1, 4096 // had[2])) if had is not None else 1, **code_params(qt),
-                       # 4 bits keep two strings per run: let ptxas use more than the 128 registers it
-                       # picks by itself, which spilled (outside the loop) on sm_90. With the cast epilogue
-                       # it picked 96 at 3 bits (a longer loop, and spills): cap at 128 instead
-                       maxnreg=168 if qt.bits == 4 else 128 if finish is not None else None)
+                       RB=min(block_m, max(1, 4096 // had[2])) if had is not None else 1,
+                       HAS_BIAS=bias is not None, **code_params(qt),
+                       maxnreg=_max_registers(qt.bits, block_m, finish is not None))
     return out
+
+
+def _max_registers(bits: int, block_m: int, finish: bool) -> int | None:
+    """ptxas's register limit for `_gemm_kernel`, where its own choice spilled on sm_90 (bench/sass.py,
+    tests/test_sass.py): 4 bits keep two strings per run and spilled under the 128 it picks by itself; with
+    the cast epilogue it picked 96 at 3 bits (a longer loop, and spills), so the routed 16-row blocks are
+    capped at 128; the dense 64-row blocks need about 160, and the 32-row ones at 3 and 4 bits with the
+    epilogue up to 232 (at 168 or 192: 8-24 bytes of stack)."""
+    if block_m == 32 and bits > 2 and finish:
+        return 232
+    if bits == 4 or block_m > 16:
+        return 168
+    return 128 if finish else None
 
 
 def matmul(xr: torch.Tensor, qt, decode: str | None = None, split_k: int | None = None) -> torch.Tensor:
@@ -423,14 +436,40 @@ def matmul(xr: torch.Tensor, qt, decode: str | None = None, split_k: int | None 
     if M <= GEMV_MAX_ROWS:
         return gemv(xr.float().contiguous(), qt)
     N = qt.trellis.shape[0] * 16
-    BM = 16 if M <= 16 else 32 if M <= 32 else 64
+    BM, split = _gemm_shape(M, N, xr.shape[1], xr.device, split_k)
     expert_ids = torch.zeros(triton.cdiv(M, BM), dtype=torch.int32, device=xr.device)
-    if split_k is None:  # about 4 programs (16 warps) per SM, as few K slices as that allows
-        split_k = sm_count(xr.device) * 4 // (expert_ids.shape[0] * triton.cdiv(N, 64))
-    split = max(1, min(split_k, triton.cdiv(xr.shape[1], 256)))
     y = (torch.zeros if split > 1 else torch.empty)(M, N, dtype=torch.float32, device=xr.device)
     return gemm(xr.contiguous(), qt.trellis[None], qt.scales[None], qt, n_out=N, out=y, block_m=BM,
                 expert_ids=expert_ids, decode=decode, split=split)
+
+
+def _gemm_shape(M: int, N: int, K: int, device: torch.device, split_k: int | None = None) -> tuple[int, int]:
+    """(rows per block, K slices) of the dense GEMM: by default about 4 programs (16 warps) per SM, as few K
+    slices as that allows."""
+    BM = 16 if M <= 16 else 32 if M <= 32 else 64
+    if split_k is None:
+        split_k = sm_count(device) * 4 // (triton.cdiv(M, BM) * triton.cdiv(N, 64))
+    return BM, max(1, min(split_k, triton.cdiv(K, 256)))
+
+
+def _qlinear_gemm(x2: torch.Tensor, qt, bias: torch.Tensor | None, decode: str | None) -> torch.Tensor:
+    """More rows, output side not rotated: two launches. The input transform also zeroes the GEMM's fp32 sum,
+    its block experts (one expert: all 0) and tickets; the GEMM's last program per output block adds the
+    bias and casts."""
+    from .hadamard import transform
+
+    M, out_f = x2.shape[0], qt.shape[-2]
+    N = qt.trellis.shape[0] * 16
+    BM, split = _gemm_shape(M, N, qt.trellis.shape[1] * 16, x2.device)
+    blocks, n_cnt = triton.cdiv(M, BM), triton.cdiv(N, gemm_bn(N))
+    scratch = torch.empty(M * N + blocks + n_cnt, dtype=torch.float32, device=x2.device)
+    y, expert_ids = scratch[:M * N].view(M, N), scratch[M * N:M * N + blocks].view(torch.int32)
+    xr = transform(x2, qt.signs_in, qt.had_in, dot_dtype(x2.dtype, x2.device), zero=scratch)
+    out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
+    gemm(xr, qt.trellis[None], qt.scales[None], qt, n_out=N, out=y, block_m=BM, expert_ids=expert_ids,
+         decode=decode, split=split, finish=out, counters=scratch[M * N + blocks:].view(torch.int32), n_tok=M,
+         bias=bias)
+    return out
 
 
 def _qlinear_gemv(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
@@ -463,6 +502,8 @@ def qlinear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, decode: str |
     small = x2.shape[0] <= GEMV_MAX_ROWS
     if small and x2.shape[0] and qt.signs_out is None:
         return _qlinear_gemv(x2, qt, bias).reshape(*lead, out_f)
+    if x2.shape[0] and qt.signs_out is None:
+        return _qlinear_gemm(x2, qt, bias, decode).reshape(*lead, out_f)
     xr = transform(x2, qt.signs_in, qt.had_in, torch.float32 if small else dot_dtype(x.dtype, x.device))
     y = matmul(xr, qt, decode)
     if qt.signs_out is not None:
