@@ -38,6 +38,7 @@ SMS, CLOCK = 132, 1.98e9
 ISSUE = SMS * 4 * 32 * CLOCK  # thread-instructions/s: 4 warp-instructions per SM per clock
 HBM = 4.3e12  # bytes/s, measured copy bandwidth
 LAUNCH_S = 2e-6  # one dependent kernel in a CUDA graph: launch + drain
+TENSOR = 4  # one warp-level m16n8k16 MMA per SM per clock (the dense fp16 peak): 4 issue slots' worth
 CODES = ("mul1", "1mad", "mcg", "3inst")
 # (name, in, out) of the dense shapes: ERNIE-4.5-VL 28B experts (gate/up fused) and attention, 424B experts
 DENSE = [("28B gate_up", 2560, 2 * 1536), ("28B down", 1536, 2560), ("28B vision gate_up", 2560, 2 * 512),
@@ -130,7 +131,7 @@ def record_shapes(bits: int, code: str):
 
     for name, k_in, n_out in DENSE:
         qt = random_quantized((n_out, k_in), bits, code, device="meta")
-        for rows in (1, 16, 64):
+        for rows in (1, 16, 32, 64):
             x = torch.empty(rows, k_in, dtype=torch.bfloat16, device="meta")
             recs, n_torch = run(lambda: gemm.qlinear(x, qt))
             out.append((name, "dense", rows, n_out * k_in, [(r, None) for r in recs], n_torch,
@@ -162,7 +163,7 @@ def predict(parts: list[tuple[dict, float, float, int]], bf16_weights: float, la
     torch's; bf16_launches: the baseline's. A launch with fewer programs than SMs issues on that many SMs only."""
     t_issue = t_mem = t = 0.0
     for n, units, nbytes, programs in parts:
-        eff = max(n["total"], 2 * n["alu"], 2 * n["fma_heavy"])
+        eff = max(n["total"], 2 * n["alu"], 2 * n["fma_heavy"], TENSOR * n["mma"])
         ti, tm = units * eff / ISSUE * SMS / min(SMS, programs), nbytes / HBM
         t_issue, t_mem, t = t_issue + ti, t_mem + tm, t + max(ti, tm)
     t += launches * LAUNCH_S
@@ -181,7 +182,7 @@ def print_tables(configs: list[dict], shapes: list[dict]) -> None:
         st = c["stats"]
         p = st["per_weight"]
         cfg = {k: v for k, v in c["config"].items() if k in ("BM", "BN", "BK", "J", "B", "BR", "RUNS", "SWIGLU", "MT", "HB")}
-        eff = max(p["total"], 2 * p["alu"], 2 * p["fma_heavy"])
+        eff = max(p["total"], 2 * p["alu"], 2 * p["fma_heavy"], TENSOR * p["mma"])
         # spilled registers live in the stack frame: bytes of stack + local, and LDL/STL in the kernel
         frame = st["stack"] + st["local"]
         spill = f"{frame}B/{st['local_ops']}" if frame + st["local_ops"] else "0"

@@ -19,8 +19,8 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# qlinear at batch 1 (Hadamard as fp16 pairs + the tensor-core GEMV, in Gluon; and, with Hadamard blocks of 16,
-# the CUDA-core GEMV) and at 32 rows (GEMM), qmoe at one token (the routed GEMV
+# qlinear at batch 1 (Hadamard as fp16 pairs + the tensor-core GEMV, in Gluon; and, with Hadamard blocks of
+# 16, the CUDA-core GEMV), at 32 rows (the tensor-core GEMV's 32 columns) and at 48 rows (GEMM), qmoe at one token (the routed GEMV
 # launches) and at 8 tokens (align and the routed GEMM launches with their fused epilogues), dequantize:
 # every kernel path, each bit width and code kind once. sm_80 for the dense kernels only (the MoE launches are
 # the same kernels), to keep it short.
@@ -34,7 +34,8 @@ with launch.record() as r:
     gemm.qlinear(meta(1, 2560), random_quantized((3072, 2560), 2, "mul1", device="meta"))
     gemm.qlinear(meta(1, 2560), random_quantized((3072, 2560), 3, "mcg", device="meta"))
     gemm.qlinear(meta(2, 1008), random_quantized((3072, 1008), 2, "mul1", device="meta"))
-    gemm.qlinear(meta(32, 1536), random_quantized((2560, 1536), 3, "1mad", device="meta"))
+    gemm.qlinear(meta(32, 1536), random_quantized((2560, 1536), 4, "mul1", device="meta"))
+    gemm.qlinear(meta(48, 1536), random_quantized((2560, 1536), 3, "1mad", device="meta"))
 dense = list(r)
 with launch.record() as r:
     for block in (512, 64):  # 512: the tensor-core decode step; 64: the CUDA-core one
@@ -73,6 +74,7 @@ def test_every_path_compiles_for_sm90_and_sm80(compiled):
             ("_gemv_tc_kernel", 80), ("_gemm_kernel", 90),
             ("_gemm_kernel", 80), ("_dequant_kernel", 90), ("_align_kernel", 90)} <= kernels
     assert {c["config"]["PAIRS"] for c in compiled if c["kernel"] == "_hadamard_kernel"} == {"True", "False"}
+    assert {c["config"]["NT"] for c in compiled if c["kernel"] == "_gemv_tc_kernel"} == {"8", "32"}
     for name in ("_gemv_kernel", "_gemv_tc_kernel", "_gemm_kernel"):  # both MoE launches, routed, on each path
         routed = {c["config"]["GATHER_A"] for c in compiled if c["kernel"] == name and c["config"]["ROUTED"] == "True"}
         assert routed == {"True", "False"}, name

@@ -414,14 +414,16 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
 
 
 def _max_registers(bits: int, block_m: int, finish: bool) -> int | None:
-    """ptxas's register limit for `_gemm_kernel`, where its own choice spilled on sm_90 (bench/sass.py,
-    tests/test_sass.py): 4 bits keep two strings per run and spilled under the 128 it picks by itself; with
-    the cast epilogue it picked 96 at 3 bits (a longer loop, and spills), so the routed 16-row blocks are
-    capped at 128; the dense 64-row blocks need about 160, and the 32-row ones at 3 and 4 bits with the
-    epilogue up to 232 (at 168 or 192: 8-24 bytes of stack)."""
+    """ptxas's register limit for `_gemm_kernel`, where its own choice spilled (bench/sass.py,
+    tests/test_sass.py): 4 bits keep two strings per run and spilled under the 128 it picks by itself in
+    16-row blocks; with the cast epilogue it picked 96 at 3 bits there (a longer loop, and spills), so the
+    routed 16-row blocks are capped at 128; the 32-row blocks at 3 and 4 bits with the epilogue need up to 232
+    (at 168 or 192: 8-24 bytes of stack); the 64-row blocks are left to ptxas (149-166 on sm_90)."""
     if block_m == 32 and bits > 2 and finish:
         return 232
-    if bits == 4 or block_m > 16:
+    if block_m > 16:
+        return None
+    if bits == 4:
         return 168
     return 128 if finish else None
 

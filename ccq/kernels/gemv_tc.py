@@ -17,6 +17,8 @@ each row's history word is the row before's last word. Operand B is the activati
 8 token columns (rows past M repeat the last one and are never stored), read as fp16 pairs written
 by the input transform (`hadamard.transform_pairs`) with one power-of-two scale per
 (token, Hadamard block) to keep fp16 in range; a block's partial sum is scaled into the fp32 total.
+With 32 columns (17-32 rows) each weight's B operand is loaded right before its MMAs and the total is
+rescaled from block to block instead (`_step_wide`).
 
 Gluon has no interpreter: under `TRITON_INTERPRET=1` the same kernel source runs as a Triton kernel
 with its layouts erased (`_interpreted`), the MMA as a `tl.dot` and the inline PTX as its pure-Triton
@@ -41,10 +43,12 @@ from .hadamard import pair_index, pair_scale
 from .launch import launch, sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
-MAX_ROWS = 16  # dense: the MMA's N, 8 or 16 token columns
+MAX_ROWS = 32  # dense: the MMA's N, 8, 16 or 32 token columns (beyond, the GEMM; 64 spilled, `_step_wide`)
 MOE_MAX_TOKENS = 8  # beyond, the sorted GEMM decodes each used expert fewer times than one program per slot
 MIN_BLOCK = 128  # a K step (8 tiles) must lie inside one Hadamard block of the activation scales
 MT, WARPS = 2, 4  # 16-row blocks per warp, warps per program: 128 outputs per program
+# 32 columns: about 200 registers; left to itself ptxas capped sm_80's 4-bit kernel at 168 and spilled
+WIDE_MAXNREG = 232
 MOE_BM1 = 32  # outputs per program of the MoE's gate_up launch (no K split there: SwiGLU needs whole sums)
 
 
@@ -234,6 +238,31 @@ def _step(rr, xb, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, 
 
 
 @gluon.jit
+def _step_wide(rr, xp, acc, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+               FP16SUM: tl.constexpr, J: tl.constexpr, W: tl.constexpr, LA: tl.constexpr, LB: tl.constexpr):
+    """acc += the 16 MMAs of one K step with 32 token columns: as `_step`, but MMA c's B operand is
+    loaded when it is used (xp: the step's pointers [NT, 4, 4], `_b_wide`), as all 16 would not fit in
+    registers; each decoded A operand feeds NT / 8 MMAs."""
+    for i in gl.static_range(16):
+        st = gl.join(_hash(rr[0], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM),
+                     _hash(rr[1], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM))
+        if J == 4:
+            st = gl.join(st, gl.join(_hash(rr[2], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM),
+                                     _hash(rr[3], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM)))
+        b = _b_wide(gl.load(xp + 4 * _order(i, BITS, L)), LB)
+        acc = mma_v2(_pairs(_a_operand(gl.join(st, st), J, W, LA), FP16SUM), b, acc)
+    return acc
+
+
+@gluon.jit
+def _b_wide(v, LB: tl.constexpr):
+    """B [16 (K: tile p, twice), NT] of one weight c from v [NT tokens, 4 (tile % 4), 4 (tile // 4, twice)]: lane
+    t's 8 contiguous bytes per token are the pairs of tiles t and t + 4 (`pair_index`). Register-only."""
+    v = gl.permute(gl.reshape(v, [v.shape[0], 4, 2, 2]), [2, 1, 3, 0])  # (tile // 4, tile % 4, twice, token)
+    return _lb(gl.reshape(v, [16, v.shape[3]]), LB)
+
+
+@gluon.jit
 def _a_operand(x, J: tl.constexpr, W: tl.constexpr, LA: tl.constexpr):
     """[groups = 8 W, 8 tiles, 2 (j0) (, 2 (j1)), 2 (pair)] -> A [16 J W / 2 rows, 16]: MMA row
     m = 16 W j1 + 16 w + 8 j0 + i (group 8 w + i, its row j0 + 2 j1; `_mma_rows`), K slot 2 tile + pair.
@@ -333,8 +362,9 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     """x' @ W'^T for 16*MT*W outputs (grid axis 1) and one K slice (axis 2); the activations: fp16 pairs xd
     [rows, 2 * in_pad] with scales xs [rows, in_pad // HB]; tr / tr32: the trellis as int16 / int32.
 
-    Dense (not ROUTED): rows 0..M-1 (M <= 8) of x and out; ATOMIC (K split): partial sums into the zeroed
-    fp32 y, the last program per output block (ticket in cnt_ptr, TICKETS programs) writes out (+ bias).
+    Dense (not ROUTED): rows 0..M-1 (M <= NT, the MMA columns: 8, 16 or 32) of x and out; ATOMIC (K split):
+    partial sums into the zeroed fp32 y, the last program per output block (ticket in cnt_ptr, TICKETS
+    programs) writes out (+ bias). 32 columns (`_step_wide`): dense only, no SwiGLU.
     ROUTED (MoE decode, axis 0 = flat slot s of expert ids[s], skipped unless 0 <= e < N_EXPERTS): all 8
     MMA columns read one x row; GATHER_A (launch 1, x row s // TOP_K, no K split): y[s] = silu(gate) * up
     (SWIGLU: rows n and GATE_OFF + n), and with HAD the last program of each HAD-block of the slot writes
@@ -389,25 +419,39 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
         hist_u, own_u = _pointers(tr_ptr, tr32_ptr, GATE_OFF + g, tiles, k, KT, GATE_OFF + N - 1, BITS)
         acc_u = gl.zeros([BM, NT], gl.float32, layout=mma)
     # a K step's activations: [8 tokens, 4 lanes, 64] fp16, 128 contiguous bytes per lane (`pair_index`)
+    # wide (32 columns): [NT, 4, 4] per weight c, loaded in `_step_wide`
+    WIDE: tl.constexpr = NT > 16
+    E3: tl.constexpr = 4 if WIDE else 64
     t3 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
-    e3 = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
+    e3 = gl.arange(0, E3, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
     xoff = nb[:, None, None] * x_stride + t3[None, :, None] * 64 + e3[None, None, :]
     acc = gl.zeros([BM, NT], gl.float32, layout=mma)
+    sx_held = gl.full([NT], 1.0, gl.float32, gl.SliceLayout(0, mma))  # wide: acc is in units of this scale
     for t0 in range(t_lo, gl.minimum(t_lo + T_PER_SPLIT, KT), 8 * U):  # U K steps of 8 tiles, one scale
-        sx = gl.load(xs_row + (t0 >> _log2(HB // 16)))[None, :]  # the steps' activation scale
-        part = gl.zeros([BM, NT], gl.float32, layout=mma)
-        if SWIGLU:
-            part_u = gl.zeros([BM, NT], gl.float32, layout=mma)
-        for u in gl.static_range(U):
-            xb = _operands(gl.load(xd_ptr + (t0 + 8 * u) * 32 + xoff), lb, NT)
-            part = _step(_registers(hist_p, own_p, t0 + 8 * u, BITS, J, OWN), xb, part, BITS, L, MUL, ADD, FP16SUM,
-                         J, W, la)
+        if WIDE:  # rescale the sum to this block's scale (powers of two: exact), then MMA into it directly
+            sx1 = gl.load(xs_row + (t0 >> _log2(HB // 16)))
+            acc = acc * (sx_held / sx1)[None, :]
+            sx_held = sx1
+            for u in gl.static_range(U):
+                acc = _step_wide(_registers(hist_p, own_p, t0 + 8 * u, BITS, J, OWN), xd_ptr + (t0 + 8 * u) * 32 + xoff,
+                                 acc, BITS, L, MUL, ADD, FP16SUM, J, W, la, lb)
+        else:
+            sx = gl.load(xs_row + (t0 >> _log2(HB // 16)))[None, :]  # the steps' activation scale
+            part = gl.zeros([BM, NT], gl.float32, layout=mma)
             if SWIGLU:
-                part_u = _step(_registers(hist_u, own_u, t0 + 8 * u, BITS, J, OWN), xb, part_u, BITS, L, MUL, ADD,
-                               FP16SUM, J, W, la)
-        acc += part * sx
-        if SWIGLU:
-            acc_u += part_u * sx
+                part_u = gl.zeros([BM, NT], gl.float32, layout=mma)
+            for u in gl.static_range(U):
+                xb = _operands(gl.load(xd_ptr + (t0 + 8 * u) * 32 + xoff), lb, NT)
+                part = _step(_registers(hist_p, own_p, t0 + 8 * u, BITS, J, OWN), xb, part, BITS, L, MUL, ADD,
+                             FP16SUM, J, W, la)
+                if SWIGLU:
+                    part_u = _step(_registers(hist_u, own_u, t0 + 8 * u, BITS, J, OWN), xb, part_u, BITS, L, MUL,
+                                   ADD, FP16SUM, J, W, la)
+            acc += part * sx
+            if SWIGLU:
+                acc_u += part_u * sx
+    if WIDE:
+        acc = acc * sx_held[None, :]
     rows_o = pid_n * BM + _mma_rows(gl.arange(0, BM, layout=gl.SliceLayout(1, mma)), J, W)
     y = acc * (gl.load(sc_ptr + gl.minimum(rows_o, N - 1)).to(gl.float32) * NORM)[:, None]
     if SWIGLU:
@@ -466,10 +510,14 @@ def out_layout(warps: int):
 
 
 def xd_layout(warps: int, nt: int = 8):
+    """A K step's activations [nt tokens, 4 lanes, 64] (8 or 16 columns: `_operands`), or one weight's
+    [nt, 4, 4] (32 columns: `_b_wide`): lanes hold tokens + 1, + 2, + 4 and tiles % 4 as B's layout,
+    every warp all of it."""
+    e = 6 if nt <= 16 else 2
     return gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1 << i] for i in range(6)] + [[8, 0, 0]] * (nt // 16),
+        reg_bases=[[0, 0, 1 << i] for i in range(e)] + [[8 << i, 0, 0] for i in range(int(math.log2(nt // 8)))],
         lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[0, 0, 0]] * int(math.log2(warps)), block_bases=[], shape=[nt, 4, 64])
+        warp_bases=[[0, 0, 0]] * int(math.log2(warps)), block_bases=[], shape=[nt, 4, 1 << e])
 
 
 def had_layout(warps: int):
@@ -512,6 +560,10 @@ class _Erased:
         return tl.zeros(shape, dtype)
 
     @staticmethod
+    def full(shape, value, dtype, layout=None):
+        return tl.full(shape, value, dtype)
+
+    @staticmethod
     def convert_layout(x, layout, assert_trivial=False):
         return x
 
@@ -530,8 +582,9 @@ class _Erased:
     DotOperandLayout = SliceLayout = BlockedLayout = NVMMADistributedLayout
 
 
-_GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_hash", "_step", "_a_operand", "_mma_rows",
-                  "_operands", "_lb", "_hadamard", "_write_pairs", "_finish")
+_GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_hash", "_step",
+                  "_step_wide", "_b_wide", "_a_operand", "_mma_rows", "_operands", "_lb", "_hadamard", "_write_pairs",
+                  "_finish")
 
 
 def _interpreted():
@@ -556,7 +609,7 @@ def _tensor_cores(device: torch.device) -> bool:
 
 
 def supported(x: torch.Tensor, qt) -> bool:
-    """The tensor-core GEMV runs this product: at most 16 rows, tensor cores (sm_80+, or the interpreter), and
+    """The tensor-core GEMV runs this product: at most 32 rows, tensor cores (sm_80+, or the interpreter), and
     Hadamard blocks of at least one K step (so every step has one activation scale)."""
     return (x.shape[0] <= MAX_ROWS and qt.signs_out is None and qt.had_in >= MIN_BLOCK
             and _tensor_cores(x.device))
@@ -576,8 +629,16 @@ def moe_supported(hidden: torch.Tensor, gate_up, down, act) -> bool:
 def steps_per_iteration(qt, nt: int = 8) -> int:
     """K steps of 8 tiles per loop iteration: 2 where Hadamard blocks (one activation scale) hold both, which
     shares the scale's load and FFMAs and the loop's own instructions between them; 1 with 16 MMA columns
-    (twice the activation registers: two steps spill in the loop)."""
-    return 2 if nt == 8 and qt.had_in >= 256 and qt.trellis.shape[-2] % 16 == 0 else 1
+    (twice the activation registers: two steps spill in the loop); with 32 (B operands loaded per weight, the
+    sum rescaled per block) as many as a block holds, up to 4 (2 bits: 5.41 instructions per weight against
+    5.68 with 2 and 6.21 with 1)."""
+    KT = qt.trellis.shape[-2]
+    if nt > 16:
+        u = min(4, qt.had_in // 128)
+        while KT % (8 * u):
+            u //= 2
+        return u
+    return 2 if nt == 8 and qt.had_in >= 256 and KT % 16 == 0 else 1
 
 
 def split_for(device: torch.device, programs: int, KT: int, U: int = 1) -> tuple[int, int]:
@@ -607,19 +668,20 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
            ATOMIC=counters is not None and had is None, HAS_BIAS=bias is not None, OUT_L=out_layout(warps),
            ROUTED=routed, GATHER_A=routed and gate_off > 0, SWIGLU=gate_off > 0, HAD=hb,
            HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), XL=xd_layout(warps, nt), NT=nt,
-           U=steps_per_iteration(qt, nt), num_warps=warps,
+           U=steps_per_iteration(qt, nt), num_warps=warps, **({"maxnreg": WIDE_MAXNREG} if nt > 16 else {}),
            **code_params(qt))
 
 
 def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x2 @ W^T (+ bias) for at most 16 rows (8 or 16 MMA columns), output side not rotated: two launches
-    (the input transform as scaled fp16 pairs, which also zeroes the partial sums and tickets; the GEMV)."""
+    """y = x2 @ W^T (+ bias) for at most 32 rows (8, 16 or 32 MMA columns), output side not rotated: two
+    launches (the input transform as scaled fp16 pairs, which also zeroes the partial sums and tickets; the
+    GEMV)."""
     from .hadamard import transform_pairs
 
     M, out_f = x2.shape[0], qt.shape[-2]
     N = qt.trellis.shape[0] * 16
     programs = triton.cdiv(N, 16 * MT * WARPS)
-    nt = 8 if M <= 8 else 16
+    nt = max(8, triton.next_power_of_2(M))
     split, t_per = split_for(x2.device, programs, qt.trellis.shape[1], steps_per_iteration(qt, nt))
     out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
     scratch = y = counters = None
