@@ -91,7 +91,8 @@ def work(rec, path: str, bits: int, used_blocks: int | None) -> tuple[float, flo
         n = a["N"] * a["KT"] * 16 * (2 if a.get("SWIGLU") else 1)
         if a.get("ROUTED"):  # one program row per slot; a skipped slot exits at once
             n *= used_blocks
-        return n, n * bits / 8
+            return n, n * bits / 8
+        return n * rec.grid[0], n * bits / 8  # dense: each block of rows decodes the weight, HBM reads it once
     n = a["N"] * a["K"] * (2 if a["SWIGLU"] else 1)
     if used_blocks is None:  # dense: every block row decodes the whole weight, HBM reads it once (L2)
         return n * rec.grid[0], n * bits / 8

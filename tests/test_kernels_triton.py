@@ -308,9 +308,10 @@ TC_CASES = [(2, 16, "mul1"), (2, 12, "mcg"), (3, 16, "1mad"), (3, 10, "mcg"), (4
 
 
 @pytest.mark.parametrize("bits,L,code", TC_CASES)
-@pytest.mark.parametrize("rows,inp", [(1, 250), (8, 250), (3, 128), (13, 250), (29, 250)])
+@pytest.mark.parametrize("rows,inp", [(1, 250), (8, 250), (3, 128), (13, 250), (29, 250), (45, 250)])
 def test_qlinear_tensor_core_gemv(monkeypatch, bits, L, code, rows, inp):
-    """Batch <= 32 (8, 16 or 32 MMA columns) with Hadamard blocks >= 128 runs the tensor-core GEMV: in 250
+    """Batch <= 64 (8, 16 or 32 MMA columns; 45 rows: two blocks of 32 rows, direct stores) with Hadamard
+    blocks >= 128 runs the tensor-core GEMV: in 250
     (in_pad 256: two K steps, split over two programs with the ticket epilogue) or 128 (one step, direct
     store); out 200 (two output blocks of 128, the second one partly past the output), bias, fp16
     activations scaled per (row, block)."""
@@ -345,35 +346,37 @@ def test_qlinear_tensor_core_two_steps_per_iteration(monkeypatch, bits, code):
         close(got[r], want[r], 2e-3)
 
 
-@pytest.mark.parametrize("bits,code", [(2, "mul1"), (3, "mcg"), (4, "3inst")])
-def test_qlinear_tensor_core_32_columns(monkeypatch, bits, code):
-    """17-32 rows: 32 MMA columns, B loaded per weight, the sum rescaled from block to block (powers of two),
+@pytest.mark.parametrize("bits,code,rows", [(2, "mul1", 24), (3, "mcg", 24), (4, "3inst", 24), (2, "mcg", 40)])
+def test_qlinear_tensor_core_32_columns(monkeypatch, bits, code, rows):
+    """17-64 rows: 32 MMA columns, B loaded per weight, the sum rescaled from block to block (powers of two),
     four K steps per iteration under a 512-block's scale; in 3072 (six blocks of different scales) split
-    over three programs of two blocks each (sm_count 1), with the ticket epilogue and a bias."""
+    over three programs of two blocks each (sm_count 1; 40 rows: two row blocks, two programs of three),
+    with the ticket epilogue (40 rows: tickets from both row blocks, the cast in two steps) and a bias."""
     from ccq.kernels import gemm, gemv_tc
 
     monkeypatch.setattr(gemv_tc, "sm_count", lambda device: 1)
     qt = random_qt((40, 3072), bits, 16, code, False, seed=bits, hadamard_block=512)
     assert gemv_tc.steps_per_iteration(qt, 32) == 4 and gemv_tc.split_for(DEV, 1, 192, 4) == (3, 64)
-    x = torch.randn(24, 3072, device=DEV) * torch.logspace(-3, 4, 24, device=DEV)[:, None]
+    assert gemv_tc.split_for(DEV, 2, 192, 4) == (2, 96)
+    x = torch.randn(rows, 3072, device=DEV) * torch.logspace(-3, 4, rows, device=DEV)[:, None]
     x[:, 512:1024] *= 50  # neighbouring blocks of different scales in each program
     x[:, 2048:2560] *= 1e-3
     x[3, 1024:1536] *= 1e-6
     bias = torch.randn(40, device=DEV)
     got, want = gemm.qlinear(x, qt, bias), reference.qlinear(x, qt, bias)
-    for r in range(24):
+    for r in range(rows):
         close(got[r], want[r], 2e-3)
 
 
 def test_qlinear_tensor_core_gemv_dispatch(monkeypatch):
-    """More than 32 rows (MoE: 8 tokens), Hadamard blocks below 128 or a rotated output side take the other
+    """More than 64 rows (MoE: 8 tokens), Hadamard blocks below 128 or a rotated output side take the other
     kernels."""
     from ccq.kernels import gemv_tc
 
     x = torch.randn(1, 250, device=DEV)
     assert gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=128))
-    assert gemv_tc.supported(torch.randn(32, 250, device=DEV), random_qt((40, 250), 2, hadamard_block=128))
-    assert not gemv_tc.supported(torch.randn(33, 250, device=DEV), random_qt((40, 250), 2, hadamard_block=128))
+    assert gemv_tc.supported(torch.randn(64, 250, device=DEV), random_qt((40, 250), 2, hadamard_block=128))
+    assert not gemv_tc.supported(torch.randn(65, 250, device=DEV), random_qt((40, 250), 2, hadamard_block=128))
     gu, dn = random_qt((4, 256, 128), 2, hadamard_block=128), random_qt((4, 128, 128), 2, hadamard_block=128)
     assert gemv_tc.moe_supported(torch.randn(8, 128, device=DEV), gu, dn, F.silu)
     assert not gemv_tc.moe_supported(torch.randn(9, 128, device=DEV), gu, dn, F.silu)

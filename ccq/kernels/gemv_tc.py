@@ -43,7 +43,7 @@ from .hadamard import pair_index, pair_scale
 from .launch import launch, sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
-MAX_ROWS = 32  # dense: the MMA's N, 8, 16 or 32 token columns (beyond, the GEMM; 64 spilled, `_step_wide`)
+MAX_ROWS = 64  # dense: 8, 16 or 32 token columns (the MMA's N), 33-64 rows in two blocks of 32; beyond, the GEMM
 MOE_MAX_TOKENS = 8  # beyond, the sorted GEMM decodes each used expert fewer times than one program per slot
 MIN_BLOCK = 128  # a K step (8 tiles) must lie inside one Hadamard block of the activation scales
 MT, WARPS = 2, 4  # 16-row blocks per warp, warps per program: 128 outputs per program
@@ -339,15 +339,17 @@ def _write_pairs(v, hr_ptr, hs_ptr, off):
 @gluon.jit
 def _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT,
             BM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr, NT: tl.constexpr):
-    """Ticket of output block pid_n; the TICKETS-th program writes out[:N_TOK, block] = y (+ bias), cast."""
+    """Ticket of output block pid_n; the TICKETS-th program writes out[:N_TOK, block] = y (+ bias), cast, NT
+    rows at a time."""
     if _last_to_arrive(cnt_ptr + pid_n, TICKETS):
-        n2 = gl.arange(0, NT, layout=gl.SliceLayout(1, OUT_L))
         c2 = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_L))
-        m2 = (n2 < N_TOK)[:, None] & (c2 < N_OUT)[None, :]
-        v = gl.load(y_ptr + n2[:, None] * y_stride + c2[None, :], mask=m2, other=0, cache_modifier=".cg")
-        if HAS_BIAS:
-            v += gl.load(bias_ptr + c2, mask=c2 < N_OUT, other=0).to(gl.float32)[None, :]
-        gl.store(out_ptr + n2[:, None] * out_stride + c2[None, :], v.to(out_ptr.dtype.element_ty), mask=m2)
+        for r0 in range(0, N_TOK, NT):
+            n2 = r0 + gl.arange(0, NT, layout=gl.SliceLayout(1, OUT_L))
+            m2 = (n2 < N_TOK)[:, None] & (c2 < N_OUT)[None, :]
+            v = gl.load(y_ptr + n2[:, None] * y_stride + c2[None, :], mask=m2, other=0, cache_modifier=".cg")
+            if HAS_BIAS:
+                v += gl.load(bias_ptr + c2, mask=c2 < N_OUT, other=0).to(gl.float32)[None, :]
+            gl.store(out_ptr + n2[:, None] * out_stride + c2[None, :], v.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 @gluon.jit
@@ -362,9 +364,10 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     """x' @ W'^T for 16*MT*W outputs (grid axis 1) and one K slice (axis 2); the activations: fp16 pairs xd
     [rows, 2 * in_pad] with scales xs [rows, in_pad // HB]; tr / tr32: the trellis as int16 / int32.
 
-    Dense (not ROUTED): rows 0..M-1 (M <= NT, the MMA columns: 8, 16 or 32) of x and out; ATOMIC (K split):
-    partial sums into the zeroed fp32 y, the last program per output block (ticket in cnt_ptr, TICKETS
-    programs) writes out (+ bias). 32 columns (`_step_wide`): dense only, no SwiGLU.
+    Dense (not ROUTED): rows NT * i .. NT * i + NT - 1 (axis 0 = i; NT, the MMA columns: 8, 16 or 32) of the
+    M rows of x and out; ATOMIC (K split): partial sums into the zeroed fp32 y, the last program per output
+    block (ticket in cnt_ptr, TICKETS programs: row blocks x K slices) writes out (+ bias). 32 columns
+    (`_step_wide`): dense only, no SwiGLU.
     ROUTED (MoE decode, axis 0 = flat slot s of expert ids[s], skipped unless 0 <= e < N_EXPERTS): all 8
     MMA columns read one x row; GATHER_A (launch 1, x row s // TOP_K, no K split): y[s] = silu(gate) * up
     (SWIGLU: rows n and GATE_OFF + n), and with HAD the last program of each HAD-block of the slot writes
@@ -406,8 +409,9 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
         nb = gl.zeros([NT], gl.int32, gl.SliceLayout(1, gl.SliceLayout(2, XL))) + x_row
         xs_row = xs_ptr + (gl.zeros([NT], gl.int32, gl.SliceLayout(0, mma)) + x_row) * xs_stride
     else:
-        nb = gl.minimum(gl.arange(0, NT, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL))), M - 1)  # past M: not stored
-        xs_row = xs_ptr + gl.minimum(no, M - 1) * xs_stride
+        r0 = gl.program_id(0) * NT  # this program's NT rows: rows past M repeat M - 1 and are not stored
+        nb = gl.minimum(r0 + gl.arange(0, NT, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL))), M - 1)
+        xs_row = xs_ptr + gl.minimum(r0 + no, M - 1) * xs_stride
     # a thread's runs: J consecutive rows (MMA rows m, m + 8 (, + 16 W, + 16 W + 8): `_mma_rows`) x 2 tiles
     J: tl.constexpr = 2 * MT
     OWN4: gl.constexpr = _half_tiles(OWN)
@@ -430,7 +434,8 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     for t0 in range(t_lo, gl.minimum(t_lo + T_PER_SPLIT, KT), 8 * U):  # U K steps of 8 tiles, one scale
         if WIDE:  # rescale the sum to this block's scale (powers of two: exact), then MMA into it directly
             sx1 = gl.load(xs_row + (t0 >> _log2(HB // 16)))
-            acc = acc * (sx_held / sx1)[None, :]
+            inv = (0x7F000000 - sx1.to(gl.int32, bitcast=True)).to(gl.float32, bitcast=True)  # 1 / sx1: 2**-e
+            acc = acc * (sx_held * inv)[None, :]
             sx_held = sx1
             for u in gl.static_range(U):
                 acc = _step_wide(_registers(hist_p, own_p, t0 + 8 * u, BITS, J, OWN), xd_ptr + (t0 + 8 * u) * 32 + xoff,
@@ -483,15 +488,15 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
             _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS,
                     OUT_L, NT)
     elif ATOMIC:
-        gl.atomic_add(y_ptr + no[None, :] * y_stride + rows_o[:, None], y,
-                      mask=(rows_o < N)[:, None] & (no < M)[None, :], sem="relaxed")
+        gl.atomic_add(y_ptr + (r0 + no)[None, :] * y_stride + rows_o[:, None], y,
+                      mask=(rows_o < N)[:, None] & (r0 + no < M)[None, :], sem="relaxed")
         _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS,
                 OUT_L, NT)
     else:
         if HAS_BIAS:
             y += gl.load(bias_ptr + rows_o, mask=rows_o < N_OUT, other=0).to(gl.float32)[:, None]
-        gl.store(out_ptr + no[None, :] * out_stride + rows_o[:, None], y.to(out_ptr.dtype.element_ty),
-                 mask=(rows_o < N_OUT)[:, None] & (no < M)[None, :])
+        gl.store(out_ptr + (r0 + no)[None, :] * out_stride + rows_o[:, None], y.to(out_ptr.dtype.element_ty),
+                 mask=(rows_o < N_OUT)[:, None] & (r0 + no < M)[None, :])
 
 
 def own_layout(mt: int, warps: int, bits: int):
@@ -609,7 +614,7 @@ def _tensor_cores(device: torch.device) -> bool:
 
 
 def supported(x: torch.Tensor, qt) -> bool:
-    """The tensor-core GEMV runs this product: at most 32 rows, tensor cores (sm_80+, or the interpreter), and
+    """The tensor-core GEMV runs this product: at most 64 rows, tensor cores (sm_80+, or the interpreter), and
     Hadamard blocks of at least one K step (so every step has one activation scale)."""
     return (x.shape[0] <= MAX_ROWS and qt.signs_out is None and qt.had_in >= MIN_BLOCK
             and _tensor_cores(x.device))
@@ -630,8 +635,8 @@ def steps_per_iteration(qt, nt: int = 8) -> int:
     """K steps of 8 tiles per loop iteration: 2 where Hadamard blocks (one activation scale) hold both, which
     shares the scale's load and FFMAs and the loop's own instructions between them; 1 with 16 MMA columns
     (twice the activation registers: two steps spill in the loop); with 32 (B operands loaded per weight, the
-    sum rescaled per block) as many as a block holds, up to 4 (2 bits: 5.41 instructions per weight against
-    5.68 with 2 and 6.21 with 1)."""
+    sum rescaled per block) as many as a block holds, up to 4 (2 bits, measured with a division in the
+    rescale: 5.41 instructions per weight against 5.68 with 2 and 6.21 with 1)."""
     KT = qt.trellis.shape[-2]
     if nt > 16:
         u = min(4, qt.had_in // 128)
@@ -673,25 +678,26 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
 
 
 def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x2 @ W^T (+ bias) for at most 32 rows (8, 16 or 32 MMA columns), output side not rotated: two
-    launches (the input transform as scaled fp16 pairs, which also zeroes the partial sums and tickets; the
+    """y = x2 @ W^T (+ bias) for at most 64 rows (8, 16 or 32 MMA columns; 33-64 rows: two blocks of 32 rows,
+    each decoding the weight), output side not rotated: two launches (the input transform as scaled fp16 pairs, which also zeroes the partial sums and tickets; the
     GEMV)."""
     from .hadamard import transform_pairs
 
     M, out_f = x2.shape[0], qt.shape[-2]
     N = qt.trellis.shape[0] * 16
     programs = triton.cdiv(N, 16 * MT * WARPS)
-    nt = max(8, triton.next_power_of_2(M))
-    split, t_per = split_for(x2.device, programs, qt.trellis.shape[1], steps_per_iteration(qt, nt))
+    nt = min(32, max(8, triton.next_power_of_2(M)))
+    blocks = triton.cdiv(M, nt)
+    split, t_per = split_for(x2.device, programs * blocks, qt.trellis.shape[1], steps_per_iteration(qt, nt))
     out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
     scratch = y = counters = None
     if split > 1:  # [y | one ticket counter per output block], zeroed by the transform
         scratch = torch.empty(M * N + programs, dtype=torch.float32, device=x2.device)
         y, counters = scratch[:M * N].view(M, N), scratch[M * N:].view(torch.int32)
     xd, xs = transform_pairs(x2, qt.signs_in, qt.had_in, zero=scratch)
-    _launch((1, programs, split), xd, xs, qt, qt.trellis, qt.scales, y=out if y is None else y, out=out,
-            counters=counters, n_rows=M, n_out=out_f, t_per=t_per, tickets=split, mt=MT, warps=WARPS, bias=bias,
-            nt=nt)
+    _launch((blocks, programs, split), xd, xs, qt, qt.trellis, qt.scales, y=out if y is None else y, out=out,
+            counters=counters, n_rows=M, n_out=out_f, t_per=t_per, tickets=blocks * split, mt=MT, warps=WARPS,
+            bias=bias, nt=nt)
     return out
 
 
