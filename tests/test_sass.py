@@ -88,3 +88,12 @@ def test_no_local_memory(compiled):
     for c in compiled:
         assert c["local"] == c["stack"] == c["local_ops"] == 0, f"spills in {c['kernel']} sm_{c['arch']} {c['config']}"
         assert c["registers"] <= 255
+
+
+def test_batch1_gemv_at_most_4_instructions_per_weight(compiled):
+    """The 2-bit batch-1 tensor-core GEMV's hot loop (the issue's target; 3.97 on sm_90 with Triton 3.9):
+    a change elsewhere in the kernel can cost it registers and instructions (a runtime row offset did)."""
+    c = next(c for c in compiled if c["kernel"] == "_gemv_tc_kernel" and c["arch"] == 90 and c["config"]["NT"] == "8"
+             and c["config"]["BITS"] == "2" and c["config"]["ROUTED"] == "False")
+    weights = 16 * int(c["config"]["MT"]) * 128 * int(c["config"]["U"]) / 32  # per thread and iteration
+    assert c["loop"] / weights <= 4.0
