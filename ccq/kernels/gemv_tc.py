@@ -223,17 +223,24 @@ def _order(i, bits, L):
 
 
 @gluon.jit
+def _a_of(rr, c: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
+          FP16SUM: tl.constexpr, J: tl.constexpr, W: tl.constexpr, LA: tl.constexpr):
+    """Operand A of MMA c of a K step: weight c of every run (A's K slot p: tile p), as fp16 pairs."""
+    st = gl.join(_hash(rr[0], c, BITS, L, MUL, ADD, FP16SUM), _hash(rr[1], c, BITS, L, MUL, ADD, FP16SUM))
+    if J == 4:
+        st = gl.join(st, gl.join(_hash(rr[2], c, BITS, L, MUL, ADD, FP16SUM),
+                                 _hash(rr[3], c, BITS, L, MUL, ADD, FP16SUM)))
+    return _pairs(_a_operand(gl.join(st, st), J, W, LA), FP16SUM)
+
+
+@gluon.jit
 def _step(rr, xb, part, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
           FP16SUM: tl.constexpr, J: tl.constexpr, W: tl.constexpr, LA: tl.constexpr):
-    """part += the 16 MMAs of one K step: MMA c takes weight c of every run (A's K slot p: tile p) against
-    the activations of columns 16p + c of the step (B = xb[c], from `_operands`). rr: `_registers`."""
+    """part += the 16 MMAs of one K step: MMA c (`_a_of`) against the activations of columns 16p + c of the
+    step (B = xb[c], from `_operands`). rr: `_registers`."""
     for i in gl.static_range(16):
-        st = gl.join(_hash(rr[0], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM),
-                     _hash(rr[1], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM))
-        if J == 4:
-            st = gl.join(st, gl.join(_hash(rr[2], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM),
-                                     _hash(rr[3], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM)))
-        part = mma_v2(_pairs(_a_operand(gl.join(st, st), J, W, LA), FP16SUM), xb[_order(i, BITS, L)], part)
+        part = mma_v2(_a_of(rr, _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM, J, W, LA), xb[_order(i, BITS, L)],
+                      part)
     return part
 
 
@@ -242,16 +249,10 @@ def _step_wide(rr, xp, acc, BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constex
                FP16SUM: tl.constexpr, J: tl.constexpr, W: tl.constexpr, LA: tl.constexpr, LB: tl.constexpr):
     """acc += the 16 MMAs of one K step with 32 token columns: as `_step`, but MMA c's B operand is
     loaded when it is used (xp: the step's pointers [NT, 4, 4], `_b_wide`), as all 16 would not fit in
-    registers; each decoded A operand feeds NT / 8 MMAs. (The A operand is built inline as in `_step`: as a
-    shared helper function it cost the batch-1 GEMV 3.97 -> 4.09 instructions per weight on sm_90.)"""
+    registers; each decoded A operand feeds NT / 8 MMAs."""
     for i in gl.static_range(16):
-        st = gl.join(_hash(rr[0], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM),
-                     _hash(rr[1], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM))
-        if J == 4:
-            st = gl.join(st, gl.join(_hash(rr[2], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM),
-                                     _hash(rr[3], _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM)))
         b = _b_wide(gl.load(xp + 4 * _order(i, BITS, L)), LB)
-        acc = mma_v2(_pairs(_a_operand(gl.join(st, st), J, W, LA), FP16SUM), b, acc)
+        acc = mma_v2(_a_of(rr, _order(i, BITS, L), BITS, L, MUL, ADD, FP16SUM, J, W, LA), b, acc)
     return acc
 
 
@@ -603,7 +604,8 @@ class _Erased:
     DotOperandLayout = SliceLayout = BlockedLayout = NVMMADistributedLayout
 
 
-_GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_hash", "_step",
+_GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_hash", "_a_of",
+                  "_step",
                   "_step_wide", "_b_wide", "_a_operand", "_mma_rows", "_operands", "_lb", "_hadamard", "_write_pairs",
                   "_finish", "_cast_rows")
 
