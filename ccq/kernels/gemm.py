@@ -376,8 +376,8 @@ def gemm(a: torch.Tensor, tr: torch.Tensor, scales: torch.Tensor, qt, *, n_out: 
     split: K slices (linear outputs only), added atomically into `out`, which must then be zeroed.
     weights (with scatter_y): out [T, n_out] is zeroed and row ids // top_k gets weights[ids] * result
     (atomics). finish [n_tok, :]: the cast result, written by the last program per output block
-    (`counters`: one zeroed int32 per block of `gemm_bn(n_out)` outputs), plus bias. had = (hr, signs, block) (SwiGLU):
-    also write the next launch's input transform H(signs * out) into hr (rows like out); `counters` then
+    (`counters`: one zeroed int32 per block of `gemm_bn(n_out)` outputs), plus bias. had = (hr, signs, block)
+    (SwiGLU): also write the next launch's input transform H(signs * out) into hr (rows like out); `counters` then
     holds one zeroed int32 per (block of block_m rows, Hadamard block).
     """
     K = a.shape[1]
@@ -418,13 +418,13 @@ def _max_registers(bits: int, block_m: int, finish: bool) -> int | None:
     tests/test_sass.py): 4 bits keep two strings per run and spilled under the 128 it picks by itself in
     16-row blocks; with the cast epilogue it picked 96 at 3 bits there (a longer loop, and spills), so the
     routed 16-row blocks are capped at 128; the 32-row blocks at 3 and 4 bits with the epilogue need up to 232
-    (at 168 or 192: 8-24 bytes of stack); the 64-row blocks are left to ptxas (149-166 on sm_90)."""
+    (at 168 or 192: 8-24 bytes of stack); larger blocks at 2 and 3 bits are left to ptxas (149-166 on sm_90)."""
     if block_m == 32 and bits > 2 and finish:
         return 232
-    if block_m > 16:
-        return None
     if bits == 4:
         return 168
+    if block_m > 16:
+        return None
     return 128 if finish else None
 
 

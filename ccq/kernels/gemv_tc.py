@@ -697,8 +697,8 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
 
 def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x2 @ W^T (+ bias) for at most 64 rows (8, 16 or 32 MMA columns; 33-64 rows: two blocks of 32 rows,
-    each decoding the weight), output side not rotated: two launches (the input transform as scaled fp16 pairs, which also zeroes the partial sums and tickets; the
-    GEMV)."""
+    each decoding the weight), output side not rotated: two launches (the input transform as scaled fp16
+    pairs, which also zeroes the partial sums and tickets; the GEMV)."""
     from .hadamard import transform_pairs
 
     M, out_f = x2.shape[0], qt.shape[-2]
