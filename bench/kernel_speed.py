@@ -67,8 +67,9 @@ def check(bits_list) -> list[dict]:
     rows = []
     for bits in bits_list:
         for code in ("mul1", "1mad", "mcg", "3inst"):  # every inline-PTX decode path
-            # in 520 (Hadamard block 16: CUDA-core GEMV at <= 4 rows) and 512 (tensor-core GEMV at <= 16 rows:
-            # 8 MMA columns and two K steps per iteration at 1 and 7 rows, 16 columns and one step at 13)
+            # in 520 (Hadamard block 16: CUDA-core GEMV at <= 4 rows, GEMM beyond) and 512 (tensor-core GEMV:
+            # 8 MMA columns and two K steps per iteration at 1 and 7 rows, 16 columns and one step at 13, 32
+            # columns in two row blocks at 37)
             for k_in in (520, 512):
                 qt = random_quantized((200, k_in), bits, code, device=DEVICE)
                 for batch, decode in product((1, 7, 13, 37), DECODES):

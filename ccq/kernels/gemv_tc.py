@@ -17,7 +17,7 @@ each row's history word is the row before's last word. Operand B is the activati
 8 token columns (rows past M repeat the last one and are never stored), read as fp16 pairs written
 by the input transform (`hadamard.transform_pairs`) with one power-of-two scale per
 (token, Hadamard block) to keep fp16 in range; a block's partial sum is scaled into the fp32 total.
-With 32 columns (17-32 rows) each weight's B operand is loaded right before its MMAs and the total is
+With 32 columns (17-64 rows, in blocks of 32) each weight's B operand is loaded right before its MMAs and the total is
 rescaled from block to block instead (`_step_wide`).
 
 Gluon has no interpreter: under `TRITON_INTERPRET=1` the same kernel source runs as a Triton kernel
@@ -605,9 +605,8 @@ class _Erased:
 
 
 _GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_hash", "_a_of",
-                  "_step",
-                  "_step_wide", "_b_wide", "_a_operand", "_mma_rows", "_operands", "_lb", "_hadamard", "_write_pairs",
-                  "_finish", "_cast_rows")
+                  "_step", "_step_wide", "_b_wide", "_a_operand", "_mma_rows", "_operands", "_lb", "_hadamard",
+                  "_write_pairs", "_finish", "_cast_rows")
 
 
 def _interpreted():
