@@ -99,6 +99,18 @@ def work(rec, path: str, bits: int, used_blocks: int | None) -> tuple[float, flo
     return n * used_blocks, n * used_blocks * bits / 8  # MoE: a block per used expert
 
 
+def prologue_iterations(rec) -> int:
+    """Iterations of the one-launch GEMV's prologue loop over all its programs: each transforms, for every row,
+    each Hadamard block its K slice touches (`gemv_tc._transform_slice`); 0 for any other launch."""
+    c = rec.constexprs()
+    if rec.name != "_gemv_tc_kernel" or c.get("ROUTED") or not c.get("HAD"):
+        return 0
+    a = dict(zip(rec.kernel.arg_names, rec.args))
+    tb, t_per, kt = c["HAD"] // 16, a["T_PER_SPLIT"], a["KT"]
+    blocks = sum(-(-min(t + t_per, kt) // tb) - t // tb for t in range(0, kt, t_per))
+    return a["M"] * blocks * math.prod(rec.grid[:2])
+
+
 def bf16_kernels(kind: str, x, *args) -> int:
     """Kernels the bf16 baseline launches for one call, counted like ccq's torch kernels (meta tensors, views
     excluded): dense `x @ W.T` (cuBLAS); MoE: transformers' ERNIE-4.5-VL experts with their `grouped_mm`
@@ -126,6 +138,8 @@ def record_shapes(bits: int, code: str):
     out = []
 
     def run(fn):
+        with launch.record(SMS):  # a first call allocates what the launches keep between calls (split-K sums)
+            fn()
         with launch.record(SMS) as recs:
             n_torch = launch.torch_kernels(fn)
         return list(recs), n_torch
@@ -242,6 +256,10 @@ def main(argv=None) -> int:
                     progs = (used or rec.grid[0]) * math.prod(rec.grid[1:])
                     parts.append((configs[key]["stats"]["per_weight"], *work(rec, configs[key]["path"], bits, used),
                                   progs))
+                    pro = prologue_iterations(rec)
+                    if pro:  # the prologue's issue time, not overlapped with the loop's (its x reads hit L2)
+                        parts.append((configs[key]["stats"]["prologue"], pro * configs[key]["num_warps"] * 32, 0,
+                                      progs))
                     if configs[key]["path"] != "hadamard":  # warps in flight of the busiest weight launch
                         warps = max(warps, progs * configs[key]["num_warps"] / SMS)
                 pred = predict(parts, w16, len(recs) + n_torch, n16)

@@ -112,14 +112,21 @@ def test_moe_prefill_launches_and_has_no_host_sync():
 
 
 def test_dense_batch1_launches_and_has_no_host_sync():
-    """qlinear at one row with a bias: the transform (zeroing the split-K sums) and the GEMV (bias, cast), on
-    tensor cores with 512-blocks, on CUDA cores with 64-blocks (K split on grid axis 2 in both)."""
+    """qlinear at one row with a bias, K split on grid axis 2: on tensor cores with 512-blocks one launch (the
+    GEMV transforms its own K slice; its split-K sum, zeroed once when first used, clears itself: no torch
+    kernel from the second call on); on CUDA cores with 64-blocks the transform (zeroing the split-K sums)
+    and the GEMV (bias, cast)."""
     from ccq.kernels import gemm, launch
 
-    for had, kernel in ((512, "_gemv_tc_kernel"), (64, "_gemv_kernel")):
-        qt = packed(0, 3072, 2560, had=had)
+    qt = packed(0, 3072, 2560, had=512)
+    for call in range(2):
         with launch.record() as recs:
             n_torch = launch.torch_kernels(lambda: gemm.qlinear(meta(1, 2560), qt, meta(3072)))
-        assert [r.name for r in recs] == ["_hadamard_kernel", kernel]
-        assert n_torch == 0
-        assert recs[0].kwargs["ZB"] > 0 and recs[1].grid[2] > 1
+        assert [r.name for r in recs] == ["_gemv_tc_kernel"] and n_torch == (1 - call)
+        assert recs[0].kwargs["HAD"] == 512 and recs[0].kwargs["CLEAR"] and recs[0].grid[2] > 1
+    qt = packed(0, 3072, 2560, had=64)
+    with launch.record() as recs:
+        n_torch = launch.torch_kernels(lambda: gemm.qlinear(meta(1, 2560), qt, meta(3072)))
+    assert [r.name for r in recs] == ["_hadamard_kernel", "_gemv_kernel"]
+    assert n_torch == 0
+    assert recs[0].kwargs["ZB"] > 0 and recs[1].grid[2] > 1

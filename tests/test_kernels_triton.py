@@ -368,6 +368,32 @@ def test_qlinear_tensor_core_32_columns(monkeypatch, bits, code, rows):
         close(got[r], want[r], 2e-3)
 
 
+def test_qlinear_tensor_core_one_launch_clears_its_sum(monkeypatch):
+    """Up to 8 rows: one launch. Each program transforms the Hadamard blocks its K slice touches (in 1536 =
+    three 512-blocks over two slices of 768: the middle block is shared), and the K-split sum kept with the
+    weight is zero again after every call, so a second call with other rows (and a third with fewer) is exact."""
+    from ccq.kernels import gemm, gemv_tc, hadamard
+
+    launched = []
+    for mod in (gemv_tc, hadamard):
+        monkeypatch.setattr(mod, "launch", lambda k, *a, f=mod.launch, **kw: launched.append(k) or f(k, *a, **kw))
+    monkeypatch.setattr(gemv_tc, "sm_count", lambda device: 1)
+    qt = random_qt((200, 1536), 2, 16, "mul1", False, seed=3, hadamard_block=512)
+    assert gemv_tc.split_for(DEV, 2, 96, 2) == (2, 48)
+    bias = torch.randn(200, device=DEV)
+    for rows, seed in ((3, 0), (8, 1), (1, 2)):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(rows, 1536, generator=g).to(DEV) * torch.logspace(-2, 3, rows, device=DEV)[:, None]
+        x[:, 512:1024] *= 30
+        launched.clear()
+        got = gemm.qlinear(x, qt, bias)
+        assert launched == [gemv_tc._KERNEL]
+        want = reference.qlinear(x, qt, bias)
+        for r in range(rows):
+            close(got[r], want[r], 2e-3)
+        assert not gemv_tc._SUMS[qt.trellis].any()
+
+
 def test_qlinear_tensor_core_gemv_dispatch(monkeypatch):
     """More than 64 rows (MoE: 8 tokens), Hadamard blocks below 128 or a rotated output side take the other
     kernels."""

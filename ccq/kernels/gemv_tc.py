@@ -34,6 +34,7 @@ import types
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -49,6 +50,9 @@ MIN_BLOCK = 128  # a K step (8 tiles) must lie inside one Hadamard block of the 
 MT, WARPS = 2, 4  # 16-row blocks per warp, warps per program: 128 outputs per program
 # 32 columns: about 200 registers; left to itself ptxas capped sm_80's 4-bit kernel at 168 and spilled
 WIDE_MAXNREG = 232
+# one launch at <= 8 rows (the transform in the prologue): left to itself ptxas gave sm_80 80 registers and a
+# spill in the loop; with this cap 99 (sm_90: 106, 3.96 instructions per weight in the loop against 3.99)
+FUSED_MAXNREG = 128
 MOE_BM1 = 32  # outputs per program of the MoE's gate_up launch (no K split there: SwiGLU needs whole sums)
 
 
@@ -339,28 +343,70 @@ def _write_pairs(v, hr_ptr, hs_ptr, off):
 
 
 @gluon.jit
+def _block_hadamard(v, HAD1: tl.constexpr, HAD_L: tl.constexpr):
+    """H v of one Hadamard block held as [HAD1, HAD2] (column i1 * HAD2 + i2): H = H(HAD1) x H(HAD2) in Sylvester
+    order, as two small FMA matmuls."""
+    HAD2: tl.constexpr = v.shape[1]
+    a_l: gl.constexpr = gl.DotOperandLayout(0, HAD_L, 0)
+    b_l: gl.constexpr = gl.DotOperandLayout(1, HAD_L, 0)
+    zero = gl.zeros([HAD1, HAD2], gl.float32, HAD_L)
+    v = gl.dot_fma(gl.convert_layout(v, a_l), gl.convert_layout(_hadamard(HAD2, HAD_L), b_l), zero)
+    return gl.dot_fma(gl.convert_layout(_hadamard(HAD1, HAD_L), a_l), gl.convert_layout(v, b_l), zero)
+
+
+@gluon.jit
+def _transform_slice(x_ptr, x_stride, s_ptr, xd_ptr, xd_stride, xs_ptr, xs_stride, M, K_IN, t_lo, t_hi, SCALE,
+                     HAD: tl.constexpr, HAD1: tl.constexpr, HAD_L: tl.constexpr):
+    """The one-launch dense GEMV's prologue: H(s * x) * SCALE of every Hadamard block that tiles t_lo..t_hi
+    touch, for all M rows of x, written as `hadamard.transform_pairs` writes them (pairs into xd, scales into
+    xs). Programs of the same K slice write the same values; the barrier orders this program's writes before
+    its own loop reads them."""
+    HAD2: tl.constexpr = HAD // HAD1
+    TB: tl.constexpr = HAD // 16  # tiles per block
+    i1 = gl.arange(0, HAD1, layout=gl.SliceLayout(1, HAD_L))
+    i2 = gl.arange(0, HAD2, layout=gl.SliceLayout(0, HAD_L))
+    b_lo = t_lo // TB
+    nb = (t_hi + TB - 1) // TB - b_lo
+    for i in range(M * nb):
+        r = i // nb
+        g = b_lo + i % nb
+        cols = g * HAD + i1[:, None] * HAD2 + i2[None, :]
+        v = gl.load(x_ptr + r * x_stride + cols, mask=cols < K_IN, other=0).to(gl.float32)
+        v = _block_hadamard(v * gl.load(s_ptr + cols).to(gl.float32), HAD1, HAD_L)
+        _write_pairs(v * SCALE, xd_ptr + r * xd_stride, xs_ptr + r * xs_stride + g, cols)
+    gl.barrier()
+
+
+@gluon.jit
 def _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT,
-            BM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr, NT: tl.constexpr):
+            BM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr, NT: tl.constexpr, CLEAR: tl.constexpr):
     """Ticket of output block pid_n; the TICKETS-th program writes out[:N_TOK, block] = y (+ bias), cast (32
     columns: NT rows at a time; fewer: N_TOK <= NT, one pass: this loop and a runtime row offset in the
-    batch-1 kernel took it from 64 to 98 registers and 3.97 to 4.09 instructions per weight on sm_90)."""
+    batch-1 kernel took it from 64 to 98 registers and 3.97 to 4.09 instructions per weight on sm_90).
+    CLEAR: it also zeroes what it read and the ticket, leaving the buffer ready for the next launch."""
     if _last_to_arrive(cnt_ptr + pid_n, TICKETS):
         if NT > 16:
             for r0 in range(0, N_TOK, NT):
                 _cast_rows(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, pid_n, r0, N_TOK, N_OUT, BM, HAS_BIAS,
-                           OUT_L, NT)
+                           OUT_L, NT, CLEAR)
         else:
-            _cast_rows(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, pid_n, 0, N_TOK, N_OUT, BM, HAS_BIAS, OUT_L, NT)
+            _cast_rows(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, pid_n, 0, N_TOK, N_OUT, BM, HAS_BIAS, OUT_L, NT,
+                       CLEAR)
+        if CLEAR:
+            gl.store(cnt_ptr + pid_n, 0)
 
 
 @gluon.jit
 def _cast_rows(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, pid_n, r0, N_TOK, N_OUT, BM: tl.constexpr,
-               HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr, NT: tl.constexpr):
-    """out[r0 : r0 + NT, block pid_n] = y (+ bias) in out's dtype."""
+               HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr, NT: tl.constexpr, CLEAR: tl.constexpr):
+    """out[r0 : r0 + NT, block pid_n] = y (+ bias) in out's dtype (CLEAR: y zeroed there after)."""
     c2 = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_L))
     n2 = r0 + gl.arange(0, NT, layout=gl.SliceLayout(1, OUT_L))
     m2 = (n2 < N_TOK)[:, None] & (c2 < N_OUT)[None, :]
-    v = gl.load(y_ptr + n2[:, None] * y_stride + c2[None, :], mask=m2, other=0, cache_modifier=".cg")
+    yp = y_ptr + n2[:, None] * y_stride + c2[None, :]
+    v = gl.load(yp, mask=m2, other=0, cache_modifier=".cg")
+    if CLEAR:
+        gl.store(yp, gl.zeros([NT, BM], gl.float32, OUT_L), mask=m2)
     if HAS_BIAS:
         v += gl.load(bias_ptr + c2, mask=c2 < N_OUT, other=0).to(gl.float32)[None, :]
     gl.store(out_ptr + n2[:, None] * out_stride + c2[None, :], v.to(out_ptr.dtype.element_ty), mask=m2)
@@ -369,19 +415,23 @@ def _cast_rows(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, pid_n, r0, N_TOK,
 @gluon.jit
 def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr, tr32_ptr, tr_estride, sc_ptr,
                     sc_estride, y_ptr, y_stride, out_ptr, out_stride, bias_ptr, s_ptr, hs_ptr, hs_stride, cnt_ptr,
-                    M, N, N_OUT, KT, T_PER_SPLIT, TICKETS, TOP_K, N_EXPERTS, GATE_OFF, NORM, HAD_SCALE,
+                    xin_ptr, xin_stride, K_IN, M, N, N_OUT, KT, T_PER_SPLIT, TICKETS, TOP_K, N_EXPERTS, GATE_OFF,
+                    NORM, HAD_SCALE,
                     BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
                     FP16SUM: tl.constexpr, MT: tl.constexpr, W: tl.constexpr, OWN: tl.constexpr,
                     HB: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr,
                     ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, HAD: tl.constexpr,
-                    HAD1: tl.constexpr, HAD_L: tl.constexpr, XL: tl.constexpr, NT: tl.constexpr, U: tl.constexpr):
+                    HAD1: tl.constexpr, HAD_L: tl.constexpr, XL: tl.constexpr, NT: tl.constexpr, U: tl.constexpr,
+                    CLEAR: tl.constexpr):
     """x' @ W'^T for 16*MT*W outputs (grid axis 1) and one K slice (axis 2); the activations: fp16 pairs xd
     [rows, 2 * in_pad] with scales xs [rows, in_pad // HB]; tr / tr32: the trellis as int16 / int32.
 
     Dense (not ROUTED): rows NT * i .. NT * i + NT - 1 (axis 0 = i; NT, the MMA columns: 8, 16 or 32) of the
     M rows of x and out; ATOMIC (K split): partial sums into the zeroed fp32 y, the last program per output
-    block (ticket in cnt_ptr, TICKETS programs: row blocks x K slices) writes out (+ bias). 32 columns
-    (`_step_wide`): dense only, no SwiGLU.
+    block (ticket in cnt_ptr, TICKETS programs: row blocks x K slices) writes out (+ bias), and with CLEAR
+    zeroes its part of y and its ticket again. 32 columns (`_step_wide`): dense only, no SwiGLU. Dense with
+    HAD (8 columns): the prologue writes the pairs of its own K slice from x at xin_ptr [M, K_IN] first
+    (`_transform_slice`, signs s_ptr, blocks of HAD), so no launch precedes this one.
     ROUTED (MoE decode, axis 0 = flat slot s of expert ids[s], skipped unless 0 <= e < N_EXPERTS): all 8
     MMA columns read one x row; GATHER_A (launch 1, x row s // TOP_K, no K split): y[s] = silu(gate) * up
     (SWIGLU: rows n and GATE_OFF + n), and with HAD the last program of each HAD-block of the slot writes
@@ -395,6 +445,9 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     pid_n = gl.program_id(1)
     t_lo = gl.program_id(2) * T_PER_SPLIT
+    if (not ROUTED) and (HAD > 0):  # first, while few values are live
+        _transform_slice(xin_ptr, xin_stride, s_ptr, xd_ptr, x_stride, xs_ptr, xs_stride, M, K_IN, t_lo,
+                         gl.minimum(t_lo + T_PER_SPLIT, KT), HAD_SCALE, HAD, HAD1, HAD_L)
     no = gl.arange(0, NT, layout=gl.SliceLayout(0, mma))
     if ROUTED:
         slot = gl.program_id(0)
@@ -411,7 +464,7 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                          mask=c1 < N)
             elif ATOMIC:  # no contribution, but the block's ticket count includes this program
                 _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM,
-                        HAS_BIAS, OUT_L, NT)
+                        HAS_BIAS, OUT_L, NT, False)
             return
         tr_ptr += e * tr_estride
         tr32_ptr += e * tr_estride // 2
@@ -491,24 +544,19 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                     i2 = gl.arange(0, HAD2, layout=gl.SliceLayout(0, HAD_L))
                     cols = g * HAD + i1[:, None] * HAD2 + i2[None, :]
                     v = gl.load(y_ptr + slot * y_stride + cols, mask=cols < N, other=0, cache_modifier=".cg")
-                    v = v * gl.load(s_ptr + cols).to(gl.float32)
-                    a_l: gl.constexpr = gl.DotOperandLayout(0, HAD_L, 0)
-                    b_l: gl.constexpr = gl.DotOperandLayout(1, HAD_L, 0)
-                    zero = gl.zeros([HAD1, HAD2], gl.float32, HAD_L)
-                    v = gl.dot_fma(gl.convert_layout(v, a_l), gl.convert_layout(_hadamard(HAD2, HAD_L), b_l), zero)
-                    v = gl.dot_fma(gl.convert_layout(_hadamard(HAD1, HAD_L), a_l), gl.convert_layout(v, b_l), zero)
+                    v = _block_hadamard(v * gl.load(s_ptr + cols).to(gl.float32), HAD1, HAD_L)
                     _write_pairs(v * HAD_SCALE, out_ptr + slot * out_stride, hs_ptr + slot * hs_stride + g, cols)
         else:
             y = y * gl.load(w_ptr + slot).to(gl.float32)
             gl.atomic_add(y_ptr + (slot // TOP_K) * y_stride + rows_o[:, None] + no[None, :] * 0, y, mask=one,
                           sem="relaxed")
             _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS,
-                    OUT_L, NT)
+                    OUT_L, NT, False)
     elif ATOMIC:
         gl.atomic_add(y_ptr + (r0 + no)[None, :] * y_stride + rows_o[:, None], y,
-                      mask=(rows_o < N)[:, None] & (r0 + no < M)[None, :], sem="relaxed")
+                      mask=(rows_o < N_OUT)[:, None] & (r0 + no < M)[None, :], sem="relaxed")
         _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS,
-                OUT_L, NT)
+                OUT_L, NT, CLEAR)
     else:
         if HAS_BIAS:
             y += gl.load(bias_ptr + rows_o, mask=rows_o < N_OUT, other=0).to(gl.float32)[:, None]
@@ -594,6 +642,10 @@ class _Erased:
         return tl.atomic_add(ptr, val, mask=mask)
 
     @staticmethod
+    def barrier():
+        return tl.debug_barrier()
+
+    @staticmethod
     def dot_fma(a, b, acc):
         return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
@@ -606,7 +658,7 @@ class _Erased:
 
 _GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_hash", "_a_of",
                   "_step", "_step_wide", "_b_wide", "_a_operand", "_mma_rows", "_operands", "_lb", "_hadamard",
-                  "_write_pairs", "_finish", "_cast_rows")
+                  "_write_pairs", "_block_hadamard", "_transform_slice", "_finish", "_cast_rows")
 
 
 def _interpreted():
@@ -672,32 +724,53 @@ def split_for(device: torch.device, programs: int, KT: int, U: int = 1) -> tuple
 
 
 def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_per, tickets, mt, warps,
-            bias=None, ids=None, weights=None, top_k=1, gate_off=0, had=None, nt=8):
-    """One `_gemv_tc_kernel` launch (see there); had = (signs, block, scales out) for launch 1's epilogue."""
+            bias=None, ids=None, weights=None, top_k=1, gate_off=0, had=None, nt=8, x_in=None):
+    """One `_gemv_tc_kernel` launch (see there); had = (signs, block, scales out) for launch 1's epilogue;
+    x_in: the dense rows to transform in the prologue into xd / xs (the split-K sum then clears itself)."""
     KT = tr.shape[-2]
     routed = ids is not None
     estride = tr[0].numel() if routed else 0
     dummy = out
+    if x_in is not None:
+        had = (qt.signs_in, qt.had_in, dummy)
     hb = had[1] if had is not None else 0
     launch(_KERNEL, grid, xd, xd.stride(0), xs, xs.stride(0), ids if routed else dummy,
            weights if weights is not None else dummy, tr, tr.view(torch.int32) if qt.bits in (2, 4) else tr, estride,
            scales, scales[0].numel() if routed else 0, y, y.stride(0), out, out.stride(0),
            bias if bias is not None else dummy, had[0] if had is not None else dummy,
            had[2] if had is not None else dummy, had[2].stride(0) if had is not None else 0,
-           counters if counters is not None else dummy, n_rows, tr.shape[-3] * 16 if gate_off == 0 else gate_off,
+           counters if counters is not None else dummy, x_in if x_in is not None else dummy,
+           x_in.stride(0) if x_in is not None else 0, x_in.shape[1] if x_in is not None else 0,
+           n_rows, tr.shape[-3] * 16 if gate_off == 0 else gate_off,
            n_out, KT, t_per, tickets, top_k, tr.shape[0] if routed else 1, gate_off, code_norm(qt),
            hb ** -0.5 if hb else 1.0, MT=mt, W=warps, OWN=own_layout(mt, warps, qt.bits), HB=qt.had_in,
-           ATOMIC=counters is not None and had is None, HAS_BIAS=bias is not None, OUT_L=out_layout(warps),
+           ATOMIC=counters is not None and (had is None or x_in is not None), HAS_BIAS=bias is not None,
+           OUT_L=out_layout(warps),
            ROUTED=routed, GATHER_A=routed and gate_off > 0, SWIGLU=gate_off > 0, HAD=hb,
            HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), XL=xd_layout(warps, nt), NT=nt,
-           U=steps_per_iteration(qt, nt), num_warps=warps, **({"maxnreg": WIDE_MAXNREG} if nt > 16 else {}),
+           U=steps_per_iteration(qt, nt), CLEAR=x_in is not None, num_warps=warps,
+           **({"maxnreg": WIDE_MAXNREG if nt > 16 else FUSED_MAXNREG} if nt > 16 or x_in is not None else {}),
            **code_params(qt))
+
+
+_SUMS = WeakTensorKeyDictionary()  # trellis -> the one-launch GEMV's split-K sum and tickets, zero between calls
+
+
+def _split_sum(qt, n: int, programs: int) -> torch.Tensor:
+    """[8 rows x n fp32 sums | programs int32 tickets] for qt, zeroed once: every launch's finishing programs
+    zero what they used again, so no launch has to clear it. One call at a time per weight (one stream)."""
+    buf = _SUMS.get(qt.trellis)
+    if buf is None:
+        buf = _SUMS[qt.trellis] = torch.zeros(8 * n + programs, dtype=torch.float32, device=qt.trellis.device)
+    return buf
 
 
 def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x2 @ W^T (+ bias) for at most 64 rows (8, 16 or 32 MMA columns; 33-64 rows: two blocks of 32 rows,
-    each decoding the weight), output side not rotated: two launches (the input transform as scaled fp16
-    pairs, which also zeroes the partial sums and tickets; the GEMV)."""
+    each decoding the weight), output side not rotated. Up to 8 rows one launch: each program transforms its
+    own K slice of x (`_transform_slice`) and the K-split sum is a buffer kept zero by its finishing programs
+    (`_split_sum`). More rows two: the input transform as scaled fp16 pairs, which also zeroes the partial
+    sums and tickets, then the GEMV (a prologue per program would transform 16-64 rows)."""
     from .hadamard import transform_pairs
 
     M, out_f = x2.shape[0], qt.shape[-2]
@@ -707,6 +780,20 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     blocks = triton.cdiv(M, nt)
     split, t_per = split_for(x2.device, programs * blocks, qt.trellis.shape[1], steps_per_iteration(qt, nt))
     out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
+    if nt == 8:
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        n_pad = qt.signs_in.shape[0]
+        xd = torch.empty(M, 2 * n_pad, dtype=torch.float16, device=x2.device)
+        xs = torch.empty(M, n_pad // qt.had_in, dtype=torch.float32, device=x2.device)
+        y = counters = None
+        if split > 1:
+            buf = _split_sum(qt, N, programs)
+            y, counters = buf[:M * N].view(M, N), buf[8 * N:].view(torch.int32)
+        _launch((1, programs, split), xd, xs, qt, qt.trellis, qt.scales, y=out if y is None else y, out=out,
+                counters=counters, n_rows=M, n_out=out_f, t_per=t_per, tickets=split, mt=MT, warps=WARPS,
+                bias=bias, x_in=x2)
+        return out
     scratch = y = counters = None
     if split > 1:  # [y | one ticket counter per output block], zeroed by the transform
         scratch = torch.empty(M * N + programs, dtype=torch.float32, device=x2.device)

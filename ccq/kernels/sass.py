@@ -115,13 +115,27 @@ def resources(cubin: bytes) -> dict:
     return dict(registers=regs, stack=stack, shared=shared, local=local)
 
 
+def loops(instrs: list[Instr]) -> list[list[Instr]]:
+    """The instructions of every loop (the span of a backward branch)."""
+    return [[x for x in instrs if b.target <= x.addr <= b.addr]
+            for b in instrs if b.op == "BRA" and b.target is not None and b.target < b.addr]
+
+
 def hot_loop(instrs: list[Instr]) -> list[Instr]:
-    """The instructions of the largest loop (the span of a backward branch); the whole kernel if it has none."""
-    loops = [[x for x in instrs if b.target <= x.addr <= b.addr]
-             for b in instrs if b.op == "BRA" and b.target is not None and b.target < b.addr]
-    if loops:
-        return max(loops, key=len)
+    """The instructions of the largest loop; the whole kernel if it has none."""
+    found = loops(instrs)
+    if found:
+        return max(found, key=len)
     return [x for x in instrs if x.op not in ("EXIT", "NOP") and not (x.op == "BRA" and x.target == x.addr)]
+
+
+def counts(instrs: list[Instr]) -> dict:
+    """Instructions by pipe class, with the heavy-FMA and MMA subsets and the total."""
+    c = {k: 0 for k in CLASSES}
+    for ins in instrs:
+        c[pipe(ins.op)] += 1
+    return dict(c, fma_heavy=sum(i.op in FMA_HEAVY for i in instrs), mma=sum(i.op in MMA for i in instrs),
+                total=len(instrs))
 
 
 def pipe(op: str) -> str:
@@ -135,12 +149,13 @@ def pipe(op: str) -> str:
 
 
 def analyse(cubin: bytes) -> dict:
-    """Resources and the hot loop's instruction counts of one cubin."""
+    """Resources and the hot loop's instruction counts of one cubin; `prologue`: the counts of the largest
+    loop that ends before the hot loop starts (the one-launch GEMV's input transform), or None."""
     instrs = disassemble(cubin)
     loop = hot_loop(instrs)
-    counts = {c: 0 for c in CLASSES}
-    for ins in loop:
-        counts[pipe(ins.op)] += 1
-    return dict(resources(cubin), loop=len(loop), looped=any(i.op == "BRA" for i in loop), **counts,
-                fma_heavy=sum(i.op in FMA_HEAVY for i in loop), mma=sum(i.op in MMA for i in loop),
-                local_ops=sum(i.op in ("LDL", "STL") for i in instrs), total=len(instrs))
+    before = [lp for lp in loops(instrs) if lp[-1].addr < loop[0].addr]
+    c = counts(loop)
+    return dict(resources(cubin), loop=len(loop), looped=any(i.op == "BRA" for i in loop),
+                **{k: v for k, v in c.items() if k != "total"},
+                local_ops=sum(i.op in ("LDL", "STL") for i in instrs), total=len(instrs),
+                prologue=counts(max(before, key=len)) if before else None)
