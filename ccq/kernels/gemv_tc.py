@@ -53,6 +53,7 @@ WIDE_MAXNREG = 232
 # one launch at <= 8 rows (the transform in the prologue): left to itself ptxas gave sm_80 80 registers and a
 # spill in the loop; with this cap 99 (sm_90: 106, 3.96 instructions per weight in the loop against 3.99)
 FUSED_MAXNREG = 128
+FUSED_MIN_BLOCK = 256  # the prologue's MMAs want both factors of the Hadamard block >= 16 (`_transform_slice`)
 MOE_BM1 = 32  # outputs per program of the MoE's gate_up launch (no K split there: SwiGLU needs whole sums)
 
 
@@ -356,24 +357,34 @@ def _block_hadamard(v, HAD1: tl.constexpr, HAD_L: tl.constexpr):
 
 @gluon.jit
 def _transform_slice(x_ptr, x_stride, s_ptr, xd_ptr, xd_stride, xs_ptr, xs_stride, M, K_IN, t_lo, t_hi, SCALE,
-                     HAD: tl.constexpr, HAD1: tl.constexpr, HAD_L: tl.constexpr):
+                     HAD: tl.constexpr, HAD1: tl.constexpr, W: tl.constexpr):
     """The one-launch dense GEMV's prologue: H(s * x) * SCALE of every Hadamard block that tiles t_lo..t_hi
     touch, for all M rows of x, written as `hadamard.transform_pairs` writes them (pairs into xd, scales into
-    xs). Programs of the same K slice write the same values; the barrier orders this program's writes before
-    its own loop reads them."""
+    xs). On tensor cores: a block held as V [HAD1, HAD2] (column i1 * HAD2 + i2) is H(HAD1) V H(HAD2), two
+    fp16 MMAs (warps split the HAD2 columns; HAD1, HAD2 >= 16), V scaled by a power of two so that H(HAD1) V stays
+    below 2**15. Programs of the same K slice write the same values; the barrier orders this program's writes
+    before its own loop reads them."""
     HAD2: tl.constexpr = HAD // HAD1
     TB: tl.constexpr = HAD // 16  # tiles per block
-    i1 = gl.arange(0, HAD1, layout=gl.SliceLayout(1, HAD_L))
-    i2 = gl.arange(0, HAD2, layout=gl.SliceLayout(0, HAD_L))
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, W], instr_shape=[16, 8])
+    la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    h1 = gl.convert_layout(_hadamard(HAD1, mma).to(gl.float16), la)
+    h2 = gl.convert_layout(_hadamard(HAD2, mma).to(gl.float16), lb)
+    at = (gl.arange(0, HAD1, layout=gl.SliceLayout(1, mma)) * HAD2)[:, None] + \
+        gl.arange(0, HAD2, layout=gl.SliceLayout(0, mma))[None, :]
+    zero = gl.zeros([HAD1, HAD2], gl.float32, mma)
     b_lo = t_lo // TB
     nb = (t_hi + TB - 1) // TB - b_lo
     for i in range(M * nb):
         r = i // nb
-        g = b_lo + i % nb
-        cols = g * HAD + i1[:, None] * HAD2 + i2[None, :]
+        cols = (b_lo + i % nb) * HAD + at
         v = gl.load(x_ptr + r * x_stride + cols, mask=cols < K_IN, other=0).to(gl.float32)
-        v = _block_hadamard(v * gl.load(s_ptr + cols).to(gl.float32), HAD1, HAD_L)
-        _write_pairs(v * SCALE, xd_ptr + r * xd_stride, xs_ptr + r * xs_stride + g, cols)
+        v = v * gl.load(s_ptr + cols).to(gl.float32)
+        sc, inv = pair_scale(gl.max(gl.max(gl.abs(v), axis=1), axis=0) * HAD1)  # |v * inv| < 2**15 / HAD1
+        q = mma_v2(h1, gl.convert_layout((v * inv).to(gl.float16), lb), zero)
+        v = mma_v2(gl.convert_layout(q.to(gl.float16), la), h2, zero)
+        _write_pairs(v * (sc * SCALE), xd_ptr + r * xd_stride, xs_ptr + r * xs_stride + b_lo + i % nb, cols)
     gl.barrier()
 
 
@@ -447,7 +458,7 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     t_lo = gl.program_id(2) * T_PER_SPLIT
     if (not ROUTED) and (HAD > 0):  # first, while few values are live
         _transform_slice(xin_ptr, xin_stride, s_ptr, xd_ptr, x_stride, xs_ptr, xs_stride, M, K_IN, t_lo,
-                         gl.minimum(t_lo + T_PER_SPLIT, KT), HAD_SCALE, HAD, HAD1, HAD_L)
+                         gl.minimum(t_lo + T_PER_SPLIT, KT), HAD_SCALE, HAD, HAD1, W)
     no = gl.arange(0, NT, layout=gl.SliceLayout(0, mma))
     if ROUTED:
         slot = gl.program_id(0)
@@ -767,9 +778,9 @@ def _split_sum(qt, n: int, programs: int) -> torch.Tensor:
 
 def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x2 @ W^T (+ bias) for at most 64 rows (8, 16 or 32 MMA columns; 33-64 rows: two blocks of 32 rows,
-    each decoding the weight), output side not rotated. Up to 8 rows one launch: each program transforms its
-    own K slice of x (`_transform_slice`) and the K-split sum is a buffer kept zero by its finishing programs
-    (`_split_sum`). More rows two: the input transform as scaled fp16 pairs, which also zeroes the partial
+    each decoding the weight), output side not rotated. Up to 8 rows with Hadamard blocks >= 256 one launch:
+    each program transforms its own K slice of x (`_transform_slice`) and the K-split sum is a buffer kept
+    zero by its finishing programs (`_split_sum`). Otherwise two: the input transform as scaled fp16 pairs, which also zeroes the partial
     sums and tickets, then the GEMV (a prologue per program would transform 16-64 rows)."""
     from .hadamard import transform_pairs
 
@@ -780,7 +791,7 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     blocks = triton.cdiv(M, nt)
     split, t_per = split_for(x2.device, programs * blocks, qt.trellis.shape[1], steps_per_iteration(qt, nt))
     out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
-    if nt == 8:
+    if nt == 8 and qt.had_in >= FUSED_MIN_BLOCK:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         n_pad = qt.signs_in.shape[0]
