@@ -100,15 +100,15 @@ def work(rec, path: str, bits: int, used_blocks: int | None) -> tuple[float, flo
 
 
 def prologue_iterations(rec) -> int:
-    """Iterations of the one-launch GEMV's prologue loop over all its programs: each transforms, for every row,
-    each Hadamard block its K slice touches (`gemv_tc._transform_slice`); 0 for any other launch."""
+    """Iterations of the one-launch GEMV's prologue loop over all its programs (one per row and Hadamard block
+    its K slice touches, `gemv_tc.prologue_elements`); 0 for any other launch."""
+    from ccq.kernels.gemv_tc import prologue_elements
+
     c = rec.constexprs()
     if rec.name != "_gemv_tc_kernel" or c.get("ROUTED") or not c.get("HAD"):
         return 0
     a = dict(zip(rec.kernel.arg_names, rec.args))
-    tb, t_per, kt = c["HAD"] // 16, a["T_PER_SPLIT"], a["KT"]
-    blocks = sum(-(-min(t + t_per, kt) // tb) - t // tb for t in range(0, kt, t_per))
-    return a["M"] * blocks * math.prod(rec.grid[:2])
+    return prologue_elements(a["M"], math.prod(rec.grid[:2]), a["KT"], a["T_PER_SPLIT"], c["HAD"]) // c["HAD"]
 
 
 def bf16_kernels(kind: str, x, *args) -> int:

@@ -371,7 +371,8 @@ def test_qlinear_tensor_core_32_columns(monkeypatch, bits, code, rows):
 def test_qlinear_tensor_core_one_launch_clears_its_sum(monkeypatch):
     """Up to 8 rows: one launch. Each program transforms the Hadamard blocks its K slice touches (in 1536 =
     three 512-blocks over two slices of 768: the middle block is shared), and the K-split sum kept with the
-    weight is zero again after every call, so a second call with other rows (and a third with fewer) is exact."""
+    weight is zero again after every call, so a second call with other rows (and a third with fewer) is exact.
+    Past the prologues' budget of transformed values: the transform launch and the GEMV."""
     from ccq.kernels import gemm, gemv_tc, hadamard
 
     launched = []
@@ -392,6 +393,12 @@ def test_qlinear_tensor_core_one_launch_clears_its_sum(monkeypatch):
         for r in range(rows):
             close(got[r], want[r], 2e-3)
         assert not gemv_tc._SUMS[qt.trellis].any()
+    # 2 programs x 2 slices touching 2 blocks each x 512: past the budget, two launches (transform, GEMV)
+    assert gemv_tc.prologue_elements(1, 2, 96, 48, 512) == 4096
+    monkeypatch.setattr(gemv_tc, "FUSED_MAX_ELEMENTS", 4095)
+    launched.clear()
+    close(gemm.qlinear(x, qt, bias)[0], reference.qlinear(x, qt, bias)[0], 2e-3)
+    assert launched == [hadamard._hadamard_kernel, gemv_tc._KERNEL]
 
 
 def test_qlinear_tensor_core_gemv_dispatch(monkeypatch):
@@ -411,6 +418,25 @@ def test_qlinear_tensor_core_gemv_dispatch(monkeypatch):
     assert not gemv_tc.moe_supported(torch.randn(1, 128, device=DEV), *odd, F.silu)  # up rows start mid-pair
     assert not gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=64))
     assert not gemv_tc.supported(x, random_qt((40, 250), 2, hadamard_block=128, rotate_output=True))
+
+
+@pytest.mark.parametrize("sms", [1, 64])
+def test_hadamard_rows_per_program_and_zeroing(monkeypatch, sms):
+    """20 rows in two 128-blocks: 16 rows per program on one SM; with 64 SMs one row per program (40
+    programs), so the zeroed buffer is cut into more, smaller chunks: still all of it zeroed, same values."""
+    from ccq.kernels import hadamard
+
+    monkeypatch.setattr(hadamard, "sm_count", lambda device: sms)
+    grids = []
+    monkeypatch.setattr(hadamard, "launch",
+                        lambda k, g, *a, f=hadamard.launch, **kw: grids.append(g) or f(k, g, *a, **kw))
+    s = random_signs(256, 5).to(DEV)
+    x = torch.randn(20, 250, device=DEV)
+    buf = torch.randn(1000, device=DEV)
+    got = hadamard.transform(x, s, 128, zero=buf)
+    assert grids == [(2, 2) if sms == 1 else (20, 2)]
+    close(got, transform_activations(F.pad(x, (0, 6)), s, 128), 1e-5)
+    assert not buf.any()
 
 
 def test_hadamard_pairs_scaled_fp16():

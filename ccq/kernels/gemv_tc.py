@@ -54,6 +54,9 @@ WIDE_MAXNREG = 232
 # spill in the loop; with this cap 99 (sm_90: 106, 3.96 instructions per weight in the loop against 3.99)
 FUSED_MAXNREG = 128
 FUSED_MIN_BLOCK = 256  # the prologue's MMAs want both factors of the Hadamard block >= 16 (`_transform_slice`)
+# elements all programs' prologues transform together, at most: about 70 instructions each (279 per thread and
+# 512-block), so 2**20 of them issue in about one launch's time (2 us) on an H200; beyond, two launches are cheaper
+FUSED_MAX_ELEMENTS = 1 << 20
 MOE_BM1 = 32  # outputs per program of the MoE's gate_up launch (no K split there: SwiGLU needs whole sums)
 
 
@@ -776,12 +779,22 @@ def _split_sum(qt, n: int, programs: int) -> torch.Tensor:
     return buf
 
 
+def prologue_elements(rows: int, programs: int, KT: int, t_per: int, block: int) -> int:
+    """Activation values the one-launch GEMV's prologues transform in all: every program, for every row, each
+    Hadamard block its K slice of t_per tiles touches (the programs of a slice repeat each other's work)."""
+    tb = block // 16
+    touched = sum(-(-min(t + t_per, KT) // tb) - t // tb for t in range(0, KT, t_per))
+    return rows * programs * touched * block
+
+
 def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x2 @ W^T (+ bias) for at most 64 rows (8, 16 or 32 MMA columns; 33-64 rows: two blocks of 32 rows,
-    each decoding the weight), output side not rotated. Up to 8 rows with Hadamard blocks >= 256 one launch:
-    each program transforms its own K slice of x (`_transform_slice`) and the K-split sum is a buffer kept
-    zero by its finishing programs (`_split_sum`). Otherwise two: the input transform as scaled fp16 pairs, which also zeroes the partial
-    sums and tickets, then the GEMV (a prologue per program would transform 16-64 rows)."""
+    each decoding the weight), output side not rotated. Up to 8 rows with Hadamard blocks >= 256 one launch
+    where the prologues' repeated work stays below about a launch's time (`prologue_elements`): each program
+    transforms its own K slice of x (`_transform_slice`) and the K-split sum is a buffer kept zero by its
+    finishing programs (`_split_sum`). Otherwise two: the input transform as scaled fp16 pairs,
+    which also zeroes the partial sums and tickets, then the GEMV (a prologue per program would transform
+    16-64 rows)."""
     from .hadamard import transform_pairs
 
     M, out_f = x2.shape[0], qt.shape[-2]
@@ -791,7 +804,9 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     blocks = triton.cdiv(M, nt)
     split, t_per = split_for(x2.device, programs * blocks, qt.trellis.shape[1], steps_per_iteration(qt, nt))
     out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
-    if nt == 8 and qt.had_in >= FUSED_MIN_BLOCK:
+    KT = qt.trellis.shape[1]
+    if nt == 8 and qt.had_in >= FUSED_MIN_BLOCK and \
+            prologue_elements(M, programs, KT, t_per, qt.had_in) <= FUSED_MAX_ELEMENTS:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         n_pad = qt.signs_in.shape[0]

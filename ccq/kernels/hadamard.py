@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import launch, sm_count
 
 
 @triton.jit
@@ -115,6 +115,8 @@ def _transform(x, signs, block, out_dtype, sign_after, zero, pairs=False):
         raise ValueError("transform: zero= needs rows to transform and a contiguous fp32 buffer")
     if rows:
         br = max(1, min(triton.next_power_of_2(rows), 4096 // block, 16))
+        while br > 1 and triton.cdiv(rows, br) * (n_pad // block) < sm_count(x.device):
+            br //= 2  # a few rows: more programs of fewer rows rather than a few SMs doing all of it
         grid = (triton.cdiv(rows, br), n_pad // block)
         n_zero = zero.numel() if zero is not None else 0
         zb = triton.next_power_of_2(triton.cdiv(n_zero, grid[0] * grid[1])) if n_zero else 0
