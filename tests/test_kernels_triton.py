@@ -393,6 +393,11 @@ def test_qlinear_tensor_core_one_launch_clears_its_sum(monkeypatch):
         for r in range(rows):
             close(got[r], want[r], 2e-3)
         assert not gemv_tc._SUMS[qt.trellis].any()
+    xb = torch.randn(2, 1536, device=DEV).to(torch.bfloat16)  # bf16 rows in, bf16 out
+    launched.clear()
+    got = gemm.qlinear(xb, qt, bias)
+    assert got.dtype == torch.bfloat16 and launched == [gemv_tc._KERNEL]
+    close(got.float(), reference.qlinear(xb.float(), qt, bias), 1e-2)
     # 2 programs x 2 slices touching 2 blocks each x 512: past the budget, two launches (transform, GEMV)
     assert gemv_tc.prologue_elements(1, 2, 96, 48, 512) == 4096
     monkeypatch.setattr(gemv_tc, "FUSED_MAX_ELEMENTS", 4095)
