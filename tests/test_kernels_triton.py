@@ -283,6 +283,18 @@ def test_gemv_split_k_atomics(bits, code):
         close(gemv(xr, qt, split_k=split), want, 1e-5)
 
 
+def test_gemm_block_rows_by_gpu(monkeypatch):
+    """Dense GEMM blocks of 64 rows from 33 rows up, but of 32 on a GPU before sm_90 (where 64 spill)."""
+    from ccq.kernels import gemm
+
+    cuda = torch.device("cuda")
+    assert gemm._gemm_shape(72, 2560, 1536, torch.device("meta"), split_k=1) == (64, 1)
+    for cap, bm in (((9, 0), 64), ((8, 0), 32), ((8, 9), 32)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=cap: c)
+        assert gemm._gemm_shape(72, 2560, 1536, cuda, split_k=1) == (bm, 1)
+        assert gemm._gemm_shape(20, 2560, 1536, cuda, split_k=1) == (32, 1)
+
+
 @pytest.mark.parametrize("decode", ["runs", "gather"])
 def test_gemm_split_k_atomics(decode):
     """The K-split GEMM (fp32 atomics into a zeroed output) sums to the unsplit result."""
