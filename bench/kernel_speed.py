@@ -68,8 +68,9 @@ def check(bits_list) -> list[dict]:
     for bits in bits_list:
         for code in ("mul1", "1mad", "mcg", "3inst"):  # every inline-PTX decode path
             # in 520 (Hadamard block 16: CUDA-core GEMV at <= 4 rows, GEMM beyond) and 512 (tensor-core GEMV:
-            # 8 MMA columns and two K steps per iteration at 1 and 7 rows, 16 columns and one step at 13, 32
-            # columns in two row blocks at 37)
+            # 8 MMA columns and two K steps per iteration at 1 and 7 rows, in one launch with its input transform
+            # and the split-K sum kept with the weight, called again for each decode; 16 columns and one step
+            # at 13, 32 columns in two row blocks at 37)
             for k_in in (520, 512):
                 qt = random_quantized((200, k_in), bits, code, device=DEVICE)
                 for batch, decode in product((1, 7, 13, 37), DECODES):
@@ -120,7 +121,8 @@ def bench_dense(bits_list, batches) -> list[dict]:
                 kern = {d: timer(lambda: gemm.matmul(xr, qt, decode=d))[0] for d in DECODES}
                 best = min(kern, key=kern.get)
                 wbytes = qt.trellis.numel() * 2 + qt.scales.numel() * 2
-                path = "tensor-core GEMV" if gemv_tc.supported(x, qt) else "CUDA-core GEMV" if small else "GEMM"
+                path = ("tensor-core GEMV, one launch" if gemv_tc.one_launch(x, qt) else "tensor-core GEMV") \
+                    if gemv_tc.supported(x, qt) else "CUDA-core GEMV" if small else "GEMM"
                 rows.append(dict(base, bits=bits, ccq_ms=t_full, ccq_path=path, ccq_decode=gemm.DECODE, ccq_timer=how,
                                  **{f"ccq_kernel_ms_{d}": t for d, t in kern.items()}, best_decode=best,
                                  weight_bytes=wbytes, ccq_kernel_GBps=wbytes / kern[best] / 1e6,

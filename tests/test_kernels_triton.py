@@ -412,7 +412,9 @@ def test_qlinear_tensor_core_one_launch_clears_its_sum(monkeypatch):
     close(got.float(), reference.qlinear(xb.float(), qt, bias), 1e-2)
     # 2 programs x 2 slices touching 2 blocks each x 512: past the budget, two launches (transform, GEMV)
     assert gemv_tc.prologue_elements(1, 2, 96, 48, 512) == 4096
+    assert gemv_tc.one_launch(x, qt)
     monkeypatch.setattr(gemv_tc, "FUSED_MAX_ELEMENTS", 4095)
+    assert not gemv_tc.one_launch(x, qt)
     launched.clear()
     close(gemm.qlinear(x, qt, bias)[0], reference.qlinear(x, qt, bias)[0], 2e-3)
     assert launched == [hadamard._hadamard_kernel, gemv_tc._KERNEL]

@@ -787,6 +787,23 @@ def prologue_elements(rows: int, programs: int, KT: int, t_per: int, block: int)
     return rows * programs * touched * block
 
 
+def _plan(M: int, qt, device: torch.device) -> tuple[int, int, int, int, int, bool]:
+    """(output blocks, MMA columns, row blocks, K slices, tiles per slice, one launch) of `qlinear_tc`."""
+    programs = triton.cdiv(qt.trellis.shape[0] * 16, 16 * MT * WARPS)
+    nt = min(32, max(8, triton.next_power_of_2(M)))
+    blocks = triton.cdiv(M, nt)
+    KT = qt.trellis.shape[1]
+    split, t_per = split_for(device, programs * blocks, KT, steps_per_iteration(qt, nt))
+    fused = (nt == 8 and qt.had_in >= FUSED_MIN_BLOCK
+             and prologue_elements(M, programs, KT, t_per, qt.had_in) <= FUSED_MAX_ELEMENTS)
+    return programs, nt, blocks, split, t_per, fused
+
+
+def one_launch(x2: torch.Tensor, qt) -> bool:
+    """Whether `qlinear_tc` runs x2 @ W^T in one launch (the input transform in the GEMV's prologue)."""
+    return _plan(x2.shape[0], qt, x2.device)[-1]
+
+
 def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x2 @ W^T (+ bias) for at most 64 rows (8, 16 or 32 MMA columns; 33-64 rows: two blocks of 32 rows,
     each decoding the weight), output side not rotated. Up to 8 rows with Hadamard blocks >= 256 one launch
@@ -799,14 +816,9 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
 
     M, out_f = x2.shape[0], qt.shape[-2]
     N = qt.trellis.shape[0] * 16
-    programs = triton.cdiv(N, 16 * MT * WARPS)
-    nt = min(32, max(8, triton.next_power_of_2(M)))
-    blocks = triton.cdiv(M, nt)
-    split, t_per = split_for(x2.device, programs * blocks, qt.trellis.shape[1], steps_per_iteration(qt, nt))
+    programs, nt, blocks, split, t_per, fused = _plan(M, qt, x2.device)
     out = torch.empty(M, out_f, dtype=x2.dtype, device=x2.device)
-    KT = qt.trellis.shape[1]
-    if nt == 8 and qt.had_in >= FUSED_MIN_BLOCK and \
-            prologue_elements(M, programs, KT, t_per, qt.had_in) <= FUSED_MAX_ELEMENTS:
+    if fused:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         n_pad = qt.signs_in.shape[0]
