@@ -163,11 +163,15 @@ def record_shapes(bits: int, code: str):
             w = torch.empty(tokens, K, dtype=torch.bfloat16, device="meta")
             recs, n_torch = run(lambda: moe.qmoe(x, idx, w, gu, dn))
             used = min(E, tokens * K)
-            # blocks that decode an expert, uniform routing: each used expert's slots padded to BM = 16
-            blocks = E * -(-tokens * K // (E * 16)) if tokens * K > E else used
+
+            def blocks(rec):  # that decode an expert, uniform routing: each used expert's pairs padded to BM
+                c = rec.constexprs()
+                bm = 8 if c.get("SORTED") else 16 if rec.name == "_gemm_kernel" else 1
+                return E * -(-tokens * K // (E * bm)) if tokens * K > E else used
+
             routed = ("_gemm_kernel", "_gemv_kernel", "_gemv_tc_kernel")  # the others run their whole grid
             out.append((f"{name} MoE layer", "moe", tokens, used * 3 * inter * H,
-                        [(r, blocks if r.name in routed else None) for r in recs], n_torch,
+                        [(r, blocks(r) if r.name in routed else None) for r in recs], n_torch,
                         bf16_kernels("moe", x, E, H, inter, idx, w)))
     return out
 

@@ -96,19 +96,26 @@ def test_moe_decode_step_launches_and_has_no_host_sync():
 
 
 def test_moe_prefill_launches_and_has_no_host_sync():
-    """64 tokens through a 28B-shaped MoE layer on meta tensors: four Triton launches (align; the input
-    transform, which zeroes the output sum and tickets; gate_up with SwiGLU and down's input transform; down
-    with the weighted sum and the cast) and no torch kernel."""
+    """More tokens through a 28B-shaped MoE layer on meta tensors, four Triton launches and no torch kernel:
+    at 64 tokens (6 pairs per expert on average) align in blocks of 8 pairs, the input transform (which zeroes
+    the output sum and tickets) and the two sorted tensor-core launches; at 200 tokens (19 per expert) align in
+    blocks of 16, the transform and the two routed GEMMs (gate_up with SwiGLU and down's input transform;
+    down with the weighted sum and the cast)."""
     from ccq.kernels import launch, moe
 
     gu, dn = packed(64, 2 * 1536, 2560), packed(64, 2560, 1536)
-    with launch.record() as recs:
-        step = lambda: moe.qmoe(meta(64, 2560), meta(64, 6, dtype=torch.long), meta(64, 6), gu, dn)  # noqa: E731
-        n_torch = launch.torch_kernels(step)
-    assert [r.name for r in recs] == ["_align_kernel", "_hadamard_kernel", "_gemm_kernel", "_gemm_kernel"]
-    assert n_torch == 0
-    assert recs[1].kwargs["ZB"] > 0 and recs[2].kwargs["HAD"] == 512
-    assert recs[3].kwargs["WEIGHTED"] and recs[3].kwargs["FINISH"]
+    for tokens, kernel, bm in ((64, "_gemv_tc_kernel", 8), (200, "_gemm_kernel", 16)):
+        with launch.record() as recs:
+            step = lambda: moe.qmoe(meta(tokens, 2560), meta(tokens, 6, dtype=torch.long), meta(tokens, 6),  # noqa: E731
+                                    gu, dn)
+            n_torch = launch.torch_kernels(step)
+        assert [r.name for r in recs] == ["_align_kernel", "_hadamard_kernel", kernel, kernel]
+        assert n_torch == 0
+        assert recs[0].kwargs["BM"] == bm and recs[1].kwargs["ZB"] > 0 and recs[2].kwargs["HAD"] == 512
+        if kernel == "_gemm_kernel":
+            assert recs[3].kwargs["WEIGHTED"] and recs[3].kwargs["FINISH"]
+        else:
+            assert recs[2].kwargs["SORTED"] and recs[3].kwargs["SORTED"] and recs[3].kwargs["ATOMIC"]
 
 
 def test_dense_batch1_launches_and_has_no_host_sync():

@@ -19,11 +19,12 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# qlinear at batch 1 (Hadamard as fp16 pairs + the tensor-core GEMV, in Gluon; and, with Hadamard blocks of
+# qlinear at batch 1 (the tensor-core GEMV with its input transform, in Gluon; and, with Hadamard blocks of
 # 16, the CUDA-core GEMV), at 32 rows (the tensor-core GEMV's 32 columns), at 72 rows and with 16-blocks at 24
 # rows (GEMM, 64- and 32-row blocks), qmoe at one
-# token (the routed GEMV launches) and at 8 tokens (align and the routed GEMM launches with their fused
-# epilogues), dequantize: every kernel path, each bit width and code kind once. sm_80 for the dense kernels
+# token (the routed GEMV launches), at 8 tokens (align and the routed GEMM launches with their fused
+# epilogues, CUDA cores with 64-blocks) and at 16 (pairs sorted in blocks of 8 on tensor cores, 512-blocks),
+# dequantize: every kernel path, each bit width and code kind once. sm_80 for the dense kernels
 # only (the MoE launches are the same kernels), to keep it short, and not the 64-row GEMM blocks: on sm_80
 # they take 255 registers and keep 8-120 bytes on the stack (docs/KERNELS.md, "Also left").
 SCRIPT = r"""
@@ -44,7 +45,7 @@ with launch.record() as r:
     for block in (512, 64):  # 512: the tensor-core decode step; 64: the CUDA-core one
         gu = random_quantized((8, 2 * 1536, 2560), 4, "mcg", device="meta", block=block)
         dn = random_quantized((8, 2560, 1536), 4, "mcg", device="meta", block=block)
-        for tokens in (1, 8):
+        for tokens in (1, 8, 16):  # 16: 96 pairs over 8 experts, the sorted tensor-core launches with 512-blocks
             moe.qmoe(meta(tokens, 2560), meta(tokens, 6, dtype=torch.long), meta(tokens, 6), gu, dn)
     decode.dequantize(dn)
 seen, out = set(), []

@@ -51,13 +51,17 @@ MT, WARPS = 2, 4  # 16-row blocks per warp, warps per program: 128 outputs per p
 # 32 columns: about 200 registers; left to itself ptxas capped sm_80's 4-bit kernel at 168 and spilled
 WIDE_MAXNREG = 232
 # one launch at <= 8 rows (the transform in the prologue): left to itself ptxas gave sm_80 80 registers and a
-# spill in the loop; with this cap 99 (sm_90: 106, 3.96 instructions per weight in the loop against 3.99)
+# spill in the loop; with this cap 99 (sm_90: 106, 3.96 instructions per weight in the loop against 3.99);
+# the sorted MoE's down launch too (96 registers and 8 bytes of stack without it; its gate_up launch spills
+# on sm_80 under the cap and takes 130-150 without it)
 FUSED_MAXNREG = 128
 FUSED_MIN_BLOCK = 256  # the prologue's MMAs want both factors of the Hadamard block >= 16 (`_transform_slice`)
 # elements all programs' prologues transform together, at most: about 70 instructions each (279 per thread and
 # 512-block), so 2**20 of them issue in about one launch's time (2 us) on an H200; beyond, two launches are cheaper
 FUSED_MAX_ELEMENTS = 1 << 20
 MOE_BM1 = 32  # outputs per program of the MoE's gate_up launch (no K split there: SwiGLU needs whole sums)
+SORTED_BM = 8  # (token, slot) pairs per block of the sorted MoE launches: the MMA's 8 columns
+SORTED_MAX_PAIRS = 16  # pairs per expert on average up to which the sorted launches replace the GEMM
 
 
 @gluon.jit
@@ -359,6 +363,20 @@ def _block_hadamard(v, HAD1: tl.constexpr, HAD_L: tl.constexpr):
 
 
 @gluon.jit
+def _had_row(y_ptr, s_ptr, out_ptr, hs_ptr, g, N, SCALE, HAD: tl.constexpr, HAD1: tl.constexpr,
+             HAD_L: tl.constexpr):
+    """Down's input from one row y of launch 1 (MoE): H(s * y) * SCALE of its Hadamard block g, written as
+    scaled pairs into out and its scale into hs[g]."""
+    HAD2: tl.constexpr = HAD // HAD1
+    i1 = gl.arange(0, HAD1, layout=gl.SliceLayout(1, HAD_L))
+    i2 = gl.arange(0, HAD2, layout=gl.SliceLayout(0, HAD_L))
+    cols = g * HAD + i1[:, None] * HAD2 + i2[None, :]
+    v = gl.load(y_ptr + cols, mask=cols < N, other=0, cache_modifier=".cg")
+    v = _block_hadamard(v * gl.load(s_ptr + cols).to(gl.float32), HAD1, HAD_L)
+    _write_pairs(v * SCALE, out_ptr, hs_ptr + g, cols)
+
+
+@gluon.jit
 def _transform_slice(x_ptr, x_stride, s_ptr, xd_ptr, xd_stride, xs_ptr, xs_stride, M, K_IN, t_lo, t_hi, SCALE,
                      HAD: tl.constexpr, HAD1: tl.constexpr, W: tl.constexpr):
     """The one-launch dense GEMV's prologue: H(s * x) * SCALE of every Hadamard block that tiles t_lo..t_hi
@@ -393,13 +411,14 @@ def _transform_slice(x_ptr, x_stride, s_ptr, xd_ptr, xd_stride, xs_ptr, xs_strid
 
 @gluon.jit
 def _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, N_TOK, N_OUT,
-            BM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr, NT: tl.constexpr, CLEAR: tl.constexpr):
-    """Ticket of output block pid_n; the TICKETS-th program writes out[:N_TOK, block] = y (+ bias), cast (32
-    columns: NT rows at a time; fewer: N_TOK <= NT, one pass: this loop and a runtime row offset in the
+            BM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr, NT: tl.constexpr, CLEAR: tl.constexpr,
+            MANY: tl.constexpr):
+    """Ticket of output block pid_n; the TICKETS-th program writes out[:N_TOK, block] = y (+ bias), cast (MANY:
+    NT rows at a time; else N_TOK <= NT, one pass: this loop and a runtime row offset in the
     batch-1 kernel took it from 64 to 98 registers and 3.97 to 4.09 instructions per weight on sm_90).
     CLEAR: it also zeroes what it read and the ticket, leaving the buffer ready for the next launch."""
     if _last_to_arrive(cnt_ptr + pid_n, TICKETS):
-        if NT > 16:
+        if MANY:
             for r0 in range(0, N_TOK, NT):
                 _cast_rows(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, pid_n, r0, N_TOK, N_OUT, BM, HAS_BIAS,
                            OUT_L, NT, CLEAR)
@@ -427,16 +446,16 @@ def _cast_rows(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, pid_n, r0, N_TOK,
 
 
 @gluon.jit
-def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr, tr32_ptr, tr_estride, sc_ptr,
-                    sc_estride, y_ptr, y_stride, out_ptr, out_stride, bias_ptr, s_ptr, hs_ptr, hs_stride, cnt_ptr,
-                    xin_ptr, xin_stride, K_IN, M, N, N_OUT, KT, T_PER_SPLIT, TICKETS, TOP_K, N_EXPERTS, GATE_OFF,
-                    NORM, HAD_SCALE,
+def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, eid_ptr, w_ptr, tr_ptr, tr32_ptr, tr_estride,
+                    sc_ptr, sc_estride, y_ptr, y_stride, out_ptr, out_stride, bias_ptr, s_ptr, hs_ptr, hs_stride,
+                    cnt_ptr, xin_ptr, xin_stride, K_IN, M, N, N_OUT, KT, T_PER_SPLIT, TICKETS, TOP_K, N_PAIRS,
+                    N_EXPERTS, GATE_OFF, NORM, HAD_SCALE,
                     BITS: tl.constexpr, L: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
                     FP16SUM: tl.constexpr, MT: tl.constexpr, W: tl.constexpr, OWN: tl.constexpr,
                     HB: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_L: tl.constexpr,
                     ROUTED: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, HAD: tl.constexpr,
                     HAD1: tl.constexpr, HAD_L: tl.constexpr, XL: tl.constexpr, NT: tl.constexpr, U: tl.constexpr,
-                    CLEAR: tl.constexpr):
+                    CLEAR: tl.constexpr, SORTED: tl.constexpr):
     """x' @ W'^T for 16*MT*W outputs (grid axis 1) and one K slice (axis 2); the activations: fp16 pairs xd
     [rows, 2 * in_pad] with scales xs [rows, in_pad // HB]; tr / tr32: the trellis as int16 / int32.
 
@@ -451,7 +470,11 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     (SWIGLU: rows n and GATE_OFF + n), and with HAD the last program of each HAD-block of the slot writes
     down's input H(s_ptr * y[s]) * HAD_SCALE as pairs into out / scales into hs (Hadamard as two small
     FMA matmuls, HAD = HAD1 x HAD // HAD1); else (launch 2, x row s): y[s // TOP_K] += w[s] * result by
-    atomics, then `_finish` with TICKETS = slots x K slices."""
+    atomics, then `_finish` with TICKETS = slots x K slices.
+    SORTED (MoE, more tokens): axis 0 = block b of NT pairs sorted by expert (`moe.align`: flat pair ids
+    ids[NT b + j], N_PAIRS marking padding; expert eid[b], -1 for an unused block): MMA column j is pair j
+    (its x row: pair // TOP_K in launch 1, the pair's own row in launch 2), everything else as above per
+    valid column, so one decode of the expert serves up to NT pairs."""
     BM: tl.constexpr = 16 * MT * W
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
     # NT token columns (8 or 16): the MMA's N
@@ -464,10 +487,17 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                          gl.minimum(t_lo + T_PER_SPLIT, KT), HAD_SCALE, HAD, HAD1, W)
     no = gl.arange(0, NT, layout=gl.SliceLayout(0, mma))
     if ROUTED:
-        slot = gl.program_id(0)
-        e = gl.load(ids_ptr + slot).to(gl.int64)
-        if (e < 0) | (e >= N_EXPERTS):  # skipped slot
-            if HAD > 0:  # down's input for this slot's columns: zero pairs, scale 1
+        slot = gl.program_id(0)  # SORTED: the block of pairs
+        if SORTED:
+            e = gl.load(eid_ptr + slot).to(gl.int64)
+        else:
+            e = gl.load(ids_ptr + slot).to(gl.int64)
+        if (e < 0) | (e >= N_EXPERTS):  # skipped slot, unused block
+            if SORTED:  # no pairs: nothing to write, but launch 2's tickets count this program
+                if ATOMIC:
+                    _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM,
+                            HAS_BIAS, OUT_L, NT, False, True)
+            elif HAD > 0:  # down's input for this slot's columns: zero pairs, scale 1
                 c1 = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_L))
                 gl.store(out_ptr + slot * out_stride + 2 * c1, gl.zeros([BM], gl.float16, gl.SliceLayout(0, OUT_L)))
                 gl.store(out_ptr + slot * out_stride + 2 * c1 + 1, gl.zeros([BM], gl.float16, gl.SliceLayout(0, OUT_L)))
@@ -478,17 +508,29 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
                          mask=c1 < N)
             elif ATOMIC:  # no contribution, but the block's ticket count includes this program
                 _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM,
-                        HAS_BIAS, OUT_L, NT, False)
+                        HAS_BIAS, OUT_L, NT, False, False)
             return
         tr_ptr += e * tr_estride
         tr32_ptr += e * tr_estride // 2
         sc_ptr += e * sc_estride
-        if GATHER_A:
-            x_row = slot // TOP_K
+        if SORTED:  # column j: pair j of the block (padding repeats the first pair, never stored)
+            first = gl.load(ids_ptr + slot * NT)
+            pb = gl.load(ids_ptr + slot * NT + gl.arange(0, NT, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL))))
+            ps = gl.load(ids_ptr + slot * NT + no)
+            pb = gl.where(pb < N_PAIRS, pb, first)
+            ps = gl.where(ps < N_PAIRS, ps, first)
+            if GATHER_A:
+                pb = pb // TOP_K
+                ps = ps // TOP_K
+            nb = pb
+            xs_row = xs_ptr + ps * xs_stride
         else:
-            x_row = slot
-        nb = gl.zeros([NT], gl.int32, gl.SliceLayout(1, gl.SliceLayout(2, XL))) + x_row
-        xs_row = xs_ptr + (gl.zeros([NT], gl.int32, gl.SliceLayout(0, mma)) + x_row) * xs_stride
+            if GATHER_A:
+                x_row = slot // TOP_K
+            else:
+                x_row = slot
+            nb = gl.zeros([NT], gl.int32, gl.SliceLayout(1, gl.SliceLayout(2, XL))) + x_row
+            xs_row = xs_ptr + (gl.zeros([NT], gl.int32, gl.SliceLayout(0, mma)) + x_row) * xs_stride
     else:
         if NT > 16:  # this program's NT rows (33-64 rows: two blocks); rows past M repeat M - 1, not stored
             r0 = gl.program_id(0) * NT
@@ -546,31 +588,44 @@ def _gemv_tc_kernel(xd_ptr, x_stride, xs_ptr, xs_stride, ids_ptr, w_ptr, tr_ptr,
     if SWIGLU:
         up = acc_u * (gl.load(sc_ptr + GATE_OFF + gl.minimum(rows_o, N - 1)).to(gl.float32) * NORM)[:, None]
         y = y / (1 + gl.exp(-y)) * up
-    if ROUTED:
+    if ROUTED and SORTED:
+        pc = gl.load(ids_ptr + slot * NT + no)
+        ok = (rows_o < N)[:, None] & (pc < N_PAIRS)[None, :]
+        if GATHER_A:
+            gl.store(y_ptr + pc[None, :] * y_stride + rows_o[:, None], y, mask=ok)
+            if HAD > 0:  # the last program of this block's HAD-block transforms it for each pair
+                g = pid_n * BM // HAD
+                if _last_to_arrive(cnt_ptr + slot * (gl.num_programs(1) * BM // HAD) + g, HAD // BM):
+                    for j in range(NT):
+                        p = gl.load(ids_ptr + slot * NT + j)
+                        if p < N_PAIRS:
+                            _had_row(y_ptr + p * y_stride, s_ptr, out_ptr + p * out_stride, hs_ptr + p * hs_stride,
+                                     g, N, HAD_SCALE, HAD, HAD1, HAD_L)
+        else:
+            y = y * gl.load(w_ptr + pc, mask=pc < N_PAIRS, other=0).to(gl.float32)[None, :]
+            gl.atomic_add(y_ptr + (pc // TOP_K)[None, :] * y_stride + rows_o[:, None], y, mask=ok, sem="relaxed")
+            _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS,
+                    OUT_L, NT, False, True)
+    elif ROUTED:
         one = (rows_o < N)[:, None] & (no == 0)[None, :]  # column 0: the slot's token
         if GATHER_A:
             gl.store(y_ptr + slot * y_stride + rows_o[:, None] + no[None, :] * 0, y, mask=one)
             if HAD > 0:  # the last program of this slot's HAD-block transforms it (ordering: `_last_to_arrive`)
                 g = pid_n * BM // HAD
                 if _last_to_arrive(cnt_ptr + slot * (gl.num_programs(1) * BM // HAD) + g, HAD // BM):
-                    HAD2: tl.constexpr = HAD // HAD1
-                    i1 = gl.arange(0, HAD1, layout=gl.SliceLayout(1, HAD_L))
-                    i2 = gl.arange(0, HAD2, layout=gl.SliceLayout(0, HAD_L))
-                    cols = g * HAD + i1[:, None] * HAD2 + i2[None, :]
-                    v = gl.load(y_ptr + slot * y_stride + cols, mask=cols < N, other=0, cache_modifier=".cg")
-                    v = _block_hadamard(v * gl.load(s_ptr + cols).to(gl.float32), HAD1, HAD_L)
-                    _write_pairs(v * HAD_SCALE, out_ptr + slot * out_stride, hs_ptr + slot * hs_stride + g, cols)
+                    _had_row(y_ptr + slot * y_stride, s_ptr, out_ptr + slot * out_stride, hs_ptr + slot * hs_stride,
+                             g, N, HAD_SCALE, HAD, HAD1, HAD_L)
         else:
             y = y * gl.load(w_ptr + slot).to(gl.float32)
             gl.atomic_add(y_ptr + (slot // TOP_K) * y_stride + rows_o[:, None] + no[None, :] * 0, y, mask=one,
                           sem="relaxed")
             _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS,
-                    OUT_L, NT, False)
+                    OUT_L, NT, False, False)
     elif ATOMIC:
         gl.atomic_add(y_ptr + (r0 + no)[None, :] * y_stride + rows_o[:, None], y,
                       mask=(rows_o < N_OUT)[:, None] & (r0 + no < M)[None, :], sem="relaxed")
         _finish(y_ptr, y_stride, out_ptr, out_stride, bias_ptr, cnt_ptr, pid_n, TICKETS, M, N_OUT, BM, HAS_BIAS,
-                OUT_L, NT, CLEAR)
+                OUT_L, NT, CLEAR, NT > 16)
     else:
         if HAS_BIAS:
             y += gl.load(bias_ptr + rows_o, mask=rows_o < N_OUT, other=0).to(gl.float32)[:, None]
@@ -672,7 +727,7 @@ class _Erased:
 
 _GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_hash", "_a_of",
                   "_step", "_step_wide", "_b_wide", "_a_operand", "_mma_rows", "_operands", "_lb", "_hadamard",
-                  "_write_pairs", "_block_hadamard", "_transform_slice", "_finish", "_cast_rows")
+                  "_write_pairs", "_block_hadamard", "_had_row", "_transform_slice", "_finish", "_cast_rows")
 
 
 def _interpreted():
@@ -738,9 +793,11 @@ def split_for(device: torch.device, programs: int, KT: int, U: int = 1) -> tuple
 
 
 def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_per, tickets, mt, warps,
-            bias=None, ids=None, weights=None, top_k=1, gate_off=0, had=None, nt=8, x_in=None):
+            bias=None, ids=None, weights=None, top_k=1, gate_off=0, had=None, nt=8, x_in=None, eids=None,
+            n_pairs=0):
     """One `_gemv_tc_kernel` launch (see there); had = (signs, block, scales out) for launch 1's epilogue;
-    x_in: the dense rows to transform in the prologue into xd / xs (the split-K sum then clears itself)."""
+    x_in: the dense rows to transform in the prologue into xd / xs (the split-K sum then clears itself);
+    eids: the experts of blocks of nt sorted pairs in ids (SORTED; n_pairs marks padding)."""
     KT = tr.shape[-2]
     routed = ids is not None
     estride = tr[0].numel() if routed else 0
@@ -749,21 +806,23 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
         had = (qt.signs_in, qt.had_in, dummy)
     hb = had[1] if had is not None else 0
     launch(_KERNEL, grid, xd, xd.stride(0), xs, xs.stride(0), ids if routed else dummy,
-           weights if weights is not None else dummy, tr, tr.view(torch.int32) if qt.bits in (2, 4) else tr, estride,
+           eids if eids is not None else dummy, weights if weights is not None else dummy, tr,
+           tr.view(torch.int32) if qt.bits in (2, 4) else tr, estride,
            scales, scales[0].numel() if routed else 0, y, y.stride(0), out, out.stride(0),
            bias if bias is not None else dummy, had[0] if had is not None else dummy,
            had[2] if had is not None else dummy, had[2].stride(0) if had is not None else 0,
            counters if counters is not None else dummy, x_in if x_in is not None else dummy,
            x_in.stride(0) if x_in is not None else 0, x_in.shape[1] if x_in is not None else 0,
            n_rows, tr.shape[-3] * 16 if gate_off == 0 else gate_off,
-           n_out, KT, t_per, tickets, top_k, tr.shape[0] if routed else 1, gate_off, code_norm(qt),
+           n_out, KT, t_per, tickets, top_k, n_pairs, tr.shape[0] if routed else 1, gate_off, code_norm(qt),
            hb ** -0.5 if hb else 1.0, MT=mt, W=warps, OWN=own_layout(mt, warps, qt.bits), HB=qt.had_in,
            ATOMIC=counters is not None and (had is None or x_in is not None), HAS_BIAS=bias is not None,
            OUT_L=out_layout(warps),
            ROUTED=routed, GATHER_A=routed and gate_off > 0, SWIGLU=gate_off > 0, HAD=hb,
            HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), XL=xd_layout(warps, nt), NT=nt,
-           U=steps_per_iteration(qt, nt), CLEAR=x_in is not None, num_warps=warps,
-           **({"maxnreg": WIDE_MAXNREG if nt > 16 else FUSED_MAXNREG} if nt > 16 or x_in is not None else {}),
+           U=steps_per_iteration(qt, nt), CLEAR=x_in is not None, SORTED=eids is not None, num_warps=warps,
+           **({"maxnreg": WIDE_MAXNREG if nt > 16 else FUSED_MAXNREG}
+              if nt > 16 or x_in is not None or (eids is not None and gate_off == 0) else {}),
            **code_params(qt))
 
 
@@ -840,6 +899,51 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     _launch((blocks, programs, split), xd, xs, qt, qt.trellis, qt.scales, y=out if y is None else y, out=out,
             counters=counters, n_rows=M, n_out=out_f, t_per=t_per, tickets=blocks * split, mt=MT, warps=WARPS,
             bias=bias, nt=nt)
+    return out
+
+
+def moe_sorted_supported(hidden: torch.Tensor, top_k_index: torch.Tensor, gate_up, down, act) -> bool:
+    """`qmoe_tc_sorted` runs this MoE layer: as `moe_supported` but more than 8 tokens, with at most
+    SORTED_MAX_PAIRS (token, slot) pairs per expert on average (more: the GEMM's 16-row blocks, at about two of
+    these blocks' cost, and better loads for long prompts)."""
+    T, K = top_k_index.shape
+    return (MOE_MAX_TOKENS < T and T * K <= SORTED_MAX_PAIRS * gate_up.shape[0]
+            and moe_supported(hidden[:1], gate_up, down, act))
+
+
+def qmoe_tc_sorted(hidden, top_k_index, top_k_weights, gate_up, down, ids, eids) -> torch.Tensor:
+    """A MoE layer over pairs sorted by expert in blocks of 8 (`moe.align(..., SORTED_BM)`: ids, eids), in the
+    three launches of `qmoe_tc` plus `align`: each program of either launch decodes its expert once for the
+    up to 8 pairs of its block (the 8 MMA columns the batch-1 GEMV leaves unused), so an expert with at most
+    8 pairs is decoded once at the GEMV's cost per weight instead of once per 16-row GEMM block at about
+    twice it."""
+    from .hadamard import transform_pairs
+
+    T, K = top_k_index.shape
+    n = T * K
+    dev = hidden.device
+    nb = eids.shape[0]
+    inter_pad, h_pad = down.signs_in.shape[0], down.trellis.shape[-3] * 16
+    n1 = inter_pad // MOE_BM1
+    n2 = triton.cdiv(h_pad, 16 * MT * WARPS)
+    split, t_per = split_for(dev, nb * n2, down.trellis.shape[-2], steps_per_iteration(down))
+    groups = nb * (inter_pad // down.had_in)
+    # one zeroed buffer: [y (fp32 sum over slots) | down's tickets per output block | launch 1's tickets]
+    scratch = torch.empty(T * h_pad + n2 + groups, dtype=torch.float32, device=dev)
+    y = scratch[:T * h_pad].view(T, h_pad)
+    xd, xs = transform_pairs(hidden, gate_up.signs_in, gate_up.had_in, zero=scratch)
+    h = torch.empty(n, inter_pad, dtype=torch.float32, device=dev)
+    hd = torch.empty(n, 2 * inter_pad, dtype=torch.float16, device=dev)
+    hs = torch.empty(n, inter_pad // down.had_in, dtype=torch.float32, device=dev)
+    _launch((nb, n1, 1), xd, xs, gate_up, gate_up.trellis, gate_up.scales, y=h, out=hd,
+            counters=scratch[T * h_pad + n2:].view(torch.int32), n_rows=1, n_out=inter_pad,
+            t_per=gate_up.trellis.shape[-2], tickets=1, mt=1, warps=MOE_BM1 // 16, ids=ids, top_k=K,
+            gate_off=down.shape[-1], had=(down.signs_in, down.had_in, hs), eids=eids, n_pairs=n)
+    out = torch.empty(T, down.shape[-2], dtype=hidden.dtype, device=dev)
+    _launch((nb, n2, split), hd, hs, down, down.trellis, down.scales, y=y, out=out,
+            counters=scratch[T * h_pad:T * h_pad + n2].view(torch.int32), n_rows=T, n_out=down.shape[-2],
+            t_per=t_per, tickets=nb * split, mt=MT, warps=WARPS, ids=ids, weights=top_k_weights.reshape(-1),
+            top_k=K, eids=eids, n_pairs=n)
     return out
 
 
