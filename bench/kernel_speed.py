@@ -81,11 +81,12 @@ def check(bits_list) -> list[dict]:
                                      rel_err=err))
             # hidden 160 with intermediate 48 (Hadamard block 16: down's transform in its own launch) and 1024
             # (block 512: transformed by launch 1's last programs, down split over K with tickets), CUDA cores;
-            # hidden 512 with intermediate 1024: the tensor-core decode step at 1 and 3 tokens
+            # hidden 512 with intermediate 1024: the tensor-core decode step at 1 and 3 tokens, the sorted
+            # tensor-core launches at 11 (33 pairs over 8 experts), the routed GEMM at 50 (150 pairs)
             for hid, inter in ((160, 48), (160, 1024), (512, 1024)):
                 gu, dn = (random_quantized((8, 2 * inter, hid), bits, code, device=DEVICE),
                           random_quantized((8, hid, inter), bits, code, device=DEVICE))
-                for tokens in (1, 3, 11):  # routed GEMV (<= 4 tokens) and routed GEMM
+                for tokens in (1, 3, 11, 50):
                     x = torch.randn(tokens, hid, device=DEVICE)
                     idx = torch.rand(tokens, 8, device=DEVICE).topk(3).indices
                     w = torch.rand(tokens, 3, device=DEVICE)
@@ -168,10 +169,12 @@ def bench_moe(bits_list, token_counts) -> list[dict]:
             best = min(times, key=lambda d: times[d][0])
             t, how = times[best]
             wbytes = hit * (gu.trellis[0].numel() + dn.trellis[0].numel()) * 2
-            tc = gemv_tc.moe_supported(x, gu, dn, torch.nn.functional.silu)
+            silu = torch.nn.functional.silu
+            path = ("tensor-core decode step" if gemv_tc.moe_supported(x, gu, dn, silu)
+                    else "tensor-core sorted pairs" if gemv_tc.moe_sorted_supported(x, idx, gu, dn, silu)
+                    else "CUDA-core decode step" if tokens <= 4 else "routed GEMM")
             rows.append(dict(base, bits=bits, **{f"ccq_ms_{d}": times[d][0] for d in DECODES}, best_decode=best,
-                             ccq_path="tensor-core decode step" if tc else "CUDA-core decode step" if tokens <= 4
-                             else "routed GEMM", ccq_ms=t, ccq_timer=how, ccq_GBps=wbytes / t / 1e6,
+                             ccq_path=path, ccq_ms=t, ccq_timer=how, ccq_GBps=wbytes / t / 1e6,
                              speedup_vs_grouped=t_grp / t, speedup_vs_loop=t_loop / t))
     return rows
 
