@@ -503,9 +503,9 @@ def test_qmoe_tensor_core_sorted_pairs(monkeypatch, bits, code, inter, dtype):
     w = torch.rand(T, K, generator=g).to(DEV)
     assert gemv_tc.moe_sorted_supported(x, idx, gate_up, down, F.silu)
     calls = []
-    monkeypatch.setattr(gemv_tc, "qmoe_tc_sorted", lambda *a, f=gemv_tc.qmoe_tc_sorted: calls.append(1) or f(*a))
+    monkeypatch.setattr(gemv_tc, "qmoe_tc", lambda *a, f=gemv_tc.qmoe_tc: calls.append(len(a) == 6) or f(*a))
     got = moe.qmoe(x, idx, w, gate_up, down)
-    assert calls and got.shape == (T, H) and got.dtype == dtype
+    assert calls == [True] and got.shape == (T, H) and got.dtype == dtype
     close(got, reference.qmoe(x.float(), idx, w, gate_up, down), 3e-3 if dtype == torch.float32 else 1e-2)
     assert not gemv_tc.moe_sorted_supported(torch.randn(40, H, device=DEV), idx.repeat(4, 1)[:40], gate_up, down,
                                             F.silu) or 40 * K <= gemv_tc.SORTED_MAX_PAIRS * E

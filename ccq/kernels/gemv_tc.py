@@ -903,7 +903,7 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def moe_sorted_supported(hidden: torch.Tensor, top_k_index: torch.Tensor, gate_up, down, act) -> bool:
-    """`qmoe_tc_sorted` runs this MoE layer: as `moe_supported` but more than 8 tokens, with at most
+    """`qmoe_tc` with sorted pairs runs this MoE layer: as `moe_supported` but more than 8 tokens, with at most
     SORTED_MAX_PAIRS (token, slot) pairs per expert on average (more: the GEMM's 16-row blocks, at about two of
     these blocks' cost, and better loads for long prompts)."""
     T, K = top_k_index.shape
@@ -911,74 +911,43 @@ def moe_sorted_supported(hidden: torch.Tensor, top_k_index: torch.Tensor, gate_u
             and moe_supported(hidden[:1], gate_up, down, act))
 
 
-def qmoe_tc_sorted(hidden, top_k_index, top_k_weights, gate_up, down, ids, eids) -> torch.Tensor:
-    """A MoE layer over pairs sorted by expert in blocks of 8 (`moe.align(..., SORTED_BM)`: ids, eids), in the
-    three launches of `qmoe_tc` plus `align`: each program of either launch decodes its expert once for the
-    up to 8 pairs of its block (the 8 MMA columns the batch-1 GEMV leaves unused), so an expert with at most
-    8 pairs is decoded once at the GEMV's cost per weight instead of once per 16-row GEMM block at about
-    twice it."""
+def qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down, pairs=None) -> torch.Tensor:
+    """A MoE layer in three launches, as `moe._qmoe_gemv` but on tensor cores: the input transform as scaled
+    fp16 pairs (zeroing the output sum and all tickets); gate_up with SwiGLU, one program per (row, 32
+    outputs), whose last program per (row, Hadamard block) writes down's input as scaled pairs; down, K split,
+    routing weight and sum over slots by atomics, the last program per output block casting. No host sync, no
+    state kept between calls (CUDA-graph capturable).
+
+    Rows: one per (token, slot) for the decode step (`moe_supported`, at most 8 tokens); with pairs = (ids,
+    eids) from `moe.align(..., SORTED_BM)` (`moe_sorted_supported`) one per block of 8 pairs sorted by expert,
+    each pair an MMA column (the 8 columns the decode step leaves unused), so an expert with at most 8 pairs
+    is decoded once at the GEMV's cost per weight instead of once per 16-row GEMM block at about twice it."""
     from .hadamard import transform_pairs
 
     T, K = top_k_index.shape
-    n = T * K
     dev = hidden.device
-    nb = eids.shape[0]
+    ids, eids = pairs if pairs is not None else (top_k_index.reshape(-1), None)
+    rows = eids.shape[0] if pairs is not None else T * K
+    n_pairs = T * K if pairs is not None else 0  # marks the padding of sorted blocks
     inter_pad, h_pad = down.signs_in.shape[0], down.trellis.shape[-3] * 16
     n1 = inter_pad // MOE_BM1
     n2 = triton.cdiv(h_pad, 16 * MT * WARPS)
-    split, t_per = split_for(dev, nb * n2, down.trellis.shape[-2], steps_per_iteration(down))
-    groups = nb * (inter_pad // down.had_in)
+    split, t_per = split_for(dev, rows * n2, down.trellis.shape[-2], steps_per_iteration(down))
+    groups = rows * (inter_pad // down.had_in)
     # one zeroed buffer: [y (fp32 sum over slots) | down's tickets per output block | launch 1's tickets]
     scratch = torch.empty(T * h_pad + n2 + groups, dtype=torch.float32, device=dev)
     y = scratch[:T * h_pad].view(T, h_pad)
     xd, xs = transform_pairs(hidden, gate_up.signs_in, gate_up.had_in, zero=scratch)
-    h = torch.empty(n, inter_pad, dtype=torch.float32, device=dev)
-    hd = torch.empty(n, 2 * inter_pad, dtype=torch.float16, device=dev)
-    hs = torch.empty(n, inter_pad // down.had_in, dtype=torch.float32, device=dev)
-    _launch((nb, n1, 1), xd, xs, gate_up, gate_up.trellis, gate_up.scales, y=h, out=hd,
+    h = torch.empty(T * K, inter_pad, dtype=torch.float32, device=dev)
+    hd = torch.empty(T * K, 2 * inter_pad, dtype=torch.float16, device=dev)
+    hs = torch.empty(T * K, inter_pad // down.had_in, dtype=torch.float32, device=dev)
+    _launch((rows, n1, 1), xd, xs, gate_up, gate_up.trellis, gate_up.scales, y=h, out=hd,
             counters=scratch[T * h_pad + n2:].view(torch.int32), n_rows=1, n_out=inter_pad,
             t_per=gate_up.trellis.shape[-2], tickets=1, mt=1, warps=MOE_BM1 // 16, ids=ids, top_k=K,
-            gate_off=down.shape[-1], had=(down.signs_in, down.had_in, hs), eids=eids, n_pairs=n)
+            gate_off=down.shape[-1], had=(down.signs_in, down.had_in, hs), eids=eids, n_pairs=n_pairs)
     out = torch.empty(T, down.shape[-2], dtype=hidden.dtype, device=dev)
-    _launch((nb, n2, split), hd, hs, down, down.trellis, down.scales, y=y, out=out,
+    _launch((rows, n2, split), hd, hs, down, down.trellis, down.scales, y=y, out=out,
             counters=scratch[T * h_pad:T * h_pad + n2].view(torch.int32), n_rows=T, n_out=down.shape[-2],
-            t_per=t_per, tickets=nb * split, mt=MT, warps=WARPS, ids=ids, weights=top_k_weights.reshape(-1),
-            top_k=K, eids=eids, n_pairs=n)
-    return out
-
-
-def qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
-    """The decode step of a MoE layer (`moe_supported`, at most 8 tokens) in three launches, as
-    `moe._qmoe_gemv` but on tensor cores: the input transform as scaled fp16 pairs (zeroing the output sum
-    and all tickets); gate_up with SwiGLU, one program per (slot, 32 outputs), whose last program per
-    (slot, Hadamard block) writes down's input as scaled pairs; down, K split, routing weight and sum over
-    slots by atomics, the last program per output block casting. No host sync, no state kept between calls
-    (CUDA-graph capturable)."""
-    from .hadamard import transform_pairs
-
-    T, K = top_k_index.shape
-    slots = T * K
-    dev = hidden.device
-    inter_pad, h_pad = down.signs_in.shape[0], down.trellis.shape[-3] * 16
-    n1 = inter_pad // MOE_BM1
-    n2 = triton.cdiv(h_pad, 16 * MT * WARPS)
-    split, t_per = split_for(dev, slots * n2, down.trellis.shape[-2], steps_per_iteration(down))
-    groups = slots * (inter_pad // down.had_in)
-    # one zeroed buffer: [y (fp32 sum over slots) | down's tickets per output block | launch 1's tickets]
-    scratch = torch.empty(T * h_pad + n2 + groups, dtype=torch.float32, device=dev)
-    y = scratch[:T * h_pad].view(T, h_pad)
-    xd, xs = transform_pairs(hidden, gate_up.signs_in, gate_up.had_in, zero=scratch)
-    flat = top_k_index.reshape(-1)
-    h = torch.empty(slots, inter_pad, dtype=torch.float32, device=dev)
-    hd = torch.empty(slots, 2 * inter_pad, dtype=torch.float16, device=dev)
-    hs = torch.empty(slots, inter_pad // down.had_in, dtype=torch.float32, device=dev)
-    _launch((slots, n1, 1), xd, xs, gate_up, gate_up.trellis, gate_up.scales, y=h, out=hd,
-            counters=scratch[T * h_pad + n2:].view(torch.int32), n_rows=1, n_out=inter_pad,
-            t_per=gate_up.trellis.shape[-2], tickets=1, mt=1, warps=MOE_BM1 // 16, ids=flat, top_k=K,
-            gate_off=down.shape[-1], had=(down.signs_in, down.had_in, hs))
-    out = torch.empty(T, down.shape[-2], dtype=hidden.dtype, device=dev)
-    _launch((slots, n2, split), hd, hs, down, down.trellis, down.scales, y=y, out=out,
-            counters=scratch[T * h_pad:T * h_pad + n2].view(torch.int32), n_rows=T, n_out=down.shape[-2],
-            t_per=t_per, tickets=slots * split, mt=MT, warps=WARPS, ids=flat, weights=top_k_weights.reshape(-1),
-            top_k=K)
+            t_per=t_per, tickets=rows * split, mt=MT, warps=WARPS, ids=ids, weights=top_k_weights.reshape(-1),
+            top_k=K, eids=eids, n_pairs=n_pairs)
     return out

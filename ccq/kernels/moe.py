@@ -108,7 +108,7 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         return gemv_tc.qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down)
     if gemv_tc.moe_sorted_supported(hidden, top_k_index, gate_up, down, act):
         ids, expert_ids = align(top_k_index, E, gemv_tc.SORTED_BM)
-        return gemv_tc.qmoe_tc_sorted(hidden, top_k_index, top_k_weights, gate_up, down, ids, expert_ids)
+        return gemv_tc.qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down, (ids, expert_ids))
     if T <= GEMV_MAX_ROWS:
         return _qmoe_gemv(hidden, top_k_index, top_k_weights, gate_up, down, act)
     ddt = dot_dtype(hidden.dtype, hidden.device)
