@@ -82,11 +82,12 @@ def check(bits_list) -> list[dict]:
             # hidden 160 with intermediate 48 (Hadamard block 16: down's transform in its own launch) and 1024
             # (block 512: transformed by launch 1's last programs, down split over K with tickets), CUDA cores;
             # hidden 512 with intermediate 1024: the tensor-core decode step at 1 and 3 tokens, the sorted
-            # tensor-core launches at 11 (33 pairs over 8 experts), the routed GEMM at 50 (150 pairs)
+            # tensor-core launches at 11 (33 pairs over 8 experts: blocks of 8) and 50 (150: blocks of 16), the
+            # routed GEMM at 200 (600 pairs)
             for hid, inter in ((160, 48), (160, 1024), (512, 1024)):
                 gu, dn = (random_quantized((8, 2 * inter, hid), bits, code, device=DEVICE),
                           random_quantized((8, hid, inter), bits, code, device=DEVICE))
-                for tokens in (1, 3, 11, 50):
+                for tokens in (1, 3, 11, 50, 200):
                     x = torch.randn(tokens, hid, device=DEVICE)
                     idx = torch.rand(tokens, 8, device=DEVICE).topk(3).indices
                     w = torch.rand(tokens, 3, device=DEVICE)

@@ -97,14 +97,14 @@ def test_moe_decode_step_launches_and_has_no_host_sync():
 
 def test_moe_prefill_launches_and_has_no_host_sync():
     """More tokens through a 28B-shaped MoE layer on meta tensors, four Triton launches and no torch kernel:
-    at 64 tokens (6 pairs per expert on average) align in blocks of 8 pairs, the input transform (which zeroes
-    the output sum and tickets) and the two sorted tensor-core launches; at 200 tokens (19 per expert) align in
-    blocks of 16, the transform and the two routed GEMMs (gate_up with SwiGLU and down's input transform;
-    down with the weighted sum and the cast)."""
+    at 64 / 200 tokens (6 / 19 pairs per expert on average) align in blocks of 8 / 16 pairs, the input
+    transform (which zeroes the output sum and tickets) and the two sorted tensor-core launches (8 / 16 MMA
+    columns); at 700 tokens (66 per expert) align in blocks of 16, the transform and the two routed GEMMs
+    (gate_up with SwiGLU and down's input transform; down with the weighted sum and the cast)."""
     from ccq.kernels import launch, moe
 
     gu, dn = packed(64, 2 * 1536, 2560), packed(64, 2560, 1536)
-    for tokens, kernel, bm in ((64, "_gemv_tc_kernel", 8), (200, "_gemm_kernel", 16)):
+    for tokens, kernel, bm in ((64, "_gemv_tc_kernel", 8), (200, "_gemv_tc_kernel", 16), (700, "_gemm_kernel", 16)):
         with launch.record() as recs:
             step = lambda: moe.qmoe(meta(tokens, 2560), meta(tokens, 6, dtype=torch.long), meta(tokens, 6),  # noqa: E731
                                     gu, dn)
@@ -116,6 +116,7 @@ def test_moe_prefill_launches_and_has_no_host_sync():
             assert recs[3].kwargs["WEIGHTED"] and recs[3].kwargs["FINISH"]
         else:
             assert recs[2].kwargs["SORTED"] and recs[3].kwargs["SORTED"] and recs[3].kwargs["ATOMIC"]
+            assert recs[2].kwargs["NT"] == recs[3].kwargs["NT"] == bm
 
 
 def test_dense_batch1_launches_and_has_no_host_sync():

@@ -484,31 +484,35 @@ def test_hadamard_pairs_scaled_fp16():
     close(got, want, 1e-3)
 
 
-@pytest.mark.parametrize("bits,code,inter,dtype", [(2, "mul1", 250, torch.bfloat16), (3, "mcg", 120, torch.float32),
-                                                     (4, "3inst", 250, torch.float32)])
-def test_qmoe_tensor_core_sorted_pairs(monkeypatch, bits, code, inter, dtype):
-    """More than 8 tokens: pairs sorted by expert in blocks of 8 (`align`), one MMA column per pair. 13 tokens,
-    top-2 over 4 experts: expert 3 has 11 pairs (two blocks), expert 1 none, a skipped slot; launch 1's last
-    programs transform each pair of a block; down split over K with atomics per column and tickets counting
-    the unused blocks."""
+@pytest.mark.parametrize("bits,code,inter,dtype,tokens", [(2, "mul1", 250, torch.bfloat16, 13),
+                                                            (3, "mcg", 120, torch.float32, 13),
+                                                            (4, "3inst", 250, torch.float32, 13),
+                                                            (2, "mcg", 120, torch.float32, 40)])
+def test_qmoe_tensor_core_sorted_pairs(monkeypatch, bits, code, inter, dtype, tokens):
+    """More than 8 tokens: pairs sorted by expert in blocks (`align`), one MMA column per pair. 13 tokens, top-2
+    over 4 experts (blocks of 8): expert 3 has 11 pairs (two blocks), expert 1 none, a skipped slot; 40 tokens
+    (20 pairs per expert: blocks of 16, 16 MMA columns): the same routing repeated. Launch 1's last programs
+    transform each pair of a block; down split over K with atomics per column and tickets counting the
+    unused blocks."""
     from ccq.kernels import gemv_tc, moe
 
     monkeypatch.setattr(gemv_tc, "sm_count", lambda device: 132)
-    E, H, K, T = 4, 120, 2, 13
+    E, H, K = 4, 120, 2
     gate_up = random_qt((E, 2 * inter, H), bits, 16, code, False, seed=15, hadamard_block=512)
     down = random_qt((E, H, inter), bits, 16, code, False, seed=16, hadamard_block=512)
     g = torch.Generator().manual_seed(bits)
-    x = (torch.randn(T, H, generator=g) * 100).to(DEV).to(dtype)
-    idx = torch.tensor([[3, 0]] * 5 + [[2, 3]] * 6 + [[0, 2], [E + 5, 3]]).to(DEV)
-    w = torch.rand(T, K, generator=g).to(DEV)
+    x = (torch.randn(tokens, H, generator=g) * 100).to(DEV).to(dtype)
+    idx = torch.tensor([[3, 0]] * 5 + [[2, 3]] * 6 + [[0, 2], [E + 5, 3]]).repeat(4, 1)[:tokens].to(DEV)
+    w = torch.rand(tokens, K, generator=g).to(DEV)
     assert gemv_tc.moe_sorted_supported(x, idx, gate_up, down, F.silu)
+    assert gemv_tc.sorted_block(idx, E) == (8 if tokens == 13 else 16)
     calls = []
     monkeypatch.setattr(gemv_tc, "qmoe_tc", lambda *a, f=gemv_tc.qmoe_tc: calls.append(len(a) == 6) or f(*a))
     got = moe.qmoe(x, idx, w, gate_up, down)
-    assert calls == [True] and got.shape == (T, H) and got.dtype == dtype
+    assert calls == [True] and got.shape == (tokens, H) and got.dtype == dtype
     close(got, reference.qmoe(x.float(), idx, w, gate_up, down), 3e-3 if dtype == torch.float32 else 1e-2)
-    assert not gemv_tc.moe_sorted_supported(torch.randn(40, H, device=DEV), idx.repeat(4, 1)[:40], gate_up, down,
-                                            F.silu) or 40 * K <= gemv_tc.SORTED_MAX_PAIRS * E
+    many = idx[:1].repeat(160, 1)  # 160 tokens: 80 pairs per expert on average, past SORTED_MAX_PAIRS: the GEMM
+    assert not gemv_tc.moe_sorted_supported(torch.randn(160, H, device=DEV), many, gate_up, down, F.silu)
 
 
 @pytest.mark.parametrize("bits,code,tokens,inter,dtype", [(2, "mul1", 1, 250, torch.bfloat16),

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # 16, the CUDA-core GEMV), at 32 rows (the tensor-core GEMV's 32 columns), at 72 rows and with 16-blocks at 24
 # rows (GEMM, 64- and 32-row blocks), qmoe at one
 # token (the routed GEMV launches), at 8 tokens (align and the routed GEMM launches with their fused
-# epilogues, CUDA cores with 64-blocks) and at 16 (pairs sorted in blocks of 8 on tensor cores, 512-blocks),
+# epilogues, CUDA cores with 64-blocks) and at 10 and 16 (pairs sorted in blocks of 8 and 16 on tensor cores),
 # dequantize: every kernel path, each bit width and code kind once. sm_80 for the dense kernels
 # only (the MoE launches are the same kernels), to keep it short, and not the 64-row GEMM blocks: on sm_80
 # they take 255 registers and keep 8-120 bytes on the stack (docs/KERNELS.md, "Also left").
@@ -45,7 +45,7 @@ with launch.record() as r:
     for block in (512, 64):  # 512: the tensor-core decode step; 64: the CUDA-core one
         gu = random_quantized((8, 2 * 1536, 2560), 4, "mcg", device="meta", block=block)
         dn = random_quantized((8, 2560, 1536), 4, "mcg", device="meta", block=block)
-        for tokens in (1, 8, 16):  # 16: 96 pairs over 8 experts, the sorted tensor-core launches with 512-blocks
+        for tokens in (1, 8, 10, 16):  # 10 / 16: 60 / 96 pairs over 8 experts, sorted blocks of 8 / 16 (512-blocks)
             moe.qmoe(meta(tokens, 2560), meta(tokens, 6, dtype=torch.long), meta(tokens, 6), gu, dn)
     decode.dequantize(dn)
 seen, out = set(), []
@@ -79,7 +79,9 @@ def test_every_path_compiles_for_sm90_and_sm80(compiled):
             ("_gemv_tc_kernel", 80), ("_gemm_kernel", 90),
             ("_gemm_kernel", 80), ("_dequant_kernel", 90), ("_align_kernel", 90)} <= kernels
     assert {c["config"]["PAIRS"] for c in compiled if c["kernel"] == "_hadamard_kernel"} == {"True", "False"}
-    assert {c["config"]["NT"] for c in compiled if c["kernel"] == "_gemv_tc_kernel"} == {"8", "32"}
+    assert {c["config"]["NT"] for c in compiled if c["kernel"] == "_gemv_tc_kernel"} == {"8", "16", "32"}
+    assert {(c["config"]["NT"], c["config"]["GATHER_A"]) for c in compiled if c["config"].get("SORTED") == "True"} \
+        == {("8", "True"), ("8", "False"), ("16", "True"), ("16", "False")}
     for name in ("_gemv_kernel", "_gemv_tc_kernel", "_gemm_kernel"):  # both MoE launches, routed, on each path
         routed = {c["config"]["GATHER_A"] for c in compiled if c["kernel"] == name and c["config"]["ROUTED"] == "True"}
         assert routed == {"True", "False"}, name

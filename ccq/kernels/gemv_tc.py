@@ -60,8 +60,7 @@ FUSED_MIN_BLOCK = 256  # the prologue's MMAs want both factors of the Hadamard b
 # 512-block), so 2**20 of them issue in about one launch's time (2 us) on an H200; beyond, two launches are cheaper
 FUSED_MAX_ELEMENTS = 1 << 20
 MOE_BM1 = 32  # outputs per program of the MoE's gate_up launch (no K split there: SwiGLU needs whole sums)
-SORTED_BM = 8  # (token, slot) pairs per block of the sorted MoE launches: the MMA's 8 columns
-SORTED_MAX_PAIRS = 16  # pairs per expert on average up to which the sorted launches replace the GEMM
+SORTED_MAX_PAIRS = 64  # pairs per expert on average up to which the sorted launches replace the GEMM
 
 
 @gluon.jit
@@ -792,6 +791,16 @@ def split_for(device: torch.device, programs: int, KT: int, U: int = 1) -> tuple
     return triton.cdiv(KT, t_per), t_per
 
 
+def _max_registers(nt: int, prologue: bool, sorted_pairs: bool, swiglu: bool) -> int | None:
+    """ptxas's register limit where its own choice spilled (`tests/test_sass.py`, bench/sass.py): 32 columns
+    and the sorted MoE's gate_up with 16 (232); the one-launch GEMV and the sorted down with 8 columns (128)."""
+    if nt > 16 or (sorted_pairs and nt == 16):
+        return WIDE_MAXNREG
+    if prologue or (sorted_pairs and not swiglu):
+        return FUSED_MAXNREG
+    return None
+
+
 def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_per, tickets, mt, warps,
             bias=None, ids=None, weights=None, top_k=1, gate_off=0, had=None, nt=8, x_in=None, eids=None,
             n_pairs=0):
@@ -805,6 +814,7 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
     if x_in is not None:
         had = (qt.signs_in, qt.had_in, dummy)
     hb = had[1] if had is not None else 0
+    nreg = _max_registers(nt, x_in is not None, eids is not None, gate_off > 0)
     launch(_KERNEL, grid, xd, xd.stride(0), xs, xs.stride(0), ids if routed else dummy,
            eids if eids is not None else dummy, weights if weights is not None else dummy, tr,
            tr.view(torch.int32) if qt.bits in (2, 4) else tr, estride,
@@ -821,8 +831,7 @@ def _launch(grid, xd, xs, qt, tr, scales, *, y, out, counters, n_rows, n_out, t_
            ROUTED=routed, GATHER_A=routed and gate_off > 0, SWIGLU=gate_off > 0, HAD=hb,
            HAD1=1 << (hb.bit_length() - 1) // 2 if hb else 1, HAD_L=had_layout(warps), XL=xd_layout(warps, nt), NT=nt,
            U=steps_per_iteration(qt, nt), CLEAR=x_in is not None, SORTED=eids is not None, num_warps=warps,
-           **({"maxnreg": WIDE_MAXNREG if nt > 16 else FUSED_MAXNREG}
-              if nt > 16 or x_in is not None or (eids is not None and gate_off == 0) else {}),
+           **({"maxnreg": nreg} if nreg else {}),
            **code_params(qt))
 
 
@@ -902,6 +911,13 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def sorted_block(top_k_index: torch.Tensor, experts: int) -> int:
+    """Pairs per sorted block (MMA columns): 8 while the experts average at most 8 pairs (one block each at 4.1
+    instructions per weight), else 16 (5.1-5.4 per weight per 16 pairs, against two blocks of 8 at 8.3 and the
+    GEMM's 16-row block at 8.2)."""
+    return 8 if top_k_index.numel() <= 8 * experts else 16
+
+
 def moe_sorted_supported(hidden: torch.Tensor, top_k_index: torch.Tensor, gate_up, down, act) -> bool:
     """`qmoe_tc` with sorted pairs runs this MoE layer: as `moe_supported` but more than 8 tokens, with at most
     SORTED_MAX_PAIRS (token, slot) pairs per expert on average (more: the GEMM's 16-row blocks, at about two of
@@ -929,10 +945,11 @@ def qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down, pairs=None) -> to
     ids, eids = pairs if pairs is not None else (top_k_index.reshape(-1), None)
     rows = eids.shape[0] if pairs is not None else T * K
     n_pairs = T * K if pairs is not None else 0  # marks the padding of sorted blocks
+    nt = ids.numel() // rows if pairs is not None else 8  # MMA columns: pairs per sorted block
     inter_pad, h_pad = down.signs_in.shape[0], down.trellis.shape[-3] * 16
     n1 = inter_pad // MOE_BM1
     n2 = triton.cdiv(h_pad, 16 * MT * WARPS)
-    split, t_per = split_for(dev, rows * n2, down.trellis.shape[-2], steps_per_iteration(down))
+    split, t_per = split_for(dev, rows * n2, down.trellis.shape[-2], steps_per_iteration(down, nt))
     groups = rows * (inter_pad // down.had_in)
     # one zeroed buffer: [y (fp32 sum over slots) | down's tickets per output block | launch 1's tickets]
     scratch = torch.empty(T * h_pad + n2 + groups, dtype=torch.float32, device=dev)
@@ -944,10 +961,10 @@ def qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down, pairs=None) -> to
     _launch((rows, n1, 1), xd, xs, gate_up, gate_up.trellis, gate_up.scales, y=h, out=hd,
             counters=scratch[T * h_pad + n2:].view(torch.int32), n_rows=1, n_out=inter_pad,
             t_per=gate_up.trellis.shape[-2], tickets=1, mt=1, warps=MOE_BM1 // 16, ids=ids, top_k=K,
-            gate_off=down.shape[-1], had=(down.signs_in, down.had_in, hs), eids=eids, n_pairs=n_pairs)
+            gate_off=down.shape[-1], had=(down.signs_in, down.had_in, hs), eids=eids, n_pairs=n_pairs, nt=nt)
     out = torch.empty(T, down.shape[-2], dtype=hidden.dtype, device=dev)
     _launch((rows, n2, split), hd, hs, down, down.trellis, down.scales, y=y, out=out,
             counters=scratch[T * h_pad:T * h_pad + n2].view(torch.int32), n_rows=T, n_out=down.shape[-2],
             t_per=t_per, tickets=rows * split, mt=MT, warps=WARPS, ids=ids, weights=top_k_weights.reshape(-1),
-            top_k=K, eids=eids, n_pairs=n_pairs)
+            top_k=K, eids=eids, n_pairs=n_pairs, nt=nt)
     return out

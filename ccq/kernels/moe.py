@@ -92,7 +92,7 @@ def align(top_k_index: torch.Tensor, num_experts: int, block_m: int):
         ch = max(16, min(ALIGN_CHUNK, triton.next_power_of_2(n)))
         launch(_align_kernel, (1,), flat, ids, expert_ids, buf[n_blocks * (block_m + 1):], n, num_experts,
                n_blocks, BM=block_m, EP=ep, CH=ch, LOGCH=ch.bit_length() - 1,
-               FB=max(1, min(triton.next_power_of_2(n_blocks), 4096 // block_m)))
+               FB=max(1, min(triton.next_power_of_2(n_blocks), 4096 // block_m, 4096 // ep)))
     return ids, expert_ids
 
 
@@ -107,7 +107,7 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     if gemv_tc.moe_supported(hidden, gate_up, down, act):
         return gemv_tc.qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down)
     if gemv_tc.moe_sorted_supported(hidden, top_k_index, gate_up, down, act):
-        ids, expert_ids = align(top_k_index, E, gemv_tc.SORTED_BM)
+        ids, expert_ids = align(top_k_index, E, gemv_tc.sorted_block(top_k_index, E))
         return gemv_tc.qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down, (ids, expert_ids))
     if T <= GEMV_MAX_ROWS:
         return _qmoe_gemv(hidden, top_k_index, top_k_weights, gate_up, down, act)
