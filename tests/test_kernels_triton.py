@@ -44,6 +44,12 @@ def random_qt(shape, bits, L=16, code="mul1", rotate_output=False, seed=0, hadam
     return QuantizedTensor(words.to(torch.int16), scales, random_signs(ip, seed + 1), signs_out, meta).to(DEV)
 
 
+def moe_pair(E, H, inter, bits, code, seed):
+    """gate_up [E, 2 * inter, H] and down [E, H, inter] with 512-blocks (seeds seed, seed + 1), L = 16."""
+    return (random_qt((E, 2 * inter, H), bits, 16, code, False, seed=seed, hadamard_block=512),
+            random_qt((E, H, inter), bits, 16, code, False, seed=seed + 1, hadamard_block=512))
+
+
 def close(got, want, rtol):
     got, want = got.float(), want.float()
     err = (got - want).abs().max().item()
@@ -498,8 +504,7 @@ def test_qmoe_tensor_core_sorted_pairs(monkeypatch, bits, code, inter, dtype, to
 
     monkeypatch.setattr(gemv_tc, "sm_count", lambda device: 132)
     E, H, K = 4, 120, 2
-    gate_up = random_qt((E, 2 * inter, H), bits, 16, code, False, seed=15, hadamard_block=512)
-    down = random_qt((E, H, inter), bits, 16, code, False, seed=16, hadamard_block=512)
+    gate_up, down = moe_pair(E, H, inter, bits, code, seed=15)
     g = torch.Generator().manual_seed(bits)
     x = (torch.randn(tokens, H, generator=g) * 100).to(DEV).to(dtype)
     idx = torch.tensor([[3, 0]] * 5 + [[2, 3]] * 6 + [[0, 2], [E + 5, 3]]).repeat(4, 1)[:tokens].to(DEV)
@@ -526,8 +531,7 @@ def test_qmoe_tensor_core_decode_step(monkeypatch, bits, code, tokens, inter, dt
 
     monkeypatch.setattr(gemv_tc, "sm_count", lambda device: 132)
     E, H, K = 4, 120, 2
-    gate_up = random_qt((E, 2 * inter, H), bits, 16, code, False, seed=13, hadamard_block=512)
-    down = random_qt((E, H, inter), bits, 16, code, False, seed=14, hadamard_block=512)
+    gate_up, down = moe_pair(E, H, inter, bits, code, seed=13)
     g = torch.Generator().manual_seed(tokens)
     x = (torch.randn(tokens, H, generator=g) * 100).to(DEV).to(dtype)
     assert gemv_tc.moe_supported(x, gate_up, down, F.silu)
