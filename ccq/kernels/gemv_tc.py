@@ -350,28 +350,22 @@ def _write_pairs(v, hr_ptr, hs_ptr, off):
 
 
 @gluon.jit
-def _block_hadamard(v, HAD1: tl.constexpr, HAD_L: tl.constexpr):
-    """H v of one Hadamard block held as [HAD1, HAD2] (column i1 * HAD2 + i2): H = H(HAD1) x H(HAD2) in Sylvester
-    order, as two small FMA matmuls."""
-    HAD2: tl.constexpr = v.shape[1]
-    a_l: gl.constexpr = gl.DotOperandLayout(0, HAD_L, 0)
-    b_l: gl.constexpr = gl.DotOperandLayout(1, HAD_L, 0)
-    zero = gl.zeros([HAD1, HAD2], gl.float32, HAD_L)
-    v = gl.dot_fma(gl.convert_layout(v, a_l), gl.convert_layout(_hadamard(HAD2, HAD_L), b_l), zero)
-    return gl.dot_fma(gl.convert_layout(_hadamard(HAD1, HAD_L), a_l), gl.convert_layout(v, b_l), zero)
-
-
-@gluon.jit
 def _had_row(y_ptr, s_ptr, out_ptr, hs_ptr, g, N, SCALE, HAD: tl.constexpr, HAD1: tl.constexpr,
              HAD_L: tl.constexpr):
-    """Down's input from one row y of launch 1 (MoE): H(s * y) * SCALE of its Hadamard block g, written as
-    scaled pairs into out and its scale into hs[g]."""
+    """Down's input from one row y of launch 1 (MoE): H(s * y) * SCALE of its Hadamard block g, held as
+    [HAD1, HAD2] (column i1 * HAD2 + i2; H = H(HAD1) x H(HAD2) in Sylvester order, two small FMA matmuls),
+    written as scaled pairs into out and its scale into hs[g]."""
     HAD2: tl.constexpr = HAD // HAD1
     i1 = gl.arange(0, HAD1, layout=gl.SliceLayout(1, HAD_L))
     i2 = gl.arange(0, HAD2, layout=gl.SliceLayout(0, HAD_L))
     cols = g * HAD + i1[:, None] * HAD2 + i2[None, :]
     v = gl.load(y_ptr + cols, mask=cols < N, other=0, cache_modifier=".cg")
-    v = _block_hadamard(v * gl.load(s_ptr + cols).to(gl.float32), HAD1, HAD_L)
+    v = v * gl.load(s_ptr + cols).to(gl.float32)
+    a_l: gl.constexpr = gl.DotOperandLayout(0, HAD_L, 0)
+    b_l: gl.constexpr = gl.DotOperandLayout(1, HAD_L, 0)
+    zero = gl.zeros([HAD1, HAD2], gl.float32, HAD_L)
+    v = gl.dot_fma(gl.convert_layout(v, a_l), gl.convert_layout(_hadamard(HAD2, HAD_L), b_l), zero)
+    v = gl.dot_fma(gl.convert_layout(_hadamard(HAD1, HAD_L), a_l), gl.convert_layout(v, b_l), zero)
     _write_pairs(v * SCALE, out_ptr, hs_ptr + g, cols)
 
 
@@ -726,7 +720,7 @@ class _Erased:
 
 _GLUON_HELPERS = ("_pointers", "_load_tiles", "_by_row", "_rot", "_registers", "_funnel", "_window", "_hash", "_a_of",
                   "_step", "_step_wide", "_b_wide", "_a_operand", "_mma_rows", "_operands", "_lb", "_hadamard",
-                  "_write_pairs", "_block_hadamard", "_had_row", "_transform_slice", "_finish", "_cast_rows")
+                  "_write_pairs", "_had_row", "_transform_slice", "_finish", "_cast_rows")
 
 
 def _interpreted():
@@ -913,15 +907,15 @@ def qlinear_tc(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
 
 def sorted_block(top_k_index: torch.Tensor, experts: int) -> int:
     """Pairs per sorted block (MMA columns): 8 while the experts average at most 8 pairs (one block each at 4.1
-    instructions per weight), else 16 (5.1-5.4 per weight per 16 pairs, against two blocks of 8 at 8.3 and the
+    instructions per weight), else 16 (4.7-5.5 per weight per 16 pairs, against two blocks of 8 at 8.2 and the
     GEMM's 16-row block at 8.2)."""
     return 8 if top_k_index.numel() <= 8 * experts else 16
 
 
 def moe_sorted_supported(hidden: torch.Tensor, top_k_index: torch.Tensor, gate_up, down, act) -> bool:
     """`qmoe_tc` with sorted pairs runs this MoE layer: as `moe_supported` but more than 8 tokens, with at most
-    SORTED_MAX_PAIRS (token, slot) pairs per expert on average (more: the GEMM's 16-row blocks, at about two of
-    these blocks' cost, and better loads for long prompts)."""
+    SORTED_MAX_PAIRS (token, slot) pairs per expert on average (more: the GEMM, whose loads suit long prompts;
+    the two were not compared on a GPU there)."""
     T, K = top_k_index.shape
     return (MOE_MAX_TOKENS < T and T * K <= SORTED_MAX_PAIRS * gate_up.shape[0]
             and moe_supported(hidden[:1], gate_up, down, act))
