@@ -47,6 +47,27 @@ def test_forced_triton_on_cpu_without_interpreter_says_how(monkeypatch):
         kernels.qlinear(torch.randn(1, 16), tiny_qt())
 
 
+def test_inputs_that_need_gradients_take_the_differentiable_reference(monkeypatch):
+    """The Triton kernels have no backward: fine-tuning through a quantized model (gradients to the
+    layers before it) must not lose them, even where Triton is the backend."""
+    import ccq
+
+    monkeypatch.setenv("CCQ_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a Triton call would raise here
+    qt, x = tiny_qt(), torch.randn(3, 16, requires_grad=True)
+    kernels.qlinear(x, qt).sum().backward()
+    torch.testing.assert_close(x.grad, kernels.reference.dequantize(qt, torch.float32).sum(0).expand(3, 16))
+    g = torch.Generator().manual_seed(0)
+    gate_up = ccq.quantize_tensor(torch.randn(2, 32, 16, generator=g), bits=2, L=8)
+    down = ccq.quantize_tensor(torch.randn(2, 16, 16, generator=g), bits=2, L=8)
+    h, idx = torch.randn(3, 16, requires_grad=True), torch.tensor([[0, 1], [1, 0], [0, 1]])
+    w = torch.full((3, 2), 0.5, requires_grad=True)
+    kernels.qmoe(h, idx, w, gate_up, down).sum().backward()
+    assert h.grad is not None and w.grad is not None and h.grad.abs().sum() > 0
+    with torch.no_grad(), pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        kernels.qlinear(x, qt)
+
+
 def test_torch_backend_on_cpu_matches_dequantized_weight(monkeypatch):
     monkeypatch.setenv("CCQ_BACKEND", "torch")
     qt, x = tiny_qt(), torch.randn(3, 16)

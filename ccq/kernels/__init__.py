@@ -1,7 +1,8 @@
 """Quantized compute: dequantize, linear and fused MoE, dispatched to Triton or torch.
 
 `CCQ_BACKEND=torch|triton` forces a backend; by default Triton runs on CUDA tensors and
-the torch reference everywhere else. The Triton modules are imported on first use, so
+the torch reference everywhere else. The Triton kernels have no backward, so a call whose
+inputs need gradients (fine-tuning through the quantized model) takes the torch reference. The Triton modules are imported on first use, so
 `TRITON_INTERPRET=1` set before the first call runs them on the CPU.
 """
 
@@ -44,16 +45,20 @@ def dequantize(qt, dtype=torch.bfloat16):
     return _triton("decode", dev).dequantize(qt, dtype)
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def qlinear(x, qt, bias=None):
     """y = x @ W^T (+ bias) for a 2-D QuantizedTensor W."""
-    if backend(x.device) == "torch":
+    if backend(x.device) == "torch" or _needs_grad(x, bias):
         return reference.qlinear(x, qt, bias)
     return _triton("gemm", x.device).qlinear(x, qt, bias)
 
 
 def qmoe(hidden, top_k_index, top_k_weights, gate_up, down, act=torch.nn.functional.silu):
     """Routed experts of a MoE layer on packed expert stacks (see `reference.qmoe`)."""
-    if backend(hidden.device) == "torch":
+    if backend(hidden.device) == "torch" or _needs_grad(hidden, top_k_weights):
         return reference.qmoe(hidden, top_k_index, top_k_weights, gate_up, down, act)
     return _triton("moe", hidden.device).qmoe(hidden, top_k_index, top_k_weights, gate_up, down, act)
 
