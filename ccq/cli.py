@@ -195,6 +195,32 @@ def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L
 
 @main.command()
 @click.argument("checkpoint", type=click.Path())
+@click.option("--reference", required=True, type=click.Path(), help="The 16-bit model dir CHECKPOINT was made from.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output folder (tuned packed checkpoint).")
+@click.option("--calibration", required=True, type=click.Path(),
+              help="Local dataset as for `ccq quantize --calibration`, or 'synthetic'.")
+@click.option("--samples", type=click.IntRange(1), default=32, show_default=True, help="Calibration samples.")
+@click.option("--seq-len", type=click.IntRange(8), default=512, show_default=True, help="Tokens per text sample.")
+@click.option("--steps", type=click.IntRange(1), default=256, show_default=True, help="Adam steps, one sample each.")
+@click.option("--lr", type=float, default=3e-4, show_default=True,
+              help="Learning rate of the scales' log-gains (norms and biases: a tenth of it).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample order.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
+def finetune(checkpoint, reference, out, calibration, samples, seq_len, steps, lr, seed, resume, overwrite, device):
+    """Tune a packed CHECKPOINT's 16-bit parameters (scales, norms, biases) end to end so its outputs match
+    the 16-bit model's on the calibration data (KL of the next-token distributions); the codes stay."""
+    from .pipeline import finetune_model_dir
+
+    r = run_guarded(finetune_model_dir, checkpoint, reference, out, calibration, samples=samples, seq_len=seq_len,
+                    steps=steps, lr=lr, seed=seed, device=default_device(device), resume=resume, overwrite=overwrite)
+    click.echo(f"wrote {out}: loss {r['loss_before']:.4f} -> {r['loss_after']:.4f} over {r['samples']} samples"
+               f"{'' if r['kept'] else ' (no gain: kept the old values)'}, {r['steps']} steps, {r['seconds']:.1f} s")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
 def inspect(checkpoint):
     """Print what a packed checkpoint holds: bits, sizes by module group, fallbacks."""
     from .format.inspect import describe

@@ -51,7 +51,8 @@ def summarize(path) -> dict:
         bits_used[str(b)] = bits_used.get(str(b), 0) + 1
     return {"bits": qc["bits"], "target_bpw": qc.get("target_bpw"), "L": qc["L"], "code": qc["code"], "modules_by_bits": bits_used,
             "modules_kept_16bit": qc.get("modules_kept_16bit", []), "groups": groups,
-            "total_bytes": sum(g["bytes"] for g in groups.values()), "fallbacks": report.get("fallbacks", [])}
+            "total_bytes": sum(g["bytes"] for g in groups.values()), "fallbacks": report.get("fallbacks", []),
+            "finetune": qc.get("finetune")}
 
 
 def describe(path) -> str:
@@ -67,4 +68,8 @@ def describe(path) -> str:
         lines.append(f"kept 16-bit by override: {len(s['modules_kept_16bit'])} modules")
     fb = s["fallbacks"]
     lines.append(f"data-free fallbacks: {len(fb)}" + (": " + ", ".join(fb[:8]) + (" ..." if len(fb) > 8 else "") if fb else ""))
+    ft = s["finetune"]
+    if ft:
+        lines.append(f"fine-tuned end to end: {ft['steps']} steps on {ft['samples']} samples, loss "
+                     f"{ft['loss_before']:.4f} -> {ft['loss_after']:.4f}" + ("" if ft["kept"] else " (not kept)"))
     return "\n".join(lines)
