@@ -1,12 +1,12 @@
 """`finetune_model_dir`: end-to-end fine-tuning of a packed checkpoint against its 16-bit model.
 
-The packed model and the 16-bit reference are loaded whole (fp32 on the chosen device), the
-quantized model's 16-bit parameters are tuned so its outputs match the reference's on the
-calibration samples (`ccq.calibration.finetune.finetune_model`), and a new packed folder is
-written with the same shards, the tuned scales, norms and biases in place of the old ones (the
-trellis codes are copied as they are). Output goes through `CheckpointWriter`, so a failed run
-leaves nothing at `out_dir`, and the tuning state is saved in its work folder every few steps,
-so `resume=True` continues an interrupted run with the same result.
+The packed model (its 16-bit tensors in fp32: they are what is tuned) and the 16-bit reference are
+loaded whole on the chosen device, the quantized model's 16-bit parameters are tuned so its outputs
+match the reference's on the calibration samples (`ccq.calibration.finetune.finetune_model`), and a
+new packed folder is written with the same shards, the tuned scales, norms and biases in place of the
+old ones (the trellis codes are copied as they are). Output goes through `CheckpointWriter`, so a
+failed run leaves nothing at `out_dir`, and the tuning state is saved in its work folder every few
+steps, so `resume=True` continues an interrupted run with the same result.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ STATE = "tuning-state.pt"
 
 
 def _reference(path: Path, device: str):
-    """The 16-bit model, through the class its family's adapter names (as `ccq eval` loads it)."""
+    """The 16-bit model, through the class its family's adapter names (as `ccq eval` loads it): fp32
+    on the CPU (bf16 matmuls are slow there), bf16 on a GPU (half the memory; only its outputs are used)."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"reference {path} is not a model folder (no config.json)")
@@ -38,7 +39,8 @@ def _reference(path: Path, device: str):
     if (raw.get("quantization_config") or {}).get("quant_method") == "ccq":
         raise ValueError(f"reference {path} is a ccq-packed checkpoint; give the 16-bit model it was made from")
     arch = resolve(raw, str(cfg_path))
-    return arch.cls.from_pretrained(str(path), config=arch.config, dtype=torch.float32, device_map=device,
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    return arch.cls.from_pretrained(str(path), config=arch.config, dtype=dtype, device_map=device,
                                     local_files_only=True).eval()
 
 
