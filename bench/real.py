@@ -15,7 +15,10 @@ Methods (space separated): fp, ccq:BITS (calibrated), ccq-df:BITS (data-free), c
 calibrated on random token ids), ccq-syn:BITS (no data: `calibration="synthetic"`, --samples
 sequences of at most --seq-len tokens, the shortest --min-len), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1 /
 ccq-syn:t2.1 (bits chosen per module for a target bpw), rtn:BITS:gGROUP, gptq:BITS:gGROUP. A `:ft` suffix
-adds layer-wise fine-tuning (--finetune-steps per layer; ccq:2:ft, ccq-syn:t2.1:ft). For the lm, the ccq
+adds layer-wise fine-tuning (--finetune-steps per layer; ccq:2:ft, ccq-syn:t2.1:ft), an `:e2e` suffix (last)
+end-to-end fine-tuning afterwards (--e2e-steps, --e2e-lr; the lm through `ccq finetune`'s
+`finetune_model_dir` on the calibration text, minilm in memory, on synthetic words for the methods without
+data; ccq:t2.1:ft:e2e). For the lm, the ccq
 methods run the streaming `ccq quantize` path (layer by layer, each calibrated on the quantized layers' outputs). Every method quantizes the
 same modules (every Linear except the head; MiniLM's unused pooler stays fp32) on the same calibration
 tokens. Prints one JSON line per method and writes all of them to --out.
@@ -89,13 +92,13 @@ def quantize(model, method, calib, L, keep=KEEP, damp=None, syn=None, finetune_s
     kind, _, arg = method.partition(":")
     t0 = time.perf_counter()
     if kind.startswith("ccq"):
-        arg, _, flag = arg.partition(":")
+        arg, _, flags = arg.partition(":")
         data = {"ccq-df": None, "ccq-syn": "synthetic", "ccq-rt": random_token_batches(m.config.vocab_size, len(calib), calib[0].shape[1]),
                 "ccq": calib}[kind]
         kw = dict(syn or {}) if kind == "ccq-syn" else {}
         if damp is not None:
             kw["damp"] = damp
-        if flag == "ft":
+        if "ft" in flags.split(":"):
             kw["finetune_steps"] = finetune_steps
         if arg.startswith("t"):
             quantize_model(m, 2, data, overrides=keep, L=L, seed=seed, target_bpw=float(arg[1:]), **kw)
@@ -120,6 +123,20 @@ def quantize(model, method, calib, L, keep=KEEP, damp=None, syn=None, finetune_s
             q = rtn(w, bits, group) if kind == "rtn" else gptq(w, hs[name], bits, group)
             w.copy_(q.to(w.dtype))
     return m, peer_bpw(bits, group), time.perf_counter() - t0, [bits]
+
+
+def end_to_end(m, model, method, calib, tok, args) -> float:
+    """`:e2e`: ccq.calibration.finetune.finetune_model of the quantized m against model, on the
+    calibration chunks, or for the methods without data on fresh synthetic words (128 samples of
+    10..50 tokens, seed + 100: not the draws the Hessians saw); returns its seconds."""
+    from ccq.calibration.finetune import finetune_model
+    from ccq.calibration.synthetic import word_batches
+
+    t0 = time.perf_counter()
+    data = calib if method.startswith("ccq:") else word_batches(tok, 128, 50, args.seed + 100, min_len=10)
+    stats = finetune_model(m, model, data, steps=args.e2e_steps, lr=args.e2e_lr, seed=args.seed)
+    print(json.dumps({"method": method, "e2e": stats}), flush=True)
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -153,6 +170,8 @@ def run_minilm(args):
             continue
         m, bpw, sec, bits = quantize(model, method, calib, args.L, damp=args.damp, finetune_steps=args.finetune_steps,
                                      syn=args.syn, seed=args.seed)
+        if "e2e" in method.split(":")[2:]:
+            sec += end_to_end(m, model, method, [{"input_ids": c} for c in calib], tok, args)
         cos = (minilm_embed(dense_copy(m), batches) * ref).sum(-1)
         row = {"method": method, "bits": bits, "bpw": round(bpw, 4), "cosine_mean": float(cos.mean()),
                "cosine_median": float(cos.median()), "cosine_min": float(cos.min()), "seconds": round(sec, 1)}
@@ -212,17 +231,30 @@ def dense_copy(model):
 def stream_quantize(src, method, calib_file, args, work, keep):
     """ccq quantize through the streaming path (sequential calibration, optional fine-tuning)."""
     import ccq
-    from ccq.pipeline import quantize_model_dir
+    from ccq.format.writer import REPORT
+    from ccq.pipeline import finetune_model_dir, quantize_model_dir
 
     kind, _, rest = method.partition(":")
-    arg, _, flag = rest.partition(":")
-    out = work / method.replace(":", "_")
+    arg, _, flags = rest.partition(":")
+    flags = flags.split(":")
+    base = method.removesuffix(":e2e")
+    out = work / base.replace(":", "_")
     kw = {"target_bpw": float(arg[1:])} if arg.startswith("t") else {}
-    t0 = time.perf_counter()
-    rep = quantize_model_dir(src, out, int(arg) if not kw else 2, calibration=calib_file, samples=args.samples,
-                             seq_len=args.seq_len, L=args.L, overwrite=True, progress=False,
-                             finetune_steps=args.finetune_steps if flag == "ft" else 0, overrides=keep, **kw)
-    sec = time.perf_counter() - t0
+    if args.reuse and (out / REPORT).exists():  # a packed folder of an earlier run with this method
+        rep = json.loads((out / REPORT).read_text())
+        sec = rep["totals"]["wall_seconds"]
+    else:
+        t0 = time.perf_counter()
+        rep = quantize_model_dir(src, out, int(arg) if not kw else 2, calibration=calib_file, samples=args.samples,
+                                 seq_len=args.seq_len, L=args.L, overwrite=True, progress=False,
+                                 finetune_steps=args.finetune_steps if "ft" in flags else 0, overrides=keep, **kw)
+        sec = time.perf_counter() - t0
+    if "e2e" in flags:
+        tuned = work / method.replace(":", "_")
+        stats = finetune_model_dir(out, src, tuned, calib_file, samples=args.samples, seq_len=args.seq_len,
+                                   steps=args.e2e_steps, lr=args.e2e_lr, seed=args.seed, overwrite=True, progress=False)
+        print(json.dumps({"method": method, "e2e": stats}), flush=True)
+        sec, out = sec + stats["seconds"], tuned
     t = rep["totals"]
     bpw = t["quantized_bytes"] * 8 / sum(g["weights"] for g in t["by_group"].values())
     return dense_copy(ccq.load(out).float().eval()), bpw, sec, sorted({e["bits"] for e in rep["tensors"]})
@@ -286,6 +318,10 @@ def main():
                     "--seq-len / --min-len ccq-syn takes quantize_model's defaults (128 samples of 10..50 tokens)")
     ap.add_argument("--seed", type=int, default=0, help="minilm: ccq's seed (Hadamard signs, synthetic draws)")
     ap.add_argument("--finetune-steps", type=int, default=200, help="steps per layer for the :ft methods")
+    ap.add_argument("--e2e-steps", type=int, default=256, help="steps of the :e2e methods (one sample each)")
+    ap.add_argument("--e2e-lr", type=float, default=3e-4, help="learning rate of the :e2e methods")
+    ap.add_argument("--reuse", action="store_true", help="lm: take a ccq method's packed folder from an earlier "
+                    "run in --work instead of quantizing again (its report's seconds)")
     ap.add_argument("--layers", type=int, default=None, help="lm: quantize only the first N decoder layers "
                     "(every method; the others stay fp32) to fit a busy CPU [all]")
     ap.add_argument("--work", default=None, help="lm: folder for the fp32 model and the packed outputs [a temp dir]")
@@ -305,7 +341,8 @@ def main():
     out = Path(args.out or f"bench/results/real-{args.which}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**info, "L": args.L, "damp": args.damp, "synthetic": args.syn, "seed": args.seed,
-                               "finetune_steps": args.finetune_steps, "calibration": f"{args.samples} x {args.seq_len} tokens",
+                               "finetune_steps": args.finetune_steps,
+                               "e2e_steps": args.e2e_steps, "e2e_lr": args.e2e_lr, "calibration": f"{args.samples} x {args.seq_len} tokens",
                                "threads": args.threads, "machine": platform.machine(), "rows": rows}, indent=1))
     print(f"wrote {out}")
 
