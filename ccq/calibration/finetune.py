@@ -55,7 +55,6 @@ class _Tuning:
     norms'. `end(keep)` puts the QuantLinears back, with the tuned values when keep, else the old ones."""
 
     def __init__(self, root: nn.Module):
-        self.root = root
         self.swapped = []
         for name, mod in list(root.named_modules()):
             if isinstance(mod, QuantLinear) and mod.signs_out is None:
@@ -183,8 +182,8 @@ def model_loss(out, ref) -> torch.Tensor:
     return ((y - t) ** 2).mean() / (t * t).mean().clamp_min(1e-30)
 
 
-def finetune_model(model: nn.Module, reference: nn.Module, batches: list[dict], *, steps: int = 200,
-                   lr: float = 1e-4, seed: int = 0, progress=None, state_path=None) -> dict:
+def finetune_model(model: nn.Module, reference: nn.Module, batches: list[dict], *, steps: int = 256,
+                   lr: float = 3e-4, seed: int = 0, progress=None, state_path=None) -> dict:
     """Tune the quantized `model`'s 16-bit parameters in place so its outputs match `reference`'s
     (the 16-bit model) on `batches` (model input dicts). The reference's outputs are recomputed at
     every step rather than stored (a long sequence's logits are vocab x tokens floats).
