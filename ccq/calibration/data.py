@@ -118,3 +118,16 @@ def image_sample(img, text, tok, proc, config, seq_len, adapter) -> dict:
     pixels = proc(images=[_image(img)], return_tensors="pt")
     text_ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0][:seq_len]
     return adapter.image_sample(pixels, text_ids, config)
+
+
+def model_dir_samples(calibration, model_dir, config, samples: int, seq_len: int, adapter, seed: int = 0):
+    """The calibration samples of a model folder run: None (data-free) -> None; "synthetic" ->
+    whole-word sequences from model_dir's tokenizer (`synthetic.word_batches`); else a dataset path
+    -> `calibration_batches`."""
+    from .synthetic import SYNTHETIC, load_tokenizer, word_batches
+
+    if calibration is None:
+        return None
+    if calibration == SYNTHETIC:
+        return word_batches(load_tokenizer(model_dir), samples, seq_len, seed, where=str(model_dir))
+    return calibration_batches(calibration, model_dir, config, samples, seq_len, adapter)

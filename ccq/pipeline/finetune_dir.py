@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..calibration.data import model_dir_samples
 from ..calibration.finetune import finetune_model
 from ..calibration.synthetic import SYNTHETIC
 from ..format.loader import load, shard_files
@@ -44,16 +45,6 @@ def _reference(path: Path, device: str):
                                     local_files_only=True).eval()
 
 
-def _batches(calibration, packed: Path, config, samples: int, seq_len: int, seed: int, adapter) -> list[dict]:
-    if calibration == SYNTHETIC:
-        from ..calibration.synthetic import load_tokenizer, word_batches
-
-        return word_batches(load_tokenizer(packed), samples, seq_len, seed, where=str(packed))
-    from ..calibration.data import calibration_batches
-
-    return calibration_batches(calibration, packed, config, samples, seq_len, adapter)
-
-
 def finetune_model_dir(packed_dir, reference_dir, out_dir, calibration, *, samples: int = 32, seq_len: int = 512,
                        steps: int = 256, lr: float = 3e-4, seed: int = 0, device: str = "cpu",
                        resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
@@ -76,7 +67,7 @@ def finetune_model_dir(packed_dir, reference_dir, out_dir, calibration, *, sampl
     config = read_json(packed / "config.json")
     check_quantization_config(config.get("quantization_config"), str(packed / "config.json"))
     arch = resolve(config, str(packed / "config.json"))
-    batches = _batches(calibration, packed, arch.config, samples, seq_len, seed, arch.adapter)
+    batches = model_dir_samples(calibration, packed, arch.config, samples, seq_len, arch.adapter, seed)
     run = {"reference": fingerprint(ref_dir, {}) if ref_dir.is_dir() else str(ref_dir), "samples": samples,
            "seq_len": seq_len, "steps": steps, "lr": lr, "seed": seed, "device": device,
            "calibration": SYNTHETIC if calibration == SYNTHETIC else calibration_fingerprint(calibration)}

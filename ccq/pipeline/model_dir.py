@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ..calibration.data import model_dir_samples
 from ..calibration.synthetic import SYNTHETIC
 from ..format.qconfig import make_quantization_config
 from ..format.source import MetaView, SourceCheckpoint
@@ -72,15 +73,8 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
         from ..calibration.allocate import allocate_model
 
         pipe.plan = allocate_model(model, plan, settings, get=names.get)
-    batches = None
-    if calibration == SYNTHETIC:  # no model in memory to sample from: whole-word vocabulary tokens
-        from ..calibration.synthetic import load_tokenizer, word_batches
-
-        batches = word_batches(load_tokenizer(src.dir), samples, seq_len, settings.seed, where=str(src.dir))
-    elif calibration is not None:
-        from ..calibration.data import calibration_batches
-
-        batches = calibration_batches(calibration, src.dir, arch.config, samples, seq_len, arch.adapter)
+    # synthetic: no model in memory to sample from, so whole-word vocabulary tokens
+    batches = model_dir_samples(calibration, src.dir, arch.config, samples, seq_len, arch.adapter, settings.seed)
     run = {"settings": settings.to_dict(), "device": dev.type, "samples": samples, "seq_len": seq_len,
            "calibration": (None if calibration is None else SYNTHETIC if calibration == SYNTHETIC
                            else calibration_fingerprint(calibration))}
