@@ -319,7 +319,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="minilm: ccq's seed (Hadamard signs, synthetic draws)")
     ap.add_argument("--finetune-steps", type=int, default=200, help="steps per layer for the :ft methods")
     ap.add_argument("--e2e-steps", type=int, default=256, help="steps of the :e2e methods (one sample each)")
-    ap.add_argument("--e2e-lr", type=float, default=3e-4, help="learning rate of the :e2e methods")
+    ap.add_argument("--e2e-lr", type=float, default=3e-3, help="learning rate of the :e2e methods")
     ap.add_argument("--reuse", action="store_true", help="lm: take a ccq method's packed folder from an earlier "
                     "run in --work instead of quantizing again (its report's seconds)")
     ap.add_argument("--layers", type=int, default=None, help="lm: quantize only the first N decoder layers "

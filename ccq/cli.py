@@ -202,7 +202,7 @@ def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L
 @click.option("--samples", type=click.IntRange(1), default=32, show_default=True, help="Calibration samples.")
 @click.option("--seq-len", type=click.IntRange(8), default=512, show_default=True, help="Tokens per text sample.")
 @click.option("--steps", type=click.IntRange(1), default=256, show_default=True, help="Adam steps, one sample each.")
-@click.option("--lr", type=float, default=3e-4, show_default=True,
+@click.option("--lr", type=float, default=3e-3, show_default=True,
               help="Learning rate of the scales' log-gains (norms and biases: a tenth of it).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample order.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output.")

@@ -183,7 +183,7 @@ def model_loss(out, ref) -> torch.Tensor:
 
 
 def finetune_model(model: nn.Module, reference: nn.Module, batches: list[dict], *, steps: int = 256,
-                   lr: float = 3e-4, seed: int = 0, progress=None, state_path=None) -> dict:
+                   lr: float = 3e-3, seed: int = 0, progress=None, state_path=None) -> dict:
     """Tune the quantized `model`'s 16-bit parameters in place so its outputs match `reference`'s
     (the 16-bit model) on `batches` (model input dicts). The reference's outputs are recomputed at
     every step rather than stored (a long sequence's logits are vocab x tokens floats).

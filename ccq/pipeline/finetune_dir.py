@@ -46,7 +46,7 @@ def _reference(path: Path, device: str):
 
 
 def finetune_model_dir(packed_dir, reference_dir, out_dir, calibration, *, samples: int = 32, seq_len: int = 512,
-                       steps: int = 256, lr: float = 3e-4, seed: int = 0, device: str = "cpu",
+                       steps: int = 256, lr: float = 3e-3, seed: int = 0, device: str = "cpu",
                        resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Tune packed_dir end to end against reference_dir on the calibration data; write out_dir.
 
