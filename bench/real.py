@@ -300,6 +300,8 @@ def run_lm(args):
 
 
 def main():
+    from ccq.calibration.finetune import E2E_LR, E2E_STEPS
+
     ap = argparse.ArgumentParser()
     ap.add_argument("which", choices=["minilm", "lm"])
     ap.add_argument("--gguf", help="lm: path of SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -318,8 +320,8 @@ def main():
                     "--seq-len / --min-len ccq-syn takes quantize_model's defaults (128 samples of 10..50 tokens)")
     ap.add_argument("--seed", type=int, default=0, help="minilm: ccq's seed (Hadamard signs, synthetic draws)")
     ap.add_argument("--finetune-steps", type=int, default=200, help="steps per layer for the :ft methods")
-    ap.add_argument("--e2e-steps", type=int, default=256, help="steps of the :e2e methods (one sample each)")
-    ap.add_argument("--e2e-lr", type=float, default=3e-3, help="learning rate of the :e2e methods")
+    ap.add_argument("--e2e-steps", type=int, default=E2E_STEPS, help="steps of the :e2e methods (one sample each)")
+    ap.add_argument("--e2e-lr", type=float, default=E2E_LR, help="learning rate of the :e2e methods")
     ap.add_argument("--reuse", action="store_true", help="lm: take a ccq method's packed folder from an earlier "
                     "run in --work instead of quantizing again (its report's seconds)")
     ap.add_argument("--layers", type=int, default=None, help="lm: quantize only the first N decoder layers "

@@ -219,3 +219,13 @@ def test_finetune_cli_errors_leave_nothing(tmp_path):
     r = CliRunner().invoke(main, ["finetune", str(src), "-o", str(tmp_path / "t"), "--reference", str(src),
                                   "--calibration", str(calib)])
     assert r.exit_code == 1 and "no ccq quantization_config" in r.output, r.output
+
+
+def test_finetune_command_defaults_are_the_librarys():
+    """The CLI (which imports only click at start-up) repeats the measured end-to-end defaults; they must
+    not drift from the library's."""
+    from ccq.calibration.finetune import E2E_LR, E2E_STEPS
+    from ccq.cli import main
+
+    opts = {p.name: p.default for p in main.commands["finetune"].params}
+    assert (opts["steps"], opts["lr"]) == (E2E_STEPS, E2E_LR)

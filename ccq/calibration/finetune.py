@@ -28,6 +28,10 @@ from torch import nn
 
 from ..models.quant_modules import QuantLinear
 
+# End-to-end defaults (finetune_model, finetune_model_dir, `ccq finetune`), measured on SmolLM2 at 2.1 bpw
+# in docs/QUALITY.md: at 256 steps lr 3e-4 / 1e-3 / 3e-3 / 1e-2 gave KL 0.308 / 0.285 / 0.277 / 0.297.
+E2E_STEPS, E2E_LR = 256, 3e-3
+
 
 class _TunedLinear(nn.Module):
     """F.linear(x, (s0 * exp(g))[:, None] * B, bias) with trainable log-gain g (and bias)."""
@@ -182,8 +186,8 @@ def model_loss(out, ref) -> torch.Tensor:
     return ((y - t) ** 2).mean() / (t * t).mean().clamp_min(1e-30)
 
 
-def finetune_model(model: nn.Module, reference: nn.Module, batches: list[dict], *, steps: int = 256,
-                   lr: float = 3e-3, seed: int = 0, progress=None, state_path=None) -> dict:
+def finetune_model(model: nn.Module, reference: nn.Module, batches: list[dict], *, steps: int = E2E_STEPS,
+                   lr: float = E2E_LR, seed: int = 0, progress=None, state_path=None) -> dict:
     """Tune the quantized `model`'s 16-bit parameters in place so its outputs match `reference`'s
     (the 16-bit model) on `batches` (model input dicts). The reference's outputs are recomputed at
     every step rather than stored (a long sequence's logits are vocab x tokens floats).

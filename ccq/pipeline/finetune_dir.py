@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from ..calibration.data import model_dir_samples
-from ..calibration.finetune import finetune_model
+from ..calibration.finetune import E2E_LR, E2E_STEPS, finetune_model
 from ..calibration.synthetic import SYNTHETIC
 from ..format.loader import load, shard_files
 from ..format.qconfig import check_quantization_config
@@ -46,7 +46,7 @@ def _reference(path: Path, device: str):
 
 
 def finetune_model_dir(packed_dir, reference_dir, out_dir, calibration, *, samples: int = 32, seq_len: int = 512,
-                       steps: int = 256, lr: float = 3e-3, seed: int = 0, device: str = "cpu",
+                       steps: int = E2E_STEPS, lr: float = E2E_LR, seed: int = 0, device: str = "cpu",
                        resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Tune packed_dir end to end against reference_dir on the calibration data; write out_dir.
 
