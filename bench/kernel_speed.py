@@ -79,6 +79,13 @@ def check(bits_list) -> list[dict]:
                     err = (gemm.qlinear(x, qt, decode=decode) - want).abs().max().item() / want.abs().max().item()
                     rows.append(dict(kind="qlinear", bits=bits, code=code, batch=batch, decode=decode, in_features=k_in,
                                      rel_err=err))
+            # the prefill path (`gemm.decode_once`: W' decoded once, cuBLAS) at 1024 rows of a 1024 x 1024 weight
+            qt = random_quantized((1024, 1024), bits, code, device=DEVICE)
+            x = torch.randn(1024, 1024, device=DEVICE, dtype=torch.bfloat16)
+            want = reference.qlinear(x.float(), qt)
+            err = (gemm.qlinear(x, qt).float() - want).abs().max().item() / want.abs().max().item()
+            rows.append(dict(kind="qlinear", bits=bits, code=code, batch=1024, decode="once", in_features=1024,
+                             rel_err=err))
             # hidden 160 with intermediate 48 (Hadamard block 16: down's transform in its own launch) and 1024
             # (block 512: transformed by launch 1's last programs, down split over K with tickets), CUDA cores;
             # hidden 512 with intermediate 1024: the tensor-core decode step at 1 and 3 tokens, the sorted
@@ -124,7 +131,8 @@ def bench_dense(bits_list, batches) -> list[dict]:
                 best = min(kern, key=kern.get)
                 wbytes = qt.trellis.numel() * 2 + qt.scales.numel() * 2
                 path = ("tensor-core GEMV, one launch" if gemv_tc.one_launch(x, qt) else "tensor-core GEMV") \
-                    if gemv_tc.supported(x, qt) else "CUDA-core GEMV" if small else "GEMM"
+                    if gemv_tc.supported(x, qt) else "CUDA-core GEMV" if small else \
+                    "decode once + cuBLAS" if gemm.decode_once(batch, qt) else "GEMM"
                 rows.append(dict(base, bits=bits, ccq_ms=t_full, ccq_path=path, ccq_decode=gemm.DECODE, ccq_timer=how,
                                  **{f"ccq_kernel_ms_{d}": t for d, t in kern.items()}, best_decode=best,
                                  weight_bytes=wbytes, ccq_kernel_GBps=wbytes / kern[best] / 1e6,
@@ -199,7 +207,7 @@ def print_tables(dense, moe_rows):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 1024])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kernels-<device>.json)")
     args = ap.parse_args(argv)

@@ -39,6 +39,7 @@ ISSUE = SMS * 4 * 32 * CLOCK  # thread-instructions/s: 4 warp-instructions per S
 HBM = 4.3e12  # bytes/s, measured copy bandwidth
 LAUNCH_S = 2e-6  # one dependent kernel in a CUDA graph: launch + drain
 TENSOR = 4  # one warp-level m16n8k16 MMA per SM per clock (the dense fp16 peak): 4 issue slots' worth
+BF16_FLOPS = 989e12  # dense bf16 tensor-core peak (cuBLAS GEMMs, ccq's and the baseline's, at many rows)
 CODES = ("mul1", "1mad", "mcg", "3inst")
 # (name, in, out) of the dense shapes: ERNIE-4.5-VL 28B experts (gate/up fused) and attention, 424B experts
 DENSE = [("28B gate_up", 2560, 2 * 1536), ("28B down", 1536, 2560), ("28B vision gate_up", 2560, 2 * 512),
@@ -46,6 +47,9 @@ DENSE = [("28B gate_up", 2560, 2 * 1536), ("28B down", 1536, 2560), ("28B vision
          ("424B down", 3584, 8192)]
 # (name, experts, top_k, hidden, intermediate): routed-expert layers
 MOE = [("28B", 64, 6, 2560, 1536), ("424B", 64, 8, 8192, 3584)]
+# rows of the dense shapes: decode (1), small batches (16-64, the tensor-core GEMV) and prefill (256+: from
+# `gemm.decode_once` on, one decode and cuBLAS; kind "fused" is the same call kept on the fused GEMM)
+DENSE_ROWS = (1, 16, 32, 64, 256, 1024, 4096)
 
 
 def path_of(rec) -> str:
@@ -111,6 +115,28 @@ def prologue_iterations(rec) -> int:
     return prologue_elements(a["M"], math.prod(rec.grid[:2]), a["KT"], a["T_PER_SPLIT"], c["HAD"]) // c["HAD"]
 
 
+def torch_gemm_seconds(fn) -> float:
+    """Time of the torch matmuls fn runs (cuBLAS; ccq's prefill path): each at the bf16 tensor peak or
+    streaming its operands, whichever is longer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mms = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+    class Gemms(TorchDispatchMode):
+        t = 0.0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in mms:
+                a, b = args[-2:]
+                (m, k), n = a.shape, b.shape[1]
+                Gemms.t += max(2 * m * n * k / BF16_FLOPS, (m * k + k * n + m * n) * a.element_size() / HBM)
+            return func(*args, **(kwargs or {}))
+
+    with Gemms():
+        fn()
+    return Gemms.t
+
+
 def bf16_kernels(kind: str, x, *args) -> int:
     """Kernels the bf16 baseline launches for one call, counted like ccq's torch kernels (meta tensors, views
     excluded): dense `x @ W.T` (cuBLAS); MoE: transformers' ERNIE-4.5-VL experts with their `grouped_mm`
@@ -142,18 +168,23 @@ def record_shapes(bits: int, code: str):
             fn()
         with launch.record(SMS) as recs:
             n_torch = launch.torch_kernels(fn)
-        return list(recs), n_torch
+        with launch.record(SMS):
+            gemm_s = torch_gemm_seconds(fn)
+        return list(recs), n_torch, gemm_s
 
     for name, k_in, n_out in DENSE:
         qt = random_quantized((n_out, k_in), bits, code, device="meta")
-        for rows in (1, 16, 32, 64):
+        for rows in DENSE_ROWS:
             x = torch.empty(rows, k_in, dtype=torch.bfloat16, device="meta")
-            recs, n_torch = run(lambda: gemm.qlinear(x, qt))
-            out.append((name, "dense", rows, n_out * k_in, [(r, None) for r in recs], n_torch,
-                        bf16_kernels("dense", x, n_out, k_in)))
+            for kind in ("dense", "fused") if gemm.decode_once(rows, qt) else ("dense",):
+                # "fused": the same call kept on the fused GEMM (a named decode does that)
+                recs, n_torch, gemm_s = run(lambda: gemm.qlinear(x, qt, decode=gemm.DECODE if kind == "fused"
+                                                                 else None))
+                out.append((name, kind, rows, n_out * k_in, [(r, None) for r in recs], n_torch,
+                            bf16_kernels("dense", x, n_out, k_in), rows * n_out * k_in, gemm_s))
         if name == "28B gate_up":
-            recs, n_torch = run(lambda: decode.dequantize(qt))
-            out.append((name, "dequantize", 0, n_out * k_in, [(r, None) for r in recs], n_torch, 1))
+            recs, n_torch, _ = run(lambda: decode.dequantize(qt))
+            out.append((name, "dequantize", 0, n_out * k_in, [(r, None) for r in recs], n_torch, 1, 0, 0.0))
     for name, E, K, H, inter in MOE:
         gu = random_quantized((E, 2 * inter, H), bits, code, device="meta")
         dn = random_quantized((E, H, inter), bits, code, device="meta")
@@ -161,7 +192,7 @@ def record_shapes(bits: int, code: str):
             x = torch.empty(tokens, H, dtype=torch.bfloat16, device="meta")
             idx = torch.empty(tokens, K, dtype=torch.long, device="meta")
             w = torch.empty(tokens, K, dtype=torch.bfloat16, device="meta")
-            recs, n_torch = run(lambda: moe.qmoe(x, idx, w, gu, dn))
+            recs, n_torch, gemm_s = run(lambda: moe.qmoe(x, idx, w, gu, dn))
             used = min(E, tokens * K)
 
             def blocks(rec):  # that decode an expert, uniform routing: each used expert's pairs padded to BM
@@ -172,23 +203,27 @@ def record_shapes(bits: int, code: str):
             routed = ("_gemm_kernel", "_gemv_kernel", "_gemv_tc_kernel")  # the others run their whole grid
             out.append((f"{name} MoE layer", "moe", tokens, used * 3 * inter * H,
                         [(r, blocks(r) if r.name in routed else None) for r in recs], n_torch,
-                        bf16_kernels("moe", x, E, H, inter, idx, w)))
+                        bf16_kernels("moe", x, E, H, inter, idx, w), tokens * K * 3 * inter * H, gemm_s))
     return out
 
 
 def predict(parts: list[tuple[dict, float, float, int]], bf16_weights: float, launches: int,
-            bf16_launches: int) -> dict:
+            bf16_launches: int, bf16_macs: float = 0, gemm_s: float = 0.0) -> dict:
     """parts: (per-unit counts, units, bytes, programs) of each Triton launch; launches: all kernels incl.
-    torch's; bf16_launches: the baseline's. A launch with fewer programs than SMs issues on that many SMs only."""
-    t_issue = t_mem = t = 0.0
+    torch's; bf16_launches: the baseline's, whose time is its weights' bytes or its bf16_macs at the tensor
+    peak, whichever is longer; gemm_s: ccq's own cuBLAS time (`torch_gemm_seconds`). A launch with fewer
+    programs than SMs issues on that many SMs only."""
+    t_issue = t_mem = 0.0
+    t = gemm_s
     for n, units, nbytes, programs in parts:
         eff = max(n["total"], 2 * n["alu"], 2 * n["fma_heavy"], TENSOR * n["mma"])
         ti, tm = units * eff / ISSUE * SMS / min(SMS, programs), nbytes / HBM
         t_issue, t_mem, t = t_issue + ti, t_mem + tm, t + max(ti, tm)
     t += launches * LAUNCH_S
-    t16 = bf16_weights * 2 / HBM + bf16_launches * LAUNCH_S
+    t16 = max(bf16_weights * 2 / HBM, 2 * bf16_macs / BF16_FLOPS) + bf16_launches * LAUNCH_S
     kernels, kernels16 = t - launches * LAUNCH_S, t16 - bf16_launches * LAUNCH_S
-    return dict(issue_us=t_issue * 1e6, memory_us=t_mem * 1e6, predicted_us=t * 1e6, bf16_us=t16 * 1e6,
+    return dict(issue_us=t_issue * 1e6, memory_us=t_mem * 1e6, cublas_us=gemm_s * 1e6, predicted_us=t * 1e6,
+                bf16_us=t16 * 1e6,
                 ratio_vs_bf16=t16 / t, kernels_ratio_vs_bf16=kernels16 / kernels)
 
 
@@ -212,7 +247,8 @@ def print_tables(configs: list[dict], shapes: list[dict]) -> None:
     print(f"{'shape':<20}{'rows':>5}{'bits':>5} {'code':<6}{'launches':>9}{'warps/SM':>9}{'issue us':>9}{'mem us':>8}"
           f"{'pred us':>9}{'bf16 l.':>8}{'bf16 us':>9}{'ratio':>7}{'kernels':>8}")
     for s in shapes:
-        print(f"{s['shape']:<20}{s['rows']:>5}{s['bits']:>5} {s['code']:<6}"
+        name = s["shape"] + (" fused" if s["kind"] == "fused" else "")
+        print(f"{name:<20}{s['rows']:>5}{s['bits']:>5} {s['code']:<6}"
               f"{str(s['triton_launches']) + '+' + str(s['torch_launches']):>9}{s.get('warps_per_sm', 0):>9.1f}"
               f"{s['issue_us']:>9.2f}{s['memory_us']:>8.2f}"
               f"{s['predicted_us']:>9.2f}{s.get('bf16_launches', 1):>8}{s['bf16_us']:>9.2f}{s['ratio_vs_bf16']:>6.2f}x"
@@ -232,7 +268,7 @@ def main(argv=None) -> int:
     shapes = []
     for bits in args.bits:
         for code in args.codes:
-            for name, kind, rows, w16, recs, n_torch, n16 in record_shapes(bits, code):
+            for name, kind, rows, w16, recs, n_torch, n16, macs16, gemm_s in record_shapes(bits, code):
                 keys, parts = [], []
                 for rec, used in recs:
                     key = config_key(rec)
@@ -266,7 +302,7 @@ def main(argv=None) -> int:
                                       progs))
                     if configs[key]["path"] != "hadamard":  # warps in flight of the busiest weight launch
                         warps = max(warps, progs * configs[key]["num_warps"] / SMS)
-                pred = predict(parts, w16, len(recs) + n_torch, n16)
+                pred = predict(parts, w16, len(recs) + n_torch, n16, macs16, gemm_s)
                 shapes.append(dict(shape=name, kind=kind, rows=rows, bits=bits, code=code, triton_launches=len(recs),
                                    torch_launches=n_torch, bf16_launches=n16, warps_per_sm=round(warps, 1),
                                    paths=[configs[k]["path"] for k in keys], **pred))

@@ -91,6 +91,26 @@ def test_qlinear_half_inputs(dtype):
     close(got, reference.qlinear(x.float(), qt), 2e-2)
 
 
+@pytest.mark.parametrize("bits,L,code,rot", CASES[:4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlinear_prefill_decodes_once(bits, L, code, rot, dtype, monkeypatch):
+    """Prefill sizes: one decode of W' and a torch GEMM, padded dims, bias, rotated output."""
+    from ccq.kernels import gemm, launch
+
+    monkeypatch.setattr(gemm, "DEQUANT_MIN_MACS", 0)  # a small weight, so that the rows alone decide
+    rows = gemm.DEQUANT_MIN_ROWS + 3
+    qt = random_qt((40, 68), bits, L, code, rot, seed=rows)
+    assert not gemm.decode_once(rows - 4, qt)
+    x = torch.randn(rows, 70, device=DEV)[:, :68].to(dtype)
+    bias = torch.randn(40, device=DEV).to(dtype)
+    with launch.record() as recs:  # what the dispatcher launches (recorded, not run)
+        kernels.qlinear(x, qt, bias)
+    assert [r.name for r in recs].count("_dequant_kernel") == 1 and "_gemm_kernel" not in [r.name for r in recs]
+    got = kernels.qlinear(x, qt, bias)
+    assert got.shape == (rows, 40) and got.dtype == dtype
+    close(got, reference.qlinear(x.float(), qt, bias.float()), 1e-5 if dtype == torch.float32 else 2e-2)
+
+
 def test_qlinear_no_rows():
     qt = random_qt((40, 72), 3, 16, "mul1", True)
     assert kernels.qlinear(torch.randn(2, 0, 72, device=DEV), qt).shape == (2, 0, 40)

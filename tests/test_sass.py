@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # qlinear at batch 1 (the tensor-core GEMV with its input transform, in Gluon; and, with Hadamard blocks of
 # 16, the CUDA-core GEMV), at 32 rows (the tensor-core GEMV's 32 columns), at 72 rows and with 16-blocks at 24
-# rows (GEMM, 64- and 32-row blocks), qmoe at one
+# rows (GEMM, 64- and 32-row blocks), at 1024 rows (the prefill path: one decode to bf16), qmoe at one
 # token (the routed GEMV launches), at 8 tokens (align and the routed GEMM launches with their fused
 # epilogues, CUDA cores with 64-blocks) and at 10 and 16 (pairs sorted in blocks of 8 and 16 on tensor cores),
 # dequantize: every kernel path, each bit width and code kind once. sm_80 for the dense kernels
@@ -40,6 +40,7 @@ with launch.record() as r:
     gemm.qlinear(meta(32, 1536), random_quantized((2560, 1536), 4, "mul1", device="meta"))
     gemm.qlinear(meta(72, 1536), random_quantized((2560, 1536), 3, "1mad", device="meta"))
     gemm.qlinear(meta(24, 1008), random_quantized((3072, 1008), 3, "1mad", device="meta", block=16))
+    gemm.qlinear(meta(1024, 2560), random_quantized((2560, 2560), 2, "mul1", device="meta"))  # prefill: decode once
 dense = list(r)
 with launch.record() as r:
     for block in (512, 64):  # 512: the tensor-core decode step; 64: the CUDA-core one
@@ -77,7 +78,7 @@ def test_every_path_compiles_for_sm90_and_sm80(compiled):
     kernels = {(c["kernel"], c["arch"]) for c in compiled}
     assert {("_hadamard_kernel", 90), ("_gemv_kernel", 90), ("_gemv_kernel", 80), ("_gemv_tc_kernel", 90),
             ("_gemv_tc_kernel", 80), ("_gemm_kernel", 90),
-            ("_gemm_kernel", 80), ("_dequant_kernel", 90), ("_align_kernel", 90)} <= kernels
+            ("_gemm_kernel", 80), ("_dequant_kernel", 90), ("_dequant_kernel", 80), ("_align_kernel", 90)} <= kernels
     assert {c["config"]["PAIRS"] for c in compiled if c["kernel"] == "_hadamard_kernel"} == {"True", "False"}
     assert {c["config"]["NT"] for c in compiled if c["kernel"] == "_gemv_tc_kernel"} == {"8", "16", "32"}
     assert {(c["config"]["NT"], c["config"]["GATHER_A"]) for c in compiled if c["config"].get("SORTED") == "True"} \

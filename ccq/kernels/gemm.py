@@ -25,6 +25,13 @@ from .decode import (code_norm, code_params, code_value, decode_at, run_history_
                      window_offsets)
 
 GEMV_MAX_ROWS = 4
+# Prefill: from DEQUANT_MIN_ROWS rows and DEQUANT_MIN_MACS multiply-adds on, a dense layer decodes W' once
+# to 16 bits and lets cuBLAS multiply. The fused GEMM decodes every weight again for each block of 64 rows
+# (12-15 instructions a weight); the other path writes and reads a 16-bit W' once and launches one kernel
+# more. With these two bounds bench/sass.py's model picks the faster path on every ERNIE dense shape at 256,
+# 1024 and 4096 rows (28B gate_up at 1024 rows: 53 -> 30 us; docs/KERNELS.md "Prefill").
+DEQUANT_MIN_ROWS = 256
+DEQUANT_MIN_MACS = 1 << 30
 # GEMM decode. "runs": each thread decodes whole tile-row runs (compile-time window shifts), 16 dots per
 # K step, one per weight of the runs; "gather": two 16-bit loads per weight (L1-served). Both exact;
 # sass.py predicts "runs" at about a third of the instructions, the benchmark times both.
@@ -502,14 +509,40 @@ def _qlinear_gemv(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tens
     return out
 
 
+def decode_once(M: int, qt) -> bool:
+    """Whether x2 @ W^T with M rows takes the prefill path (`_qlinear_dequant`)."""
+    return M >= DEQUANT_MIN_ROWS and M * qt.trellis.shape[0] * qt.trellis.shape[1] * 256 >= DEQUANT_MIN_MACS
+
+
+def _qlinear_dequant(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
+    """Many rows: W' decoded once to the activations' 16-bit type, x rotated, one cuBLAS GEMM (with the bias
+    when the output side is not rotated)."""
+    from .decode import rotated_weight
+    from .hadamard import transform
+
+    dt = dot_dtype(x2.dtype, x2.device)
+    out_f = qt.shape[-2]
+    w = rotated_weight(qt, dt)
+    xr = transform(x2, qt.signs_in, qt.had_in, dt)
+    if qt.signs_out is None:
+        b = None if bias is None else bias.to(dt)
+        return torch.nn.functional.linear(xr, w[:out_f], b).to(x2.dtype)
+    y = transform(xr @ w.T, qt.signs_out, qt.had_out, sign_after=True)[:, :out_f]
+    return (y if bias is None else y + bias.float()).to(x2.dtype)
+
+
 def qlinear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, decode: str | None = None) -> torch.Tensor:
-    """Triton twin of `reference.qlinear`: rotate x, fused decode-matmul, unrotate y."""
+    """Triton twin of `reference.qlinear`: rotate x, fused decode-matmul, unrotate y; at prefill sizes
+    (`decode_once`) decode W' once and multiply with cuBLAS. decode: the fused kernels' decode ('gather' or
+    'runs'); naming one keeps the fused GEMM at any size."""
     from .hadamard import transform
 
     lead, out_f = x.shape[:-1], qt.shape[-2]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] and gemv_tc.supported(x2, qt):
         return gemv_tc.qlinear_tc(x2, qt, bias).reshape(*lead, out_f)
+    if decode is None and decode_once(x2.shape[0], qt):
+        return _qlinear_dequant(x2, qt, bias).reshape(*lead, out_f)
     small = x2.shape[0] <= GEMV_MAX_ROWS
     if small and x2.shape[0] and qt.signs_out is None:
         return _qlinear_gemv(x2, qt, bias).reshape(*lead, out_f)
