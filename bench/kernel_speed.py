@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 1024])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kernels-<device>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -188,7 +188,7 @@ def record_shapes(bits: int, code: str):
     for name, E, K, H, inter in MOE:
         gu = random_quantized((E, 2 * inter, H), bits, code, device="meta")
         dn = random_quantized((E, H, inter), bits, code, device="meta")
-        for tokens in (1, 64, 256):
+        for tokens in (1, 64, 256, 1024, 4096):
             x = torch.empty(tokens, H, dtype=torch.bfloat16, device="meta")
             idx = torch.empty(tokens, K, dtype=torch.long, device="meta")
             w = torch.empty(tokens, K, dtype=torch.bfloat16, device="meta")
@@ -197,7 +197,7 @@ def record_shapes(bits: int, code: str):
 
             def blocks(rec):  # that decode an expert, uniform routing: each used expert's pairs padded to BM
                 c = rec.constexprs()
-                bm = c["NT"] if c.get("SORTED") else 16 if rec.name == "_gemm_kernel" else 1
+                bm = c["NT"] if c.get("SORTED") else c["BM"] if rec.name == "_gemm_kernel" else 1
                 return E * -(-tokens * K // (E * bm)) if tokens * K > E else used
 
             routed = ("_gemm_kernel", "_gemv_kernel", "_gemv_tc_kernel")  # the others run their whole grid

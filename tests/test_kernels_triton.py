@@ -261,7 +261,9 @@ def test_qmoe_gemv_fused_transform_and_cast(monkeypatch, tokens, inter, had):
 def test_qmoe_gemm_weighted_sum_and_cast(tokens, rot, dtype):
     """The prefill MoE: down adds routing weight * row into the zeroed fp32 sum by atomics, the last program per
     output block casts (70 tokens: two 64-row steps); a rotated down output side takes the unfused cast.
-    Skipped slots, an expert with no tokens, a top-3 routing."""
+    Skipped slots, an expert with no tokens, a top-3 routing; 64-row blocks from 32 pairs per expert (70
+    tokens: 42), else 16 (33 tokens: 20)."""
+    from ccq.kernels import launch
     from ccq.kernels.moe import qmoe
 
     E, H, inter, K = 5, 40, 24, 3
@@ -272,6 +274,9 @@ def test_qmoe_gemm_weighted_sum_and_cast(tokens, rot, dtype):
     idx = torch.randint(0, E - 1, (tokens, K), generator=g)  # expert E - 1 unused
     idx[::7, 1] = E + 1
     w = torch.rand(tokens, K, generator=g).to(DEV)
+    with launch.record() as recs:
+        qmoe(x, idx.to(DEV), w, gate_up, down)
+    assert {r.kwargs["BM"] for r in recs if r.name == "_gemm_kernel"} == {64 if tokens * K >= 32 * E else 16}
     got = qmoe(x, idx.to(DEV), w, gate_up, down)
     assert got.shape == (tokens, H) and got.dtype == dtype
     close(got, reference.qmoe(x.float(), idx.to(DEV), w, gate_up, down), 1e-5 if dtype == torch.float32 else 1e-2)

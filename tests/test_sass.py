@@ -46,7 +46,9 @@ with launch.record() as r:
     for block in (512, 64):  # 512: the tensor-core decode step; 64: the CUDA-core one
         gu = random_quantized((8, 2 * 1536, 2560), 4, "mcg", device="meta", block=block)
         dn = random_quantized((8, 2560, 1536), 4, "mcg", device="meta", block=block)
-        for tokens in (1, 8, 10, 16):  # 10 / 16: 60 / 96 pairs over 8 experts, sorted blocks of 8 / 16 (512-blocks)
+        # 10 / 16: 60 / 96 pairs over 8 experts, sorted blocks of 8 / 16 (512-blocks); 96: 576, the routed GEMM in
+        # 64-row blocks
+        for tokens in (1, 8, 10, 16, 96):
             moe.qmoe(meta(tokens, 2560), meta(tokens, 6, dtype=torch.long), meta(tokens, 6), gu, dn)
     decode.dequantize(dn)
 seen, out = set(), []
@@ -83,6 +85,9 @@ def test_every_path_compiles_for_sm90_and_sm80(compiled):
     assert {c["config"]["NT"] for c in compiled if c["kernel"] == "_gemv_tc_kernel"} == {"8", "16", "32"}
     assert {(c["config"]["NT"], c["config"]["GATHER_A"]) for c in compiled if c["config"].get("SORTED") == "True"} \
         == {("8", "True"), ("8", "False"), ("16", "True"), ("16", "False")}
+    routed64 = {c["config"]["GATHER_A"] for c in compiled if c["kernel"] == "_gemm_kernel"
+                and c["config"]["ROUTED"] == "True" and c["config"]["BM"] == "64"}
+    assert routed64 == {"True", "False"}  # both MoE launches in 64-row blocks (`moe.routed_block_m`)
     for name in ("_gemv_kernel", "_gemv_tc_kernel", "_gemm_kernel"):  # both MoE launches, routed, on each path
         routed = {c["config"]["GATHER_A"] for c in compiled if c["kernel"] == name and c["config"]["ROUTED"] == "True"}
         assert routed == {"True", "False"}, name

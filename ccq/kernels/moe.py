@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import gemv_tc
-from .gemm import GEMV_BN, GEMV_MAX_ROWS, dot_dtype, gemm, gemm_bn, gemv_launch, gemv_split
+from .gemm import GEMV_BN, GEMV_MAX_ROWS, _max_block_m, dot_dtype, gemm, gemm_bn, gemv_launch, gemv_split
 from .hadamard import transform
 from .launch import launch
 
@@ -96,9 +96,18 @@ def align(top_k_index: torch.Tensor, num_experts: int, block_m: int):
     return ids, expert_ids
 
 
+def routed_block_m(pairs: int, experts: int, device: torch.device) -> int:
+    """Rows per block of the routed GEMM: each block decodes its expert's weight again, 8.2 instructions a weight
+    for 16 rows, 12.6-13.4 for 64 (bench/sass.py, sm_90), so from 32 (token, slot) pairs per expert on average
+    64-row blocks decode less despite the padding (28B at 1024 tokens: 1131 -> 617 us predicted). 16 on GPUs
+    whose 64-row blocks spill (`gemm._max_block_m`); 32-row SwiGLU blocks take 252 registers and 27 a weight."""
+    return 64 if pairs >= 32 * experts and _max_block_m(device) >= 64 else 16
+
+
 def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up, down,
-         act=F.silu, block_m: int = 16, decode: str | None = None) -> torch.Tensor:
-    """Triton twin of `reference.qmoe` (same contract); decode: see `gemm.DECODE`."""
+         act=F.silu, block_m: int | None = None, decode: str | None = None) -> torch.Tensor:
+    """Triton twin of `reference.qmoe` (same contract); decode: see `gemm.DECODE`; block_m: rows per routed GEMM
+    block (default `routed_block_m`)."""
     T, K = top_k_index.shape
     E = gate_up.shape[0]
     H_out, inter = down.shape[-2], down.shape[-1]
@@ -113,6 +122,7 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         return _qmoe_gemv(hidden, top_k_index, top_k_weights, gate_up, down, act)
     ddt = dot_dtype(hidden.dtype, hidden.device)
     dev = hidden.device
+    block_m = block_m or routed_block_m(T * K, E, dev)
     ids, expert_ids = align(top_k_index, E, block_m)
     rows = ids.shape[0]
     finish = down.signs_out is None
