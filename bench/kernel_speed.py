@@ -90,18 +90,19 @@ def check(bits_list) -> list[dict]:
             # (block 512: transformed by launch 1's last programs, down split over K with tickets), CUDA cores;
             # hidden 512 with intermediate 1024: the tensor-core decode step at 1 and 3 tokens, the sorted
             # tensor-core launches at 11 (33 pairs over 8 experts: blocks of 8) and 50 (150: blocks of 16), the
-            # routed GEMM at 200 (600 pairs)
+            # routed GEMM at 200 (600 pairs: 64-row blocks), each expert decoded once at 500 (1500 pairs, bf16,
+            # the default decode: a named one keeps the routed GEMM)
             for hid, inter in ((160, 48), (160, 1024), (512, 1024)):
                 gu, dn = (random_quantized((8, 2 * inter, hid), bits, code, device=DEVICE),
                           random_quantized((8, hid, inter), bits, code, device=DEVICE))
-                for tokens in (1, 3, 11, 50, 200):
-                    x = torch.randn(tokens, hid, device=DEVICE)
+                for tokens in (1, 3, 11, 50, 200, 500):
+                    x = torch.randn(tokens, hid, device=DEVICE, dtype=torch.bfloat16 if tokens == 500 else None)
                     idx = torch.rand(tokens, 8, device=DEVICE).topk(3).indices
                     w = torch.rand(tokens, 3, device=DEVICE)
-                    want = reference.qmoe(x, idx, w, gu, dn)
-                    for decode in DECODES:
+                    want = reference.qmoe(x.float(), idx, w, gu, dn)
+                    for decode in (*DECODES, None):
                         got = moe.qmoe(x, idx, w, gu, dn, decode=decode)
-                        err = (got - want).abs().max().item() / want.abs().max().item()
+                        err = (got.float() - want).abs().max().item() / want.abs().max().item()
                         rows.append(dict(kind="qmoe", bits=bits, code=code, batch=tokens, decode=decode, hidden=hid,
                                          inter=inter, rel_err=err))
     bad = [r for r in rows if not r["rel_err"] < 2e-2]

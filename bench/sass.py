@@ -116,8 +116,8 @@ def prologue_iterations(rec) -> int:
 
 
 def torch_gemm_seconds(fn) -> float:
-    """Time of the torch matmuls fn runs (cuBLAS; ccq's prefill path): each at the bf16 tensor peak or
-    streaming its operands, whichever is longer."""
+    """Time of the torch matmuls fn runs (cuBLAS and grouped GEMMs; ccq's prefill paths): each at the bf16 tensor
+    peak or streaming its operands, whichever is longer."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     mms = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
@@ -126,10 +126,10 @@ def torch_gemm_seconds(fn) -> float:
         t = 0.0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in mms:
-                a, b = args[-2:]
-                (m, k), n = a.shape, b.shape[1]
-                Gemms.t += max(2 * m * n * k / BF16_FLOPS, (m * k + k * n + m * n) * a.element_size() / HBM)
+            if func in mms or func == torch.ops.aten._grouped_mm.default:  # grouped: a [m, k], b [g, k, n]
+                a, b = args[-2:] if func in mms else args[:2]
+                (m, k), n, g = a.shape, b.shape[-1], b.shape[0] if b.dim() == 3 else 1
+                Gemms.t += max(2 * m * n * k / BF16_FLOPS, (m * k + g * k * n + m * n) * a.element_size() / HBM)
             return func(*args, **(kwargs or {}))
 
     with Gemms():
