@@ -257,6 +257,16 @@ def test_qmoe_gemv_fused_transform_and_cast(monkeypatch, tokens, inter, had):
     close(got, reference.qmoe(x.float(), idx, w, gate_up, down), 1e-2)
 
 
+def routing(tokens, E, H, K, dtype, every):
+    """Inputs x, top-K experts and weights for `tokens`: expert E - 1 never chosen, every `every`-th token's second
+    slot out of range (skipped)."""
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=g).to(DEV).to(dtype)
+    idx = torch.randint(0, E - 1, (tokens, K), generator=g)
+    idx[::every, 1] = E + 1
+    return x, idx.to(DEV), torch.rand(tokens, K, generator=g).to(DEV)
+
+
 @pytest.mark.parametrize("tokens,rot,dtype", [(70, False, torch.bfloat16), (33, True, torch.float16)])
 def test_qmoe_gemm_weighted_sum_and_cast(tokens, rot, dtype):
     """The prefill MoE: down adds routing weight * row into the zeroed fp32 sum by atomics, the last program per
@@ -269,17 +279,13 @@ def test_qmoe_gemm_weighted_sum_and_cast(tokens, rot, dtype):
     E, H, inter, K = 5, 40, 24, 3
     gate_up = random_qt((E, 2 * inter, H), 2, 16, "mul1", False, seed=9)
     down = random_qt((E, H, inter), 2, 16, "mul1", rot, seed=10)
-    g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, H, generator=g).to(DEV).to(dtype)
-    idx = torch.randint(0, E - 1, (tokens, K), generator=g)  # expert E - 1 unused
-    idx[::7, 1] = E + 1
-    w = torch.rand(tokens, K, generator=g).to(DEV)
+    x, idx, w = routing(tokens, E, H, K, dtype, every=7)
     with launch.record() as recs:
-        qmoe(x, idx.to(DEV), w, gate_up, down)
+        qmoe(x, idx, w, gate_up, down)
     assert {r.kwargs["BM"] for r in recs if r.name == "_gemm_kernel"} == {64 if tokens * K >= 32 * E else 16}
-    got = qmoe(x, idx.to(DEV), w, gate_up, down)
+    got = qmoe(x, idx, w, gate_up, down)
     assert got.shape == (tokens, H) and got.dtype == dtype
-    close(got, reference.qmoe(x.float(), idx.to(DEV), w, gate_up, down), 1e-5 if dtype == torch.float32 else 1e-2)
+    close(got, reference.qmoe(x.float(), idx, w, gate_up, down), 1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("rot,act,dtype", [(False, F.silu, torch.bfloat16), (True, F.gelu, torch.float32)])
@@ -291,11 +297,7 @@ def test_qmoe_long_prompt_decodes_once(monkeypatch, rot, act, dtype):
     E, H, inter, K, tokens = 4, 40, 24, 2, 50
     gate_up = random_qt((E, 2 * inter, H), 2, 16, "mul1", rot, seed=13)
     down = random_qt((E, H, inter), 3, 12, "mcg", rot, seed=14)
-    g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, H, generator=g).to(DEV).to(dtype)
-    idx = torch.randint(0, E - 1, (tokens, K), generator=g)  # expert E - 1 unused
-    idx[::5, 1] = E + 2
-    w = torch.rand(tokens, K, generator=g).to(DEV)
+    x, idx, w = routing(tokens, E, H, K, dtype, every=5)
     assert moe.decode_once(tokens * K, gate_up, down, x)
     assert not moe.decode_once(8 * E - 1, gate_up, down, x)
     monkeypatch.setattr(moe, "DEQUANT_MAX_BYTES", E * 48 * 48 * 2)  # gate_up's 16-bit stack (padded), the larger
@@ -305,12 +307,12 @@ def test_qmoe_long_prompt_decodes_once(monkeypatch, rot, act, dtype):
     monkeypatch.undo()
     monkeypatch.setattr(moe, "DEQUANT_MIN_PAIRS", 8)
     with launch.record() as recs:
-        moe.qmoe(x, idx.to(DEV), w, gate_up, down, act)
+        moe.qmoe(x, idx, w, gate_up, down, act)
     names = [r.name for r in recs]
     assert names.count("_dequant_kernel") == 2 and "_gemm_kernel" not in names
-    got = moe.qmoe(x, idx.to(DEV), w, gate_up, down, act)
+    got = moe.qmoe(x, idx, w, gate_up, down, act)
     assert got.shape == (tokens, H) and got.dtype == dtype
-    want = reference.qmoe(x.float(), idx.to(DEV), w, gate_up, down, act)
+    want = reference.qmoe(x.float(), idx, w, gate_up, down, act)
     close(got, want, 1e-5 if dtype == torch.float32 else 1e-2)
 
 
