@@ -130,6 +130,25 @@ def test_hadamard_matches_reference(block, sign_after):
     close(transform(x, s, block, sign_after=sign_after), want, 1e-5)
 
 
+@pytest.mark.parametrize("block,rows", [(256, 1), (512, 3), (512, 20)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hadamard_on_tensor_cores(block, rows, dtype):
+    """16-bit outputs of blocks >= 256 take H(B1) V H(B2) as two matmuls (`fwht_mma`): the same values as the
+    butterflies to the output's rounding; fp32 outputs keep the butterflies."""
+    from ccq.kernels import hadamard
+
+    assert hadamard.mma_ok(block, rows, dtype, False) and not hadamard.mma_ok(block, rows, torch.float32, False)
+    assert not hadamard.mma_ok(block, rows, dtype, True) and not hadamard.mma_ok(128, rows, dtype, False)
+    s = random_signs(1024, 6).to(DEV)
+    x = torch.randn(rows, 1000, device=DEV) * 3
+    for sign_after in (False, True):
+        want = transform_activations(F.pad(x, (0, 24)), s if not sign_after else torch.ones_like(s), block)
+        want = want * s if sign_after else want
+        got = hadamard.transform(x, s, block, dtype, sign_after=sign_after)
+        assert got.dtype == dtype
+        close(got, want, 1e-2)
+
+
 def test_align_sorts_and_pads_by_expert():
     from ccq.kernels.moe import align
 

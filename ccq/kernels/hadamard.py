@@ -35,6 +35,28 @@ def fwht(x, BR: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr):
 
 
 @triton.jit
+def sylvester(n: tl.constexpr):
+    """The n x n Walsh-Hadamard matrix (Sylvester order), entry (i, j) = (-1) ** popcount(i & j), fp32."""
+    i = tl.arange(0, n)[:, None]
+    p = i & tl.arange(0, n)[None, :]
+    p = p ^ (p >> 8)
+    p = p ^ (p >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    return (1 - 2 * (p & 1)).to(tl.float32)
+
+
+@triton.jit
+def fwht_mma(x, BR: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr):
+    """`fwht` of each row of x [BR, B1 * B2] on tensor cores: column i1 * B2 + i2 of a row held as V [B1, B2],
+    H(B) = H(B1) x H(B2), so the transform is H(B1) V H(B2), two matmuls (B1, B2 >= 16). On a GPU the
+    products run in tf32 (10-bit mantissa), so only for 16-bit outputs."""
+    y = tl.dot(tl.reshape(x, (BR * B1, B2)), sylvester(B2))
+    h1 = tl.broadcast_to(sylvester(B1)[None, :, :], (BR, B1, B1))
+    return tl.reshape(tl.dot(h1, tl.reshape(y, (BR, B1, B2))), (BR, B1 * B2))
+
+
+@triton.jit
 def pair_index(k):
     """Where the tensor-core GEMV wants the fp16 pair of activation column k: per K step of 128 columns (8
     tiles p of 16 weights c), lane t = p % 4 of an MMA reads tiles t and t + 4 for all 16 c as one run of 64
@@ -56,12 +78,12 @@ def pair_scale(m):
 @triton.jit
 def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCALE, zero_ptr, n_zero, xs_ptr,
                      B: tl.constexpr, LOGB: tl.constexpr, BR: tl.constexpr, SIGN_AFTER: tl.constexpr,
-                     ZB: tl.constexpr, PAIRS: tl.constexpr):
+                     ZB: tl.constexpr, PAIRS: tl.constexpr, MMA: tl.constexpr):
     """y = H(s * x) (or s * H x) of one [BR, B] block; with ZB > 0 also zero_ptr[ZB * p + 0..ZB) = 0
     (p: the program's linear index, n_zero elements in all): no loop, so the whole kernel stays the hot part.
     PAIRS (for the tensor-core GEMV): y holds every value twice as fp16, divided by a power of two per row
     and block that puts the block's largest magnitude in [2**14, 2**15), at `pair_index` (B >= 128); the
-    power goes to xs[row, block]."""
+    power goes to xs[row, block]. MMA: the transform on tensor cores (`fwht_mma`, 16-bit y, B >= 256)."""
     if ZB > 0:
         z = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * ZB + tl.arange(0, ZB)
         tl.store(zero_ptr + z, tl.zeros((ZB,), tl.float32), mask=z < n_zero)
@@ -74,7 +96,10 @@ def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCAL
     s = tl.load(s_ptr + cols).to(tl.float32)[None, :]
     if not SIGN_AFTER:
         x = x * s
-    x = fwht(x, BR, B, LOGB) * SCALE
+    if MMA:
+        x = fwht_mma(x, BR, 1 << (LOGB // 2), 1 << (LOGB - LOGB // 2)) * SCALE
+    else:
+        x = fwht(x, BR, B, LOGB) * SCALE
     if SIGN_AFTER:
         x = x * s
     if PAIRS:
@@ -86,6 +111,13 @@ def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_rows, n_in, x_stride, y_stride, SCAL
                  mask=rmask[:, :, None])
     else:
         tl.store(y_ptr + r64 * y_stride + cols[None, :], x.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+def mma_ok(block: int, rows: int, out_dtype: torch.dtype, pairs: bool) -> bool:
+    """Whether a launch transforms on tensor cores: 16-bit output (not the GEMV's fp16 pairs, whose error budget
+    is the fp16 rounding alone), both factors of the block >= 16, and 16+ rows per matmul."""
+    return (out_dtype in (torch.float16, torch.bfloat16) and not pairs and block >= 256
+            and rows * (1 << (block.bit_length() - 1) // 2) >= 16)
 
 
 def transform(x: torch.Tensor, signs: torch.Tensor, block: int, out_dtype: torch.dtype = torch.float32,
@@ -122,7 +154,7 @@ def _transform(x, signs, block, out_dtype, sign_after, zero, pairs=False):
         zb = triton.next_power_of_2(triton.cdiv(n_zero, grid[0] * grid[1])) if n_zero else 0
         launch(_hadamard_kernel, grid, x2, signs, y, rows, x2.shape[1], x2.stride(0), y.stride(0), block ** -0.5,
                zero if n_zero else y, n_zero, xs, B=block, LOGB=int(math.log2(block)), BR=br, SIGN_AFTER=sign_after,
-               ZB=zb, PAIRS=pairs)
+               ZB=zb, PAIRS=pairs, MMA=mma_ok(block, br, out_dtype, pairs))
     if pairs:
         return y, xs
     return y.reshape(*lead, n_pad), None
