@@ -57,7 +57,7 @@ for rec in dense + list(r):
     if key in seen:
         continue
     seen.add(key)
-    sm80 = any(rec is d for d in dense) and rec.name != "_hadamard_kernel" and rec.constexprs().get("BM") != 64
+    sm80 = any(rec is d for d in dense) and rec.constexprs().get("BM") != 64
     for arch in (90, 80) if sm80 else (90,):
         st = sass.analyse(sass.compile_launch(rec, arch).asm["cubin"])
         out.append(dict(kernel=rec.name, arch=arch, config={k: str(v) for k, v in rec.constexprs().items()}, **st))
@@ -78,10 +78,11 @@ def compiled():
 
 def test_every_path_compiles_for_sm90_and_sm80(compiled):
     kernels = {(c["kernel"], c["arch"]) for c in compiled}
-    assert {("_hadamard_kernel", 90), ("_gemv_kernel", 90), ("_gemv_kernel", 80), ("_gemv_tc_kernel", 90),
+    assert {("_hadamard_kernel", 90), ("_hadamard_kernel", 80), ("_gemv_kernel", 90), ("_gemv_kernel", 80), ("_gemv_tc_kernel", 90),
             ("_gemv_tc_kernel", 80), ("_gemm_kernel", 90),
             ("_gemm_kernel", 80), ("_dequant_kernel", 90), ("_dequant_kernel", 80), ("_align_kernel", 90)} <= kernels
     assert {c["config"]["PAIRS"] for c in compiled if c["kernel"] == "_hadamard_kernel"} == {"True", "False"}
+    assert {c["config"]["MMA"] for c in compiled if c["kernel"] == "_hadamard_kernel"} == {"True", "False"}
     assert {c["config"]["NT"] for c in compiled if c["kernel"] == "_gemv_tc_kernel"} == {"8", "16", "32"}
     assert {(c["config"]["NT"], c["config"]["GATHER_A"]) for c in compiled if c["config"].get("SORTED") == "True"} \
         == {("8", "True"), ("8", "False"), ("16", "True"), ("16", "False")}
