@@ -329,7 +329,7 @@ def test_qmoe_long_prompt_decodes_once(monkeypatch, rot, act, dtype):
         moe.qmoe(x, idx, w, gate_up, down, act)
     names = [r.name for r in recs]
     assert names.count("_dequant_kernel") == 2 and "_gemm_kernel" not in names
-    got = moe.qmoe(x, idx, w, gate_up, down, act)
+    got = moe.qmoe(x, idx.int(), w, gate_up, down, act)  # int32 expert ids, as vLLM passes them
     assert got.shape == (tokens, H) and got.dtype == dtype
     want = reference.qmoe(x.float(), idx, w, gate_up, down, act)
     close(got, want, 1e-5 if dtype == torch.float32 else 1e-2)

@@ -136,7 +136,7 @@ def _qmoe_dequant(hidden, top_k_index, top_k_weights, gate_up, down, act):
     E, inter, H_out = gate_up.shape[0], down.shape[-1], down.shape[-2]
     dev = hidden.device
     dt = torch.float32 if dev.type == "cpu" else torch.bfloat16  # `decode_once`
-    flat = top_k_index.reshape(-1).clamp(0, E)  # E: a skipped slot, sorted last, past every expert's run
+    flat = top_k_index.reshape(-1).long().clamp(0, E)  # E: a skipped slot, sorted last, past every expert's run
     order = torch.argsort(flat, stable=True)
     ones = torch.ones_like(flat, dtype=torch.int32)
     counts = torch.zeros(E + 1, dtype=torch.int32, device=dev).scatter_add_(0, flat, ones)
