@@ -90,8 +90,7 @@ def check(bits_list) -> list[dict]:
             # (block 512: transformed by launch 1's last programs, down split over K with tickets), CUDA cores;
             # hidden 512 with intermediate 1024: the tensor-core decode step at 1 and 3 tokens, the sorted
             # tensor-core launches at 11 (33 pairs over 8 experts: blocks of 8) and 50 (150: blocks of 16), the
-            # routed GEMM at 200 (600 pairs: 64-row blocks), each expert decoded once at 500 (1500 pairs, bf16,
-            # the default decode: a named one keeps the routed GEMM)
+            # routed GEMM at 200 (600 pairs) and 500 (1500, bf16) in 64-row blocks
             for hid, inter in ((160, 48), (160, 1024), (512, 1024)):
                 gu, dn = (random_quantized((8, 2 * inter, hid), bits, code, device=DEVICE),
                           random_quantized((8, hid, inter), bits, code, device=DEVICE))
@@ -100,7 +99,7 @@ def check(bits_list) -> list[dict]:
                     idx = torch.rand(tokens, 8, device=DEVICE).topk(3).indices
                     w = torch.rand(tokens, 3, device=DEVICE)
                     want = reference.qmoe(x.float(), idx, w, gu, dn)
-                    for decode in (*DECODES, None):
+                    for decode in DECODES:
                         got = moe.qmoe(x, idx, w, gu, dn, decode=decode)
                         err = (got.float() - want).abs().max().item() / want.abs().max().item()
                         rows.append(dict(kind="qmoe", bits=bits, code=code, batch=tokens, decode=decode, hidden=hid,
@@ -175,17 +174,14 @@ def bench_moe(bits_list, token_counts) -> list[dict]:
                     bf16_grouped_GBps=2 * hit * per_expert / t_grp / 1e6, transformers_loop_ms=t_loop,
                     transformers_loop_timer=how_loop)
         for bits, (gu, dn) in packed.items():
-            # each decode of the fused kernels (a named one keeps the routed GEMM), then the dispatcher's own choice
             times = {d: timer(lambda: moe.qmoe(x, idx, wts, gu, dn, decode=d)) for d in DECODES}
             best = min(times, key=lambda d: times[d][0])
-            t, how = timer(lambda: moe.qmoe(x, idx, wts, gu, dn))
+            t, how = times[best]
             wbytes = hit * (gu.trellis[0].numel() + dn.trellis[0].numel()) * 2
             silu = torch.nn.functional.silu
             path = ("tensor-core decode step" if gemv_tc.moe_supported(x, gu, dn, silu)
                     else "tensor-core sorted pairs" if gemv_tc.moe_sorted_supported(x, idx, gu, dn, silu)
-                    else "CUDA-core decode step" if tokens <= 4
-                    else "experts decoded once + grouped GEMM" if moe.decode_once(tokens * K, gu, dn, x)
-                    else "routed GEMM")
+                    else "CUDA-core decode step" if tokens <= 4 else "routed GEMM")
             rows.append(dict(base, bits=bits, **{f"ccq_ms_{d}": times[d][0] for d in DECODES}, best_decode=best,
                              ccq_path=path, ccq_ms=t, ccq_timer=how, ccq_GBps=wbytes / t / 1e6,
                              speedup_vs_grouped=t_grp / t, speedup_vs_loop=t_loop / t))

@@ -115,26 +115,32 @@ def prologue_iterations(rec) -> int:
     return prologue_elements(a["M"], math.prod(rec.grid[:2]), a["KT"], a["T_PER_SPLIT"], c["HAD"]) // c["HAD"]
 
 
-def torch_gemm_seconds(fn) -> float:
-    """Time of the torch matmuls fn runs (cuBLAS and grouped GEMMs; ccq's prefill paths): each at the bf16 tensor
-    peak or streaming its operands, whichever is longer."""
+def torch_seconds(fn) -> float:
+    """Time of the torch kernels fn runs (the dense prefill path): a matmul (cuBLAS) at the bf16 tensor peak or
+    streaming its operands, whichever is longer; any other kernel streaming its operands (memory-bound). Views
+    and allocations move nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
 
     mms = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 
-    class Gemms(TorchDispatchMode):
+    class Kernels(TorchDispatchMode):
         t = 0.0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in mms or func == torch.ops.aten._grouped_mm.default:  # grouped: a [m, k], b [g, k, n]
-                a, b = args[-2:] if func in mms else args[:2]
-                (m, k), n, g = a.shape, b.shape[-1], b.shape[0] if b.dim() == 3 else 1
-                Gemms.t += max(2 * m * n * k / BF16_FLOPS, (m * k + g * k * n + m * n) * a.element_size() / HBM)
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            if func in mms:
+                a, b = args[-2:]
+                (m, k), n = a.shape, b.shape[1]
+                Kernels.t += max(2 * m * n * k / BF16_FLOPS, (m * k + k * n + m * n) * a.element_size() / HBM)
+            elif not func.is_view and "empty" not in str(func):
+                tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+                Kernels.t += sum(t.numel() * t.element_size() for t in tensors) / HBM
+            return out
 
-    with Gemms():
+    with Kernels():
         fn()
-    return Gemms.t
+    return Kernels.t
 
 
 def bf16_kernels(kind: str, x, *args) -> int:
@@ -169,8 +175,8 @@ def record_shapes(bits: int, code: str):
         with launch.record(SMS) as recs:
             n_torch = launch.torch_kernels(fn)
         with launch.record(SMS):
-            gemm_s = torch_gemm_seconds(fn)
-        return list(recs), n_torch, gemm_s
+            torch_s = torch_seconds(fn)
+        return list(recs), n_torch, torch_s
 
     for name, k_in, n_out in DENSE:
         qt = random_quantized((n_out, k_in), bits, code, device="meta")
@@ -178,10 +184,10 @@ def record_shapes(bits: int, code: str):
             x = torch.empty(rows, k_in, dtype=torch.bfloat16, device="meta")
             for kind in ("dense", "fused") if gemm.decode_once(rows, qt) else ("dense",):
                 # "fused": the same call kept on the fused GEMM (a named decode does that)
-                recs, n_torch, gemm_s = run(lambda: gemm.qlinear(x, qt, decode=gemm.DECODE if kind == "fused"
+                recs, n_torch, torch_s = run(lambda: gemm.qlinear(x, qt, decode=gemm.DECODE if kind == "fused"
                                                                  else None))
                 out.append((name, kind, rows, n_out * k_in, [(r, None) for r in recs], n_torch,
-                            bf16_kernels("dense", x, n_out, k_in), rows * n_out * k_in, gemm_s))
+                            bf16_kernels("dense", x, n_out, k_in), rows * n_out * k_in, torch_s))
         if name == "28B gate_up":
             recs, n_torch, _ = run(lambda: decode.dequantize(qt))
             out.append((name, "dequantize", 0, n_out * k_in, [(r, None) for r in recs], n_torch, 1, 0, 0.0))
@@ -192,7 +198,7 @@ def record_shapes(bits: int, code: str):
             x = torch.empty(tokens, H, dtype=torch.bfloat16, device="meta")
             idx = torch.empty(tokens, K, dtype=torch.long, device="meta")
             w = torch.empty(tokens, K, dtype=torch.bfloat16, device="meta")
-            recs, n_torch, gemm_s = run(lambda: moe.qmoe(x, idx, w, gu, dn))
+            recs, n_torch, torch_s = run(lambda: moe.qmoe(x, idx, w, gu, dn))
             used = min(E, tokens * K)
 
             def blocks(rec):  # that decode an expert, uniform routing: each used expert's pairs padded to BM
@@ -203,18 +209,18 @@ def record_shapes(bits: int, code: str):
             routed = ("_gemm_kernel", "_gemv_kernel", "_gemv_tc_kernel")  # the others run their whole grid
             out.append((f"{name} MoE layer", "moe", tokens, used * 3 * inter * H,
                         [(r, blocks(r) if r.name in routed else None) for r in recs], n_torch,
-                        bf16_kernels("moe", x, E, H, inter, idx, w), tokens * K * 3 * inter * H, gemm_s))
+                        bf16_kernels("moe", x, E, H, inter, idx, w), tokens * K * 3 * inter * H, torch_s))
     return out
 
 
 def predict(parts: list[tuple[dict, float, float, int]], bf16_weights: float, launches: int,
-            bf16_launches: int, bf16_macs: float = 0, gemm_s: float = 0.0) -> dict:
+            bf16_launches: int, bf16_macs: float = 0, torch_s: float = 0.0) -> dict:
     """parts: (per-unit counts, units, bytes, programs) of each Triton launch; launches: all kernels incl.
     torch's; bf16_launches: the baseline's, whose time is its weights' bytes or its bf16_macs at the tensor
-    peak, whichever is longer; gemm_s: ccq's own cuBLAS time (`torch_gemm_seconds`). A launch with fewer
+    peak, whichever is longer; torch_s: ccq's own torch kernels' time (`torch_seconds`). A launch with fewer
     programs than SMs issues on that many SMs only."""
     t_issue = t_mem = 0.0
-    t = gemm_s
+    t = torch_s
     for n, units, nbytes, programs in parts:
         eff = max(n["total"], 2 * n["alu"], 2 * n["fma_heavy"], TENSOR * n["mma"])
         ti, tm = units * eff / ISSUE * SMS / min(SMS, programs), nbytes / HBM
@@ -222,7 +228,7 @@ def predict(parts: list[tuple[dict, float, float, int]], bf16_weights: float, la
     t += launches * LAUNCH_S
     t16 = max(bf16_weights * 2 / HBM, 2 * bf16_macs / BF16_FLOPS) + bf16_launches * LAUNCH_S
     kernels, kernels16 = t - launches * LAUNCH_S, t16 - bf16_launches * LAUNCH_S
-    return dict(issue_us=t_issue * 1e6, memory_us=t_mem * 1e6, cublas_us=gemm_s * 1e6, predicted_us=t * 1e6,
+    return dict(issue_us=t_issue * 1e6, memory_us=t_mem * 1e6, torch_us=torch_s * 1e6, predicted_us=t * 1e6,
                 bf16_us=t16 * 1e6,
                 ratio_vs_bf16=t16 / t, kernels_ratio_vs_bf16=kernels16 / kernels)
 
@@ -268,7 +274,7 @@ def main(argv=None) -> int:
     shapes = []
     for bits in args.bits:
         for code in args.codes:
-            for name, kind, rows, w16, recs, n_torch, n16, macs16, gemm_s in record_shapes(bits, code):
+            for name, kind, rows, w16, recs, n_torch, n16, macs16, torch_s in record_shapes(bits, code):
                 keys, parts = [], []
                 for rec, used in recs:
                     key = config_key(rec)
@@ -302,7 +308,7 @@ def main(argv=None) -> int:
                                       progs))
                     if configs[key]["path"] != "hadamard":  # warps in flight of the busiest weight launch
                         warps = max(warps, progs * configs[key]["num_warps"] / SMS)
-                pred = predict(parts, w16, len(recs) + n_torch, n16, macs16, gemm_s)
+                pred = predict(parts, w16, len(recs) + n_torch, n16, macs16, torch_s)
                 shapes.append(dict(shape=name, kind=kind, rows=rows, bits=bits, code=code, triton_launches=len(recs),
                                    torch_launches=n_torch, bf16_launches=n16, warps_per_sm=round(warps, 1),
                                    paths=[configs[k]["path"] for k in keys], **pred))

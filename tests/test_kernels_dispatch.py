@@ -121,9 +121,7 @@ def test_moe_prefill_launches_and_has_no_host_sync():
     at 64 / 200 tokens (6 / 19 pairs per expert on average) align in blocks of 8 / 16 pairs, the input
     transform (which zeroes the output sum and tickets) and the two sorted tensor-core launches (8 / 16 MMA
     columns); at 700 tokens (66 per expert) align in blocks of 64, the transform and the two routed GEMMs
-    (gate_up with SwiGLU and down's input transform; down with the weighted sum and the cast). At 2000 tokens
-    (188 per expert), bf16, the long-prompt path: each stack decoded once, torch's grouped GEMMs, no host sync;
-    fp32 activations (no grouped GEMM for them on a GPU) stay on the routed GEMM."""
+    (gate_up with SwiGLU and down's input transform; down with the weighted sum and the cast)."""
     from ccq.kernels import launch, moe
 
     gu, dn = packed(64, 2 * 1536, 2560), packed(64, 2560, 1536)
@@ -140,12 +138,6 @@ def test_moe_prefill_launches_and_has_no_host_sync():
         else:
             assert recs[2].kwargs["SORTED"] and recs[3].kwargs["SORTED"] and recs[3].kwargs["ATOMIC"]
             assert recs[2].kwargs["NT"] == recs[3].kwargs["NT"] == bm
-    with launch.record() as recs:  # reading a meta tensor's value (a host sync) would raise here
-        n_torch = launch.torch_kernels(lambda: moe.qmoe(meta(2000, 2560, dtype=torch.bfloat16),
-                                                        meta(2000, 6, dtype=torch.long), meta(2000, 6), gu, dn))
-    assert [r.name for r in recs] == ["_hadamard_kernel", "_dequant_kernel", "_hadamard_kernel", "_dequant_kernel"]
-    assert 0 < n_torch <= 30
-    assert not moe.decode_once(2000 * 6, gu, dn, meta(2000, 2560, dtype=torch.float32))
 
 
 def test_dense_batch1_launches_and_has_no_host_sync():

@@ -307,34 +307,6 @@ def test_qmoe_gemm_weighted_sum_and_cast(tokens, rot, dtype):
     close(got, reference.qmoe(x.float(), idx, w, gate_up, down), 1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("rot,act,dtype", [(False, F.silu, torch.bfloat16), (True, F.gelu, torch.float32)])
-def test_qmoe_long_prompt_decodes_once(monkeypatch, rot, act, dtype):
-    """Long prompts: each expert decoded once, grouped GEMMs; skipped slots, an unused expert, rotated outputs."""
-    from ccq.kernels import launch, moe
-
-    monkeypatch.setattr(moe, "DEQUANT_MIN_PAIRS", 8)  # small experts, so that few tokens take the path
-    E, H, inter, K, tokens = 4, 40, 24, 2, 50
-    gate_up = random_qt((E, 2 * inter, H), 2, 16, "mul1", rot, seed=13)
-    down = random_qt((E, H, inter), 3, 12, "mcg", rot, seed=14)
-    x, idx, w = routing(tokens, E, H, K, dtype, every=5)
-    assert moe.decode_once(tokens * K, gate_up, down, x)
-    assert not moe.decode_once(8 * E - 1, gate_up, down, x)
-    monkeypatch.setattr(moe, "DEQUANT_MAX_BYTES", E * 48 * 48 * 2)  # gate_up's 16-bit stack (padded), the larger
-    assert moe.decode_once(tokens * K, gate_up, down, x)
-    monkeypatch.setattr(moe, "DEQUANT_MAX_BYTES", E * 48 * 48 * 2 - 1)
-    assert not moe.decode_once(tokens * K, gate_up, down, x)
-    monkeypatch.undo()
-    monkeypatch.setattr(moe, "DEQUANT_MIN_PAIRS", 8)
-    with launch.record() as recs:
-        moe.qmoe(x, idx, w, gate_up, down, act)
-    names = [r.name for r in recs]
-    assert names.count("_dequant_kernel") == 2 and "_gemm_kernel" not in names
-    got = moe.qmoe(x, idx.int(), w, gate_up, down, act)  # int32 expert ids, as vLLM passes them
-    assert got.shape == (tokens, H) and got.dtype == dtype
-    want = reference.qmoe(x.float(), idx, w, gate_up, down, act)
-    close(got, want, 1e-5 if dtype == torch.float32 else 1e-2)
-
-
 def test_qmoe_gemm_fused_transform(monkeypatch, inter=1024, had=512):
     """The prefill MoE with down's Hadamard block spanning 16 launch-1 programs (32 outputs each; 2 in the
     7-token tests): their last one writes down's input transform (tickets per row block and Hadamard block)."""

@@ -19,9 +19,6 @@ If gate_up rotates its output side (or the activation is not SiLU) the SwiGLU is
 launch 1 writes [gate | up], which is unrotated and activated in torch, and down's input transform
 is a launch of its own (also when its Hadamard block is below launch 1's 32 outputs); a rotated down
 output side is unrotated and cast after launch 2.
-
-Long prompts (`decode_once`): each expert stack decoded once to bf16 and torch's grouped GEMM, since the
-routed GEMM decodes every weight again for each block of 64 rows (`_qmoe_dequant`).
 """
 
 from __future__ import annotations
@@ -107,60 +104,10 @@ def routed_block_m(pairs: int, experts: int, device: torch.device) -> int:
     return 64 if pairs >= 32 * experts and _max_block_m(device) >= 64 else 16
 
 
-# Long prompts: from DEQUANT_MIN_PAIRS (token, slot) pairs per expert on average, every expert's weights are
-# decoded once to 16 bits and two grouped GEMMs multiply (`_qmoe_dequant`), where a decoded stack fits
-# DEQUANT_MAX_BYTES (they are decoded one after the other) and torch's grouped GEMM runs (sm_90+; the CPU for
-# the tests). The routed GEMM decodes every weight again per 64 rows, so past 128 pairs per expert (3 blocks)
-# the single decode wins in bench/sass.py's model: 28B at 2048 tokens 929 -> 892 us, at 4096 1850 -> 1106 us.
-# 2 GiB keeps the 424B (7.5 GB gate_up stack) on the routed GEMM.
-DEQUANT_MIN_PAIRS = 160
-DEQUANT_MAX_BYTES = 2 << 30
-
-
-def decode_once(pairs: int, gate_up, down, hidden: torch.Tensor) -> bool:
-    """Whether `qmoe` takes the long-prompt path (`_qmoe_dequant`) for this many (token, slot) pairs: torch's
-    grouped GEMM takes bf16 on sm_90+ GPUs (fp32 on the CPU, for the tests)."""
-    E, dev = gate_up.shape[0], hidden.device
-    stack = max(qt.trellis.numel() * 16 // qt.bits * 2 for qt in (gate_up, down))  # bytes of a 16-bit stack
-    gpu = hidden.dtype == torch.bfloat16 and (dev.type != "cuda" or torch.cuda.get_device_capability(dev) >= (9, 0))
-    grouped = hasattr(torch, "_grouped_mm") and (dev.type == "cpu" or gpu)
-    return pairs >= DEQUANT_MIN_PAIRS * E and stack <= DEQUANT_MAX_BYTES and grouped
-
-
-def _qmoe_dequant(hidden, top_k_index, top_k_weights, gate_up, down, act):
-    """Long prompts: pairs sorted by expert (no host sync), every expert's gate_up, then down, decoded once to the
-    16-bit type, `torch._grouped_mm` over the experts' runs, act, the routing weights and the sum over slots."""
-    from .decode import rotated_weight
-
-    T, K = top_k_index.shape
-    E, inter, H_out = gate_up.shape[0], down.shape[-1], down.shape[-2]
-    dev = hidden.device
-    dt = torch.float32 if dev.type == "cpu" else torch.bfloat16  # `decode_once`
-    flat = top_k_index.reshape(-1).long().clamp(0, E)  # E: a skipped slot, sorted last, past every expert's run
-    order = torch.argsort(flat, stable=True)
-    ones = torch.ones_like(flat, dtype=torch.int32)
-    counts = torch.zeros(E + 1, dtype=torch.int32, device=dev).scatter_add_(0, flat, ones)
-    offs = counts[:E].cumsum(0, dtype=torch.int32)
-    tok = order // K
-    valid = (flat[order] < E)[:, None]  # rows past the last run: left unwritten by the grouped GEMM
-    xr = transform(hidden, gate_up.signs_in, gate_up.had_in, dt)
-    gu = torch._grouped_mm(xr[tok], rotated_weight(gate_up, dt).transpose(-2, -1), offs=offs)
-    if gate_up.signs_out is not None:
-        gu = transform(gu, gate_up.signs_out, gate_up.had_out, sign_after=True)
-    gu = torch.where(valid, gu.float(), 0)
-    hr = transform(act(gu[:, :inter]) * gu[:, inter:2 * inter], down.signs_in, down.had_in, dt)
-    y = torch._grouped_mm(hr, rotated_weight(down, dt).transpose(-2, -1), offs=offs)
-    if down.signs_out is not None:
-        y = transform(y, down.signs_out, down.had_out, sign_after=True)
-    y = torch.where(valid, y.float() * top_k_weights.reshape(-1)[order, None].float(), 0)
-    out = torch.zeros(T, y.shape[1], dtype=torch.float32, device=dev).index_add_(0, tok, y)
-    return out[:, :H_out].to(hidden.dtype)
-
-
 def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up, down,
          act=F.silu, block_m: int | None = None, decode: str | None = None) -> torch.Tensor:
     """Triton twin of `reference.qmoe` (same contract); decode: see `gemm.DECODE`; block_m: rows per routed GEMM
-    block (default `routed_block_m`). Naming either keeps the routed GEMM for long prompts (`decode_once`)."""
+    block (default `routed_block_m`)."""
     T, K = top_k_index.shape
     E = gate_up.shape[0]
     H_out, inter = down.shape[-2], down.shape[-1]
@@ -173,8 +120,6 @@ def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         return gemv_tc.qmoe_tc(hidden, top_k_index, top_k_weights, gate_up, down, (ids, expert_ids))
     if T <= GEMV_MAX_ROWS:
         return _qmoe_gemv(hidden, top_k_index, top_k_weights, gate_up, down, act)
-    if decode is None and block_m is None and decode_once(T * K, gate_up, down, hidden):
-        return _qmoe_dequant(hidden, top_k_index, top_k_weights, gate_up, down, act)
     ddt = dot_dtype(hidden.dtype, hidden.device)
     dev = hidden.device
     block_m = block_m or routed_block_m(T * K, E, dev)
