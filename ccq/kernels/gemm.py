@@ -21,8 +21,8 @@ import triton.language as tl
 from . import gemv_tc
 from .hadamard import fwht
 from .launch import launch, sm_count
-from .decode import (code_norm, code_params, code_value, decode_at, run_history_offsets, run_strings, run_window,
-                     window_offsets)
+from .decode import (code_norm, code_params, code_value, decode_at, rotated_weight, run_history_offsets,
+                     run_strings, run_window, window_offsets)
 
 GEMV_MAX_ROWS = 4
 # Prefill: from DEQUANT_MIN_ROWS rows and DEQUANT_MIN_MACS multiply-adds on, a dense layer decodes W' once
@@ -452,7 +452,7 @@ def matmul(xr: torch.Tensor, qt, decode: str | None = None, split_k: int | None 
                 expert_ids=expert_ids, decode=decode, split=split)
 
 
-def _max_block_m(device: torch.device) -> int:
+def max_block_m(device: torch.device) -> int:
     """Rows per dense GEMM block at most: 64, but 32 on GPUs before sm_90, where ptxas compiles 64-row blocks to
     255 registers with spills (28-31 SASS instructions per weight in the loop against 9.3-9.7 in 32-row
     blocks, which decode each weight twice per 64 rows: 0.29 against 0.44 per weight and row)."""
@@ -464,7 +464,7 @@ def _max_block_m(device: torch.device) -> int:
 def _gemm_shape(M: int, N: int, K: int, device: torch.device, split_k: int | None = None) -> tuple[int, int]:
     """(rows per block, K slices) of the dense GEMM: by default about 4 programs (16 warps) per SM, as few K
     slices as that allows."""
-    BM = 16 if M <= 16 else 32 if M <= 32 else _max_block_m(device)
+    BM = 16 if M <= 16 else 32 if M <= 32 else max_block_m(device)
     if split_k is None:
         split_k = sm_count(device) * 4 // (triton.cdiv(M, BM) * triton.cdiv(N, 64))
     return BM, max(1, min(split_k, triton.cdiv(K, 256)))
@@ -515,25 +515,19 @@ def decode_once(M: int, qt) -> bool:
 
 
 def _qlinear_dequant(x2: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
-    """Many rows: W' decoded once to the activations' 16-bit type, x rotated, one cuBLAS GEMM (with the bias
-    when the output side is not rotated)."""
-    from .decode import rotated_weight
+    """Many rows, output side not rotated: W' decoded once to the activations' 16-bit type, x rotated, one
+    cuBLAS GEMM with the bias."""
     from .hadamard import transform
 
     dt = dot_dtype(x2.dtype, x2.device)
-    out_f = qt.shape[-2]
-    w = rotated_weight(qt, dt)
     xr = transform(x2, qt.signs_in, qt.had_in, dt)
-    if qt.signs_out is None:
-        b = None if bias is None else bias.to(dt)
-        return torch.nn.functional.linear(xr, w[:out_f], b).to(x2.dtype)
-    y = transform(xr @ w.T, qt.signs_out, qt.had_out, sign_after=True)[:, :out_f]
-    return (y if bias is None else y + bias.float()).to(x2.dtype)
+    b = None if bias is None else bias.to(dt)
+    return torch.nn.functional.linear(xr, rotated_weight(qt, dt)[:qt.shape[-2]], b).to(x2.dtype)
 
 
 def qlinear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, decode: str | None = None) -> torch.Tensor:
     """Triton twin of `reference.qlinear`: rotate x, fused decode-matmul, unrotate y; at prefill sizes
-    (`decode_once`) decode W' once and multiply with cuBLAS. decode: the fused kernels' decode ('gather' or
+    (`decode_once`) W' is decoded once and cuBLAS multiplies. decode: the fused kernels' decode ('gather' or
     'runs'); naming one keeps the fused GEMM at any size."""
     from .hadamard import transform
 
@@ -541,7 +535,8 @@ def qlinear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, decode: str |
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] and gemv_tc.supported(x2, qt):
         return gemv_tc.qlinear_tc(x2, qt, bias).reshape(*lead, out_f)
-    if decode is None and decode_once(x2.shape[0], qt):
+    once = decode is None and decode_once(x2.shape[0], qt)
+    if once and qt.signs_out is None:
         return _qlinear_dequant(x2, qt, bias).reshape(*lead, out_f)
     small = x2.shape[0] <= GEMV_MAX_ROWS
     if small and x2.shape[0] and qt.signs_out is None:
@@ -549,7 +544,7 @@ def qlinear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, decode: str |
     if x2.shape[0] and qt.signs_out is None:
         return _qlinear_gemm(x2, qt, bias, decode).reshape(*lead, out_f)
     xr = transform(x2, qt.signs_in, qt.had_in, torch.float32 if small else dot_dtype(x.dtype, x.device))
-    y = matmul(xr, qt, decode)
+    y = xr @ rotated_weight(qt, xr.dtype).T if once else matmul(xr, qt, decode)
     if qt.signs_out is not None:
         y = transform(y, qt.signs_out, qt.had_out, sign_after=True)
     y = y[:, :out_f]

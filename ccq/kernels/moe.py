@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import gemv_tc
-from .gemm import GEMV_BN, GEMV_MAX_ROWS, _max_block_m, dot_dtype, gemm, gemm_bn, gemv_launch, gemv_split
+from .gemm import GEMV_BN, GEMV_MAX_ROWS, dot_dtype, gemm, gemm_bn, gemv_launch, gemv_split, max_block_m
 from .hadamard import transform
 from .launch import launch
 
@@ -100,8 +100,8 @@ def routed_block_m(pairs: int, experts: int, device: torch.device) -> int:
     """Rows per block of the routed GEMM: each block decodes its expert's weight again, 8.2 instructions a weight
     for 16 rows, 12.6-13.4 for 64 (bench/sass.py, sm_90), so from 32 (token, slot) pairs per expert on average
     64-row blocks decode less despite the padding (28B at 1024 tokens: 1131 -> 617 us predicted). 16 on GPUs
-    whose 64-row blocks spill (`gemm._max_block_m`); 32-row SwiGLU blocks take 252 registers and 27 a weight."""
-    return 64 if pairs >= 32 * experts and _max_block_m(device) >= 64 else 16
+    whose 64-row blocks spill (`gemm.max_block_m`); 32-row SwiGLU blocks take 252 registers and 27 a weight."""
+    return 64 if pairs >= 32 * experts and max_block_m(device) >= 64 else 16
 
 
 def qmoe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up, down,
