@@ -149,3 +149,65 @@ def test_plan_target_bpw_shows_the_bigger_size(llama_dir):
     assert base["total_bytes"] < mixed["total_bytes"] < four["total_bytes"]
     r = CliRunner().invoke(main, ["plan", str(llama_dir), "--target-bpw", "1"])
     assert r.exit_code != 0 and "below the smallest size" in r.output
+
+
+def test_row_weights_weight_each_output_rows_term():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 32, generator=g)
+    x = torch.randn(128, 32, generator=g)
+    h = x.T @ x / 128
+    s = QuantSettings.of(2, L=8)
+    plain = measure_costs(w, h, s, (2,), rows=24)[2]
+    assert measure_costs(w, h, s, (2,), rows=24, row_weight=torch.ones(24))[2] == pytest.approx(plain)
+    assert measure_costs(w, h, s, (2,), rows=24, row_weight=3.0)[2] == pytest.approx(3 * plain)
+    f = torch.zeros(24)
+    f[5] = 2.0
+    d = (w - quantize_tensor(w, 2, h, L=8).dequantize()).double()
+    assert measure_costs(w, h, s, (2,), rows=24, row_weight=f)[2] == pytest.approx(2 * float(d[5] @ h.double() @ d[5]))
+
+
+def test_measure_takes_the_whole_model_backwards_fisher_layer_by_layer(llama_dir, monkeypatch):
+    """Pipeline.measure's reverse pass, each layer run again from its kept inputs, gives every module's
+    outputs' Fisher as one backward pass of the next-token loss through the whole model does."""
+    from transformers import LlamaForCausalLM
+
+    from ccq.calibration import allocate as alloc
+    from ccq.calibration.capture import first_output
+    from ccq.calibration.fisher import OutputFisher, lm_loss
+    from ccq.models.policy import quant_plan
+    from ccq.pipeline import units
+    from ccq.pipeline.units import Pipeline
+
+    model = LlamaForCausalLM.from_pretrained(str(llama_dir)).eval()
+    batches = [{"input_ids": torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(s))} for s in (1, 2)]
+    settings = QuantSettings.of(2, L=8, target_bpw=2.5)
+    plan = quant_plan(model, 2, ())
+    seen, real = {}, alloc.weight_costs
+    monkeypatch.setattr(alloc, "weight_costs", lambda m, n, h, s, fisher=None: seen.update(fisher or {}) or real(m, n, h, s, fisher))
+    mods = dict(model.named_modules())
+
+    def whole_model(batches):
+        last = []
+        hook = model.model.layers[-1].register_forward_hook(lambda m, a, o: last.append(first_output(o)))
+        with OutputFisher({n: mods[n] for n in plan}) as fc:
+            for b in batches:
+                model.model(**b)
+                lm_loss(model, "model.layers")(last[-1], b["input_ids"]).backward()
+        hook.remove()
+        return fc.result()
+
+    with torch.no_grad():
+        costs = Pipeline(model, plan, settings, batches=batches).measure(set(plan))
+    assert set(costs) == {f"{n}.0" for n in plan}
+    ref = whole_model(batches)
+    assert set(ref) == set(plan) and set(seen) == set(plan)
+    for k in plan:
+        assert float(ref[k].min()) > 0
+        torch.testing.assert_close(seen[k], ref[k], rtol=1e-4, atol=1e-9)
+    # kept inputs past MEASURE_BYTES: the first sample only
+    monkeypatch.setattr(units, "MEASURE_BYTES", 1)
+    with torch.no_grad():
+        Pipeline(model, plan, settings, batches=batches).measure(set(plan))
+    ref = whole_model(batches[:1])
+    for k in plan:
+        torch.testing.assert_close(seen[k], ref[k], rtol=1e-4, atol=1e-9)

@@ -138,3 +138,28 @@ def test_end_to_end_finetune_on_text_and_images(packed, tiny_ernie, calib_parque
     assert ft["kept"] and ft["loss_after"] < ft["loss_before"] and ft["samples"] == 4
     with torch.no_grad():
         assert torch.isfinite(ccq.load(tmp_path / "t")(**tiny_ernie_image_inputs(tiny_ernie)).logits).all()
+
+
+def test_target_bpw_costs_every_module_with_the_loss_fisher_on_text_and_images(tiny_ernie, calib_parquet, tmp_path,
+                                                                                 monkeypatch):
+    """ERNIE-4.5-VL, text and image calibration: the allocator's pre-pass costs every module (text and
+    vision experts, attention, vision tower, resampler) with its outputs' Fisher, and the run meets the target."""
+    from ccq.calibration import allocate as alloc
+
+    fisher, measured, real = {}, [], alloc.weight_costs
+
+    def spy(model, names, hessians, settings, f=None):
+        fisher.update(f or {})
+        measured.extend(names)
+        return real(model, names, hessians, settings, f)
+
+    monkeypatch.setattr(alloc, "weight_costs", spy)
+    out = tmp_path / "q"
+    r = run_cli("quantize", tiny_ernie, "-o", out, "--target-bpw", 2.6, "--L", 8, "--calibration", calib_parquet,
+                "--samples", 8, "--seq-len", 64)
+    assert r.exit_code == 0, r.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert sorted(measured) == sorted(qc["modules"]) and len(set(qc["modules"].values())) >= 2
+    for part in ("text_moe.experts.down_proj", "vision_moe.experts.down_proj", "self_attn.o_proj", "vision_tower", "resampler"):
+        hits = [v for k, v in fisher.items() if part in k]
+        assert hits and all(float(torch.as_tensor(v).min()) > 0 for v in hits), part

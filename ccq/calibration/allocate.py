@@ -29,7 +29,7 @@ def sample_rows(weight: torch.Tensor, hessian: torch.Tensor | None, rows: int, e
     """(w, h, factor): an evenly spaced sample of at most `rows` output rows (and `experts` experts of
     a stack) and the factor that scales its proxy loss to the whole weight."""
     *lead, out, _ = weight.shape
-    idx = torch.linspace(0, out - 1, min(rows, out)).round().long().unique()
+    idx = _row_index(out, rows)
     factor = out / idx.numel()
     w = weight[..., idx, :]
     if lead:
@@ -41,14 +41,24 @@ def sample_rows(weight: torch.Tensor, hessian: torch.Tensor | None, rows: int, e
     return w, hessian, factor
 
 
+def _row_index(out: int, rows: int) -> torch.Tensor:
+    return torch.linspace(0, out - 1, min(rows, out)).round().long().unique()
+
+
 def measure_costs(weight: torch.Tensor, hessian: torch.Tensor | None, settings: QuantSettings,
-                  candidates=CANDIDATES, *, rows: int = 128, seed: int = 0) -> dict[int, float]:
-    """{bits: estimated tr(dW H dW^T) of the whole weight} at each candidate bit width."""
+                  candidates=CANDIDATES, *, rows: int = 128, seed: int = 0, row_weight=None) -> dict[int, float]:
+    """{bits: estimated tr(dW H dW^T) of the whole weight} at each candidate bit width; with
+    `row_weight` ([out] tensor or a number: the outputs' Fisher, `ccq.calibration.fisher`) each
+    output row's term is weighted by it."""
     w, h, factor = sample_rows(weight.detach().float(), hessian, rows)
+    if row_weight is None:
+        row_weight = 1.0
+    elif isinstance(row_weight, torch.Tensor):
+        row_weight = row_weight.double()[_row_index(weight.shape[-2], rows), None]  # the rows sampled
     costs = {}
     for b in candidates:
-        qt = quantize_tensor(w, b, h, seed=seed, config=settings.codec_for(b))
-        costs[b] = proxy_loss(w, qt.dequantize(), h) * factor
+        approx = quantize_tensor(w, b, h, seed=seed, config=settings.codec_for(b)).dequantize()
+        costs[b] = proxy_loss(w, approx, h, row_weight) * factor
     return costs
 
 
@@ -98,7 +108,8 @@ def allocate(weights: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]],
     memory) so that they and the `fixed` modules ({module: (numel, bytes)}, bits set by the user)
     average at most `settings.target_bpw`. Returns ({module: bits}, {module: {bits: cost}}).
 
-    cost_fn(module, weight, hessian) -> {bits: cost} replaces the measurement (plans without weights).
+    cost_fn(key, weight, hessian) -> {bits: cost} replaces the measurement (key = f"{module}.{i}", the
+    module's i-th weight): plans without weights, or costs measured beforehand (:func:`weight_costs`).
     """
     rotate_output = settings.codec.rotate_output
     fixed = fixed or {}
@@ -109,8 +120,8 @@ def allocate(weights: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]],
         for i, (w, h) in enumerate(ws):
             w = w() if callable(w) else w
             numel += w.numel()
-            c = cost_fn(m, w, h) if cost_fn else measure_costs(w, h, settings, candidates, rows=rows,
-                                                               seed=tensor_seed(settings.seed, f"{m}.{i}"))
+            c = cost_fn(f"{m}.{i}", w, h) if cost_fn else measure_costs(w, h, settings, candidates, rows=rows,
+                                                                        seed=tensor_seed(settings.seed, f"{m}.{i}"))
             for b in candidates:
                 costs[m][b] += c[b]
                 sizes[m][b] += packed_nbytes(tuple(w.shape), b, rotate_output)
@@ -146,10 +157,26 @@ def module_weights(model: torch.nn.Module, names, hessians: dict | None = None, 
     return out
 
 
+def weight_costs(model: torch.nn.Module, names, hessians: dict | None, settings: QuantSettings,
+                 fisher: dict | None = None, candidates=CANDIDATES) -> dict[str, dict[int, float]]:
+    """{f"{module}.{i}": {bits: cost}} of the modules `names` of a model whose weights are in memory, as
+    :func:`allocate` measures them, the rows weighted by `fisher` ({weight name: F}, keyed as the
+    Hessians) where given: for a pass that holds each module's statistics only for a while."""
+    out = {}
+    for m, ws in module_weights(model, names, hessians).items():
+        keys = [m] if len(ws) == 1 else [f"{m}.gate_up_proj", f"{m}.down_proj"]
+        for i, ((w, h), k) in enumerate(zip(ws, keys)):
+            out[f"{m}.{i}"] = measure_costs(w, h, settings, candidates, seed=tensor_seed(settings.seed, f"{m}.{i}"),
+                                            row_weight=(fisher or {}).get(k))
+    return out
+
+
 def allocate_model(model: torch.nn.Module, plan: dict[str, int], settings: QuantSettings,
-                   hessians: dict | None = None, *, get=None, cost_fn=None) -> dict[str, int]:
+                   hessians: dict | None = None, *, get=None, cost_fn=None, measure=None) -> dict[str, int]:
     """`plan` with the bits of every module that no override names chosen for `settings.target_bpw`
-    (weights from the model, or read one at a time through `get` as in :func:`module_weights`)."""
+    (weights from the model, or read one at a time through `get` as in :func:`module_weights`; or
+    measure(module names) -> the costs of :func:`weight_costs`, taken elsewhere, the model then only
+    giving shapes)."""
     from fnmatch import fnmatchcase
 
     fixed_names = [n for n in plan if any(fnmatchcase(n, p) for p, _ in settings.overrides)]
@@ -163,7 +190,12 @@ def allocate_model(model: torch.nn.Module, plan: dict[str, int], settings: Quant
     floor = sum(packed_nbytes(s, min(CANDIDATES), settings.codec.rotate_output) for s in shapes)
     if (floor + sum(b for _, b in fixed.values())) * 8 > numel * settings.target_bpw:  # before any measuring
         raise _below_floor(settings, floor, fixed, numel, CANDIDATES)
-    free = module_weights(model, free_names, hessians, get)
+    if measure is not None:
+        measured = measure(free_names)
+        free = module_weights(model, free_names)
+        cost_fn = lambda key, w, h: measured[key]  # noqa: E731
+    else:
+        free = module_weights(model, free_names, hessians, get)
     chosen, _ = allocate(free, settings, fixed, cost_fn=cost_fn)
     return {n: chosen.get(n, b) for n, b in plan.items()}
 

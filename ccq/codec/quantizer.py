@@ -221,11 +221,14 @@ def quantize_tensor(weight: torch.Tensor, bits: int = 2, hessian: torch.Tensor |
                            make_meta(tuple(weight.shape), cfg, had_in, had_out))
 
 
-def proxy_loss(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None = None) -> float:
-    """tr(dW H dW^T) (or the plain squared error without H), summed over experts."""
+def proxy_loss(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None = None,
+               row_weight: torch.Tensor | float = 1.0) -> float:
+    """tr(dW H dW^T) (or the plain squared error without H), summed over experts; `row_weight` ([out, 1]
+    or a number) weights each output row's term."""
     d = (weight.double() - approx.double()).reshape(-1, weight.shape[-2], weight.shape[-1])
     if hessian is None:
-        return float((d * d).sum())
+        return float((d * d * row_weight).sum())
     h = hessian.double()
-    eq = "eoi,ij,eoj->" if h.dim() == 2 else "eoi,eij,eoj->"
-    return float(torch.einsum(eq, d, h, d))
+    eq = "eoi,ij,eoj->eo" if h.dim() == 2 else "eoi,eij,eoj->eo"
+    rw = row_weight[:, 0] if isinstance(row_weight, torch.Tensor) else row_weight
+    return float((torch.einsum(eq, d, h, d) * rw).sum())

@@ -47,9 +47,9 @@ def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrid
         batches = _synthetic(model, calibration, tokenizer, samples, seq_len, min_len, settings.seed)
     elif calibration is not None:
         batches = [{"input_ids": b} if isinstance(b, torch.Tensor) else dict(b) for b in calibration]
-    if settings.target_bpw is not None:
-        plan = _allocate(model, plan, settings, batches)
     device = next(p.device for p in model.parameters())
+    if settings.target_bpw is not None:
+        plan = _allocate(model, plan, settings, batches, device)
     model.ccq_report = Pipeline(model, plan, settings, batches=batches, device=device).run()
     model.config.quantization_config = make_quantization_config(model, settings, plan)
     return model
@@ -79,17 +79,12 @@ def _generates(model: nn.Module) -> bool:
     return bool(getattr(model, "can_generate", lambda: False)())
 
 
-def _allocate(model: nn.Module, plan: dict[str, int], settings: QuantSettings, batches) -> dict[str, int]:
-    """Bits per module for `settings.target_bpw`, costed with the Hessians of one pass of the 16-bit
-    model over the calibration batches (the model is in memory, so this pass is cheap), or data-free."""
+def _allocate(model: nn.Module, plan: dict[str, int], settings: QuantSettings, batches, device) -> dict[str, int]:
+    """Bits per module for `settings.target_bpw`: costed on the calibration batches with the 16-bit
+    model's Hessians and outputs' Fisher (`Pipeline.measure`, as the streaming quantizer), or data-free."""
     from ..calibration.allocate import allocate_model
-    from ..calibration.hessian import HessianCapture
 
-    hessians = None
-    if batches is not None:
-        mods = dict(model.named_modules())
-        with HessianCapture({n: mods[n] for n in plan}) as cap:
-            for batch in batches:
-                model(**batch)
-        hessians = cap.result()
-    return allocate_model(model, plan, settings, hessians)
+    if batches is None:
+        return allocate_model(model, plan, settings)
+    pipe = Pipeline(model, plan, settings, batches=batches, device=device)
+    return allocate_model(model, plan, settings, measure=lambda names: pipe.measure(set(names)))

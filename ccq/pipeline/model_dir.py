@@ -69,10 +69,6 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
     for unit in pipe.units:  # every tensor resolvable, with the right shape, before any output
         for name in unit.params:
             check_shape(model, name, probe.get(name))
-    if settings.target_bpw is not None:  # bits per module from a data-free pass over the source weights
-        from ..calibration.allocate import allocate_model
-
-        pipe.plan = allocate_model(model, plan, settings, get=names.get)
     # synthetic: no model in memory to sample from, so whole-word vocabulary tokens
     batches = model_dir_samples(calibration, src.dir, arch.config, samples, seq_len, arch.adapter, settings.seed)
     run = {"settings": settings.to_dict(), "device": dev.type, "samples": samples, "seq_len": seq_len,
@@ -81,6 +77,8 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
     writer = CheckpointWriter(out_dir, len(pipe.units), fingerprint(src.dir, run), overwrite=overwrite, resume=resume)
     pipe.batches, pipe.writer = batches, writer
     try:
+        if settings.target_bpw is not None:
+            pipe.plan = _allocate(pipe, plan, names.get)
         report = pipe.run()
         cfg = json.loads(arch.config.to_json_string(use_diff=False))
         cfg["quantization_config"] = make_quantization_config(model, settings, pipe.plan)
@@ -91,3 +89,26 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
         raise e
     return full
 
+
+def _allocate(pipe: Pipeline, plan: dict[str, int], get) -> dict[str, int]:
+    """Bits per module for the target bpw. Calibrated: costed with the 16-bit model's Hessians and
+    outputs' Fisher on the calibration data (`Pipeline.measure`: a forward and a backward pass of
+    their own, since the quantizing pass has a layer's statistics only once the layers before it are
+    quantized, too late for a global budget); the costs are kept in the work folder, so a resumed run
+    chooses the same bits without measuring again. Data-free: a pass over the source weights, one in
+    memory at a time."""
+    from ..calibration.allocate import allocate_model
+    from ..format.writer import write_json_atomic
+
+    if pipe.batches is None:
+        return allocate_model(pipe.model, plan, pipe.settings, get=get)
+    path = pipe.writer.path("calib-allocation-costs.json")  # a scratch file: `finish` removes it
+
+    def measure(names):
+        if path.exists():
+            return {k: {int(b): c for b, c in v.items()} for k, v in json.loads(path.read_text()).items()}
+        costs = pipe.measure(set(names))
+        write_json_atomic(path, costs)
+        return costs
+
+    return allocate_model(pipe.model, plan, pipe.settings, measure=measure)

@@ -45,6 +45,12 @@ from ..models.settings import QuantSettings
 from ..models.skeleton import decoder_layers, persistent_tensors, retie, tied_targets, unit_params
 
 
+# host memory for the decoder layers' inputs that `Pipeline.measure` keeps: it uses the first
+# calibration samples whose inputs to every layer fit (all 32 x 512 tokens of SmolLM2, 58 of
+# ERNIE-4.5-VL-28B's 128 x 2048 in bf16, 9 of the 424B's)
+MEASURE_BYTES = 16 << 30
+
+
 @dataclass
 class Unit:
     """One step of the pipeline: unit 0 (outside the layers) or decoder layer `index - 1`."""
@@ -134,6 +140,66 @@ class Pipeline:
         self.write(unit, entries)
         return entries
 
+    def measure(self, names) -> dict[str, dict[int, float]]:
+        """Costs of the modules `names` at each candidate bit width (`allocate.weight_costs`), from the
+        16-bit model on the calibration batches; nothing is written, and `run` starts again from unit 0.
+
+        A forward pass unit by unit keeps every decoder layer's inputs (of the first samples that fit
+        in MEASURE_BYTES) and ends in the next-token loss; then the layers in reverse, each run again
+        from its inputs, give their modules' Hessians and, backpropagating the loss, their outputs'
+        Fisher (`ccq.calibration.fisher`). Unit 0's modules (vision tower, resampler) come
+        last, weighted by the mean Fisher of layer 0's inputs. A model without an output head: Hessians."""
+        from ..calibration.allocate import weight_costs
+        from ..calibration.fisher import OutputFisher, lm_loss
+
+        wanted = lambda unit: [n for n in unit.planned if n in names]  # noqa: E731
+        u0 = self.units[0]
+        self.load(u0)
+        loss = lm_loss(self.model, self.layers_name)
+        hessians0, _ = self.hessians(u0, outputs=False)
+        self.forward(u0)
+        per_sample = sum(h.numel() * h.element_size() for h, _ in self.acts) / len(self.acts) * len(self.layers)
+        self.acts = self.acts[:max(1, int(MEASURE_BYTES // per_sample))]
+        inputs = []
+        for unit in tqdm(self.units[1:], desc="ccq measure (forward)", unit="layer", disable=not self.progress):
+            self.load(unit)
+            inputs.append(self.acts)
+            self.forward(unit)
+            self._release_measured(unit)
+        grads = None
+        if loss is not None:
+            with torch.enable_grad():
+                grads = []
+                for (h, _), batch in zip(self.acts, self.batches):
+                    h = h.to(self.device).requires_grad_()
+                    grads.append(torch.autograd.grad(loss(h, batch["input_ids"]), h)[0])
+        costs = {}
+        for unit, acts in tqdm(list(zip(self.units[1:], inputs))[::-1], desc="ccq measure (backward)", unit="layer",
+                               disable=not self.progress):
+            self.load(unit)
+            layer, mods = self.layers[unit.index - 1], dict(self.model.named_modules())
+            planned = {n: mods[n] for n in unit.planned}
+            with HessianCapture(planned) as hc, OutputFisher(planned) as fc, torch.enable_grad():
+                for k, (h, kw) in enumerate(acts):
+                    h = h.to(self.device).requires_grad_(grads is not None)
+                    out = first_output(layer(h, **to_device(kw, self.device)))
+                    if grads is not None:
+                        grads[k] = torch.autograd.grad(out, h, grads[k])[0]
+            costs.update(weight_costs(self.model, wanted(unit), hc.result(), self.settings, fc.result()))
+            self._release_measured(unit)
+        fisher0 = None
+        if grads is not None:
+            f = float(sum((g.double() ** 2).sum() for g in grads) / sum(g.numel() for g in grads))
+            fisher0 = {k: f for k in hessians0}
+        costs.update(weight_costs(self.model, wanted(u0), hessians0, self.settings, fisher0))
+        self._release_measured(u0)
+        self.acts = None
+        return costs
+
+    def _release_measured(self, unit: Unit):
+        if self.get is not None:  # streaming; in memory the model stays
+            self.release(unit)
+
     # -- the stages --------------------------------------------------------------------------
 
     def load(self, unit: Unit):
@@ -153,13 +219,13 @@ class Pipeline:
         if unit.index == 0:
             retie(self.model, tied_targets(self.model))
 
-    def hessians(self, unit: Unit) -> tuple[dict | None, list | None]:
+    def hessians(self, unit: Unit, outputs: bool = True) -> tuple[dict | None, list | None]:
         """The planned modules' input Hessians, and (when fine-tuning) the 16-bit layer's outputs
         of the same pass: the targets the quantized layer is tuned to reproduce."""
         if self.batches is None:
             return None, None
         mods = dict(self.model.named_modules())
-        keep = self.settings.finetune_steps > 0 and unit.index > 0
+        keep = outputs and self.settings.finetune_steps > 0 and unit.index > 0
         targets = [] if keep else None
         with HessianCapture({n: mods[n] for n in unit.planned}) as cap:
             if unit.index == 0:  # vision tower / resampler statistics from the calibration images
