@@ -162,12 +162,11 @@ def weight_costs(model: torch.nn.Module, names, hessians: dict | None, settings:
     """{f"{module}.{i}": {bits: cost}} of the modules `names` of a model whose weights are in memory, as
     :func:`allocate` measures them, the rows weighted by `fisher` ({weight name: F}, keyed as the
     Hessians) where given: for a pass that holds each module's statistics only for a while."""
-    out = {}
+    out, rows = {}, module_weights(model, names, fisher or {})  # the Fisher paired up as the Hessians are
     for m, ws in module_weights(model, names, hessians).items():
-        keys = [m] if len(ws) == 1 else [f"{m}.gate_up_proj", f"{m}.down_proj"]
-        for i, ((w, h), k) in enumerate(zip(ws, keys)):
+        for i, ((w, h), (_, f)) in enumerate(zip(ws, rows[m])):
             out[f"{m}.{i}"] = measure_costs(w, h, settings, candidates, seed=tensor_seed(settings.seed, f"{m}.{i}"),
-                                            row_weight=(fisher or {}).get(k))
+                                            row_weight=f)
     return out
 
 
