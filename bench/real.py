@@ -15,7 +15,8 @@ Methods (space separated): fp, ccq:BITS (calibrated), ccq-df:BITS (data-free), c
 calibrated on random token ids), ccq-syn:BITS (no data: `calibration="synthetic"`, --samples
 sequences of at most --seq-len tokens, the shortest --min-len), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1 /
 ccq-syn:t2.1 (bits chosen per module for a target bpw), rtn:BITS:gGROUP, gptq:BITS:gGROUP. A `:ft` suffix
-adds layer-wise fine-tuning (--finetune-steps per layer; ccq:2:ft, ccq-syn:t2.1:ft), an `:e2e` suffix (last)
+adds layer-wise fine-tuning (--finetune-steps per layer; ccq:2:ft, ccq-syn:t2.1:ft), a `:gN` suffix Hessians
+guided by the loss in N row groups (`guide_groups=N`; ccq:t2.1:g4:ft), an `:e2e` suffix (last)
 end-to-end fine-tuning afterwards (--e2e-steps, --e2e-lr; the lm through `ccq finetune`'s
 `finetune_model_dir` on the calibration text, minilm in memory, on synthetic words for the methods without
 data; ccq:t2.1:ft:e2e). For the lm, the ccq
@@ -80,6 +81,11 @@ def random_token_batches(vocab_size: int, samples: int, seq_len: int, seed: int 
     return [{"input_ids": torch.randint(0, vocab_size, (1, seq_len), generator=g)} for _ in range(samples)]
 
 
+def guided(flags: list[str]) -> dict:
+    """{"guide_groups": N} for a `gN` flag, else {}."""
+    return {"guide_groups": int(f[1:]) for f in flags if re.fullmatch(r"g\d+", f)}
+
+
 def quantize(model, method, calib, L, keep=KEEP, damp=None, syn=None, finetune_steps=200, seed=0):
     """Quantize a copy of `model` by `method`; returns (model, bpw, seconds). damp: the ccq Hessian
     damping (None: quantize_model's default); syn: keywords for ccq-syn (samples, seq_len, min_len);
@@ -100,6 +106,7 @@ def quantize(model, method, calib, L, keep=KEEP, damp=None, syn=None, finetune_s
             kw["damp"] = damp
         if "ft" in flags.split(":"):
             kw["finetune_steps"] = finetune_steps
+        kw.update(guided(flags.split(":")))
         if arg.startswith("t"):
             quantize_model(m, 2, data, overrides=keep, L=L, seed=seed, target_bpw=float(arg[1:]), **kw)
         else:
@@ -247,7 +254,8 @@ def stream_quantize(src, method, calib_file, args, work, keep):
         t0 = time.perf_counter()
         rep = quantize_model_dir(src, out, int(arg) if not kw else 2, calibration=calib_file, samples=args.samples,
                                  seq_len=args.seq_len, L=args.L, overwrite=True, progress=False,
-                                 finetune_steps=args.finetune_steps if "ft" in flags else 0, overrides=keep, **kw)
+                                 finetune_steps=args.finetune_steps if "ft" in flags else 0, overrides=keep,
+                                 **guided(flags), **kw)
         sec = time.perf_counter() - t0
     if "e2e" in flags:
         tuned = work / method.replace(":", "_")

@@ -172,8 +172,11 @@ def demo(bits, size, L, seed, matrix_only):
 @click.option("--damp", type=float, default=0.01, show_default=True,
               help="Hessian damping relative to its mean diagonal (0.1 paid with --calibration synthetic, "
                    "docs/QUALITY.md).")
+@click.option("--guide-groups", type=click.IntRange(0), default=0, show_default=True,
+              help="With --calibration: weight each token of the Hessians by the 16-bit model's loss gradient at the "
+                   "module's outputs, one Hessian per this many groups of output rows; 0 = off.")
 def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device,
-             target_bpw, finetune_steps, damp):
+             target_bpw, finetune_steps, damp, guide_groups):
     """Quantize MODEL_DIR (ERNIE-4.5-VL, Qwen3-MoE, Mixtral, DeepSeek-V3, ... or any nn.Linear transformers
     model) into a packed checkpoint."""
     from .models.policy import parse_override
@@ -182,7 +185,7 @@ def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L
 
     overrides = [run_guarded(parse_override, m) for m in module_bits]
     settings = run_guarded(QuantSettings.of, bits, overrides=overrides, seed=seed, L=L, code=code,
-                           target_bpw=target_bpw, finetune_steps=finetune_steps, damp=damp)
+                           target_bpw=target_bpw, finetune_steps=finetune_steps, damp=damp, guide_groups=guide_groups)
     report = run_guarded(quantize_model_dir, model_dir, out, calibration=calibration, samples=samples,
                          seq_len=seq_len, resume=resume, overwrite=overwrite, device=default_device(device),
                          settings=settings)

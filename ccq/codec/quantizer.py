@@ -172,6 +172,8 @@ def quantize_tensor(weight: torch.Tensor, bits: int = 2, hessian: torch.Tensor |
     """Quantize a weight [out, in] (or a stack of experts [E, out, in]) with the trellis codec.
 
     hessian: None (data-free), [in, in], or for a stack [in, in] shared / [E, in, in] per expert.
+    A 2-D weight also takes [G, in, in]: row-group Hessians (`row_groups`), group g's rows quantized
+    with H[g] (the loss-weighted Hessians of `ccq.calibration.fisher`); not with `rotate_output`.
     options: any field of :class:`TrellisConfig` (L, code, hadamard_block, rotate_output, ...).
     The same input, seed and options always give the same bytes.
     """
@@ -186,16 +188,29 @@ def quantize_tensor(weight: torch.Tensor, bits: int = 2, hessian: torch.Tensor |
     stack = weight.dim() == 3
     w3 = weight if stack else weight[None]
     E, out, inp = w3.shape
+    out_p, in_p = _pad16(out), _pad16(inp)
+    groups = 0  # row groups of a 2-D weight, each with its own Hessian
     if hessian is not None:
         if not isinstance(hessian, torch.Tensor):
             raise TypeError(f"hessian must be a torch.Tensor, got {type(hessian).__name__}")
-        ok = hessian.shape == (inp, inp) or (stack and hessian.shape == (E, inp, inp))
+        ok = hessian.shape == (inp, inp) or (hessian.dim() == 3 and hessian.shape[1:] == (inp, inp) and
+                                             (hessian.shape[0] == E if stack else True))
         if not ok:
             raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}: "
-                             f"expected ({inp}, {inp})" + (f" or ({E}, {inp}, {inp})" if stack else ""))
+                             f"expected ({inp}, {inp})" + (f" or ({E}, {inp}, {inp})" if stack else
+                                                           f" or (groups, {inp}, {inp})"))
         _check_finite(hessian, "hessian")
-    out_p, in_p = _pad16(out), _pad16(inp)
+        if not stack and hessian.dim() == 3:
+            groups = hessian.shape[0]
+            if out_p % (TILE * groups) or cfg.rotate_output:
+                raise ValueError(f"{groups} row-group Hessians need {out_p} padded rows to split into whole "
+                                 f"tiles per group ({row_groups(out, groups)} groups do) and no rotate_output")
     rot = incoherence(out_p, in_p, cfg, seed)
+    if groups:  # the groups' rows as a stack of `groups` matrices with one Hessian each
+        w3 = torch.zeros(out_p, inp, dtype=weight.dtype)
+        w3[:out] = weight
+        w3, E, out = w3.reshape(groups, out_p // groups, inp), groups, out_p // groups
+        out_p = out
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     search = _Searcher(cfg, device)
     # experts in chunks of about 2^24 weights: one search call per column block for the chunk,
@@ -214,11 +229,20 @@ def quantize_tensor(weight: torch.Tensor, bits: int = 2, hessian: torch.Tensor |
         states, sc = _quantize_stack(w, h, cfg, search, rot)
         words.append(torch.from_numpy(states_to_words(states.numpy(), cfg.bits)))
         scales.append(sc)
-    trellis = torch.cat(words) if stack else words[0][0]
-    sc = torch.cat(scales) if stack else scales[0][0]
+    trellis = torch.cat(words) if stack or groups else words[0][0]
+    sc = torch.cat(scales) if stack or groups else scales[0][0]
+    if groups:
+        trellis, sc = trellis.flatten(0, 1), sc.flatten()
     signs_in, had_in, signs_out, had_out = rot
     return QuantizedTensor(trellis.contiguous(), sc.contiguous(), signs_in, signs_out,
                            make_meta(tuple(weight.shape), cfg, had_in, had_out))
+
+
+def row_groups(out: int, groups: int) -> int:
+    """The most row groups, at most `groups`, that split a weight of `out` rows (padded to whole tiles)
+    into equal runs of whole tiles: what `quantize_tensor` takes row-group Hessians for."""
+    tiles = _pad16(out) // TILE
+    return max(g for g in range(1, max(1, min(groups, tiles)) + 1) if tiles % g == 0)
 
 
 def proxy_loss(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None = None,
@@ -229,6 +253,11 @@ def proxy_loss(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor
     if hessian is None:
         return float((d * d * row_weight).sum())
     h = hessian.double()
-    eq = "eoi,ij,eoj->eo" if h.dim() == 2 else "eoi,eij,eoj->eo"
     rw = row_weight[:, 0] if isinstance(row_weight, torch.Tensor) else row_weight
+    if weight.dim() == 2 and h.dim() == 3:  # row-group Hessians: group g's rows against H[g]
+        g, out = h.shape[0], weight.shape[0]
+        d = torch.nn.functional.pad(d[0], (0, 0, 0, _pad16(out) - out)).reshape(g, -1, weight.shape[1])
+        if isinstance(rw, torch.Tensor):
+            rw = torch.nn.functional.pad(rw.double(), (0, _pad16(out) - out)).reshape(g, -1)
+    eq = "eoi,ij,eoj->eo" if h.dim() == 2 else "eoi,eij,eoj->eo"
     return float((torch.einsum(eq, d, h, d) * rw).sum())

@@ -23,13 +23,16 @@ class QuantSettings:
     last match wins; seed: the sign seed of every tensor; target_bpw: choose 2, 3 or 4 bits for
     every module no override names so that the quantized modules average this
     (ccq.calibration.allocate); finetune_steps: with calibration, Adam steps per decoder layer
-    tuning its 16-bit parameters (ccq.calibration.finetune), 0 = off."""
+    tuning its 16-bit parameters (ccq.calibration.finetune), 0 = off; guide_groups: with calibration,
+    weight each token of a layer's Hessians by the 16-bit model's loss gradient at the module's outputs,
+    one Hessian per this many groups of output rows (ccq.calibration.fisher), 0 = off."""
 
     codec: TrellisConfig = TrellisConfig()
     overrides: tuple[tuple[str, int], ...] = ()
     seed: int = 0
     target_bpw: float | None = None
     finetune_steps: int = 0
+    guide_groups: int = 0
 
     def __post_init__(self):
         over = tuple((str(p), int(b)) for p, b in self.overrides)
@@ -41,12 +44,15 @@ class QuantSettings:
             raise ValueError(f"target bpw must be a positive number, got {self.target_bpw!r}")
         if self.finetune_steps < 0:
             raise ValueError(f"finetune steps must be 0 or more, got {self.finetune_steps}")
+        if self.guide_groups < 0:
+            raise ValueError(f"guide groups must be 0 or more, got {self.guide_groups}")
 
     @classmethod
     def of(cls, bits: int = 2, *, overrides=(), seed: int = 0, target_bpw: float | None = None,
-           finetune_steps: int = 0, **codec_options) -> "QuantSettings":
+           finetune_steps: int = 0, guide_groups: int = 0, **codec_options) -> "QuantSettings":
         """Settings from the keyword form the API and CLI take (codec_options: TrellisConfig fields)."""
-        return cls(TrellisConfig(bits=bits, **codec_options), tuple(overrides), seed, target_bpw, finetune_steps)
+        return cls(TrellisConfig(bits=bits, **codec_options), tuple(overrides), seed, target_bpw, finetune_steps,
+                   guide_groups)
 
     @property
     def bits(self) -> int:
@@ -60,7 +66,7 @@ class QuantSettings:
         """The serialisable form (what `quantization_config` and the run fingerprint hold)."""
         codec = {k: v for k, v in self.codec.to_dict().items() if k not in RUN_ONLY}
         return {**codec, "seed": self.seed, "overrides": [[p, b] for p, b in self.overrides],
-                "target_bpw": self.target_bpw, "finetune_steps": self.finetune_steps}
+                "target_bpw": self.target_bpw, "finetune_steps": self.finetune_steps, "guide_groups": self.guide_groups}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSettings":
@@ -68,4 +74,4 @@ class QuantSettings:
         fields = {f.name for f in dataclasses.fields(TrellisConfig)} - set(RUN_ONLY)
         codec = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
         return cls(TrellisConfig(**codec), tuple(tuple(o) for o in d.get("overrides", ())), int(d.get("seed", 0)),
-                   d.get("target_bpw"), int(d.get("finetune_steps", 0)))
+                   d.get("target_bpw"), int(d.get("finetune_steps", 0)), int(d.get("guide_groups", 0)))

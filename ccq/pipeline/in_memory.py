@@ -48,10 +48,13 @@ def quantize_model(model: nn.Module, bits: int = 2, calibration=None, *, overrid
     elif calibration is not None:
         batches = [{"input_ids": b} if isinstance(b, torch.Tensor) else dict(b) for b in calibration]
     device = next(p.device for p in model.parameters())
+    pipe = Pipeline(model, plan, settings, batches=batches, device=device)
     if settings.target_bpw is not None:
-        plan = _allocate(model, plan, settings, batches, device)
-    model.ccq_report = Pipeline(model, plan, settings, batches=batches, device=device).run()
-    model.config.quantization_config = make_quantization_config(model, settings, plan)
+        pipe.plan = _allocate(pipe)
+    elif settings.guide_groups and batches is not None:
+        pipe.measure(set())  # the token weights of the guided Hessians
+    model.ccq_report = pipe.run()
+    model.config.quantization_config = make_quantization_config(model, settings, pipe.plan)
     return model
 
 
@@ -79,12 +82,11 @@ def _generates(model: nn.Module) -> bool:
     return bool(getattr(model, "can_generate", lambda: False)())
 
 
-def _allocate(model: nn.Module, plan: dict[str, int], settings: QuantSettings, batches, device) -> dict[str, int]:
+def _allocate(pipe: Pipeline) -> dict[str, int]:
     """Bits per module for `settings.target_bpw`: costed on the calibration batches with the 16-bit
     model's Hessians and outputs' Fisher (`Pipeline.measure`, as the streaming quantizer), or data-free."""
     from ..calibration.allocate import allocate_model
 
-    if batches is None:
-        return allocate_model(model, plan, settings)
-    pipe = Pipeline(model, plan, settings, batches=batches, device=device)
-    return allocate_model(model, plan, settings, measure=lambda names: pipe.measure(set(names)))
+    if pipe.batches is None:
+        return allocate_model(pipe.model, pipe.plan, pipe.settings)
+    return allocate_model(pipe.model, pipe.plan, pipe.settings, measure=lambda names: pipe.measure(set(names)))

@@ -77,8 +77,11 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
     writer = CheckpointWriter(out_dir, len(pipe.units), fingerprint(src.dir, run), overwrite=overwrite, resume=resume)
     pipe.batches, pipe.writer = batches, writer
     try:
+        measure = _measure(pipe)
         if settings.target_bpw is not None:
-            pipe.plan = _allocate(pipe, plan, names.get)
+            pipe.plan = _allocate(pipe, plan, names.get, measure)
+        elif settings.guide_groups and pipe.batches is not None:
+            measure(())
         report = pipe.run()
         cfg = json.loads(arch.config.to_json_string(use_diff=False))
         cfg["quantization_config"] = make_quantization_config(model, settings, pipe.plan)
@@ -90,25 +93,36 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
     return full
 
 
-def _allocate(pipe: Pipeline, plan: dict[str, int], get) -> dict[str, int]:
-    """Bits per module for the target bpw. Calibrated: costed with the 16-bit model's Hessians and
-    outputs' Fisher on the calibration data (`Pipeline.measure`: a forward and a backward pass of
-    their own, since the quantizing pass has a layer's statistics only once the layers before it are
-    quantized, too late for a global budget); the costs are kept in the work folder, so a resumed run
-    chooses the same bits without measuring again. Data-free: a pass over the source weights, one in
-    memory at a time."""
-    from ..calibration.allocate import allocate_model
+def _measure(pipe: Pipeline):
+    """names -> costs: `Pipeline.measure` once (a forward and a backward pass of the 16-bit model of their
+    own, since the quantizing pass has a layer's statistics only once the layers before it are quantized,
+    too late for a global budget or for the loss's gradients), its costs and token weights kept in the
+    work folder, so a resumed run chooses the same bits and weights without measuring again."""
     from ..format.writer import write_json_atomic
+
+    costs_path, guides_path = pipe.writer.path("calib-allocation-costs.json"), pipe.writer.path("calib-guides.pt")
+
+    def measure(names):
+        guided = bool(pipe.settings.guide_groups)
+        if costs_path.exists() and (guides_path.exists() or not guided):
+            if guided:
+                pipe.guides = torch.load(guides_path, weights_only=True)
+            return {k: {int(b): c for b, c in v.items()} for k, v in json.loads(costs_path.read_text()).items()}
+        costs = pipe.measure(set(names))
+        if guided:  # before the costs, which mark the measurement done
+            torch.save(pipe.guides, guides_path.with_suffix(".tmp"))
+            guides_path.with_suffix(".tmp").replace(guides_path)
+        write_json_atomic(costs_path, costs)
+        return costs
+    return measure
+
+
+def _allocate(pipe: Pipeline, plan: dict[str, int], get, measure) -> dict[str, int]:
+    """Bits per module for the target bpw. Calibrated: costed with the 16-bit model's Hessians and
+    outputs' Fisher on the calibration data (`measure`, see `_measure`); data-free: a pass over the source
+    weights, one in memory at a time."""
+    from ..calibration.allocate import allocate_model
 
     if pipe.batches is None:
         return allocate_model(pipe.model, plan, pipe.settings, get=get)
-    path = pipe.writer.path("calib-allocation-costs.json")  # a scratch file: `finish` removes it
-
-    def measure(names):
-        if path.exists():
-            return {k: {int(b): c for b, c in v.items()} for k, v in json.loads(path.read_text()).items()}
-        costs = pipe.measure(set(names))
-        write_json_atomic(path, costs)
-        return costs
-
     return allocate_model(pipe.model, plan, pipe.settings, measure=measure)

@@ -102,6 +102,7 @@ class Pipeline:
                                            not n.startswith(self.layers_name + "."))]
             self.units.append(Unit(i, prefix, names, planned))
         self.acts = None  # the current unit's calibration inputs [(hidden, layer kwargs)]
+        self.guides = None  # {module: per-sample token weights of its Hessian}, from `measure`
         self.reads = self.writes = None  # the reader and writer threads, while `run` runs
         self.after: dict[int, int] = {}  # unit index -> the unit to read ahead while it runs
         self.reading: tuple[int, Future] | None = None  # (unit index, its weights), read ahead
@@ -143,6 +144,8 @@ class Pipeline:
     def measure(self, names) -> dict[str, dict[int, float]]:
         """Costs of the modules `names` at each candidate bit width (`allocate.weight_costs`), from the
         16-bit model on the calibration batches; nothing is written, and `run` starts again from unit 0.
+        With `settings.guide_groups`, also the decoder layers' token weights (`self.guides`) that the
+        quantizing pass weights their Hessians with (`ccq.calibration.fisher`).
 
         A forward pass unit by unit keeps every decoder layer's inputs (of the first samples that fit
         in MEASURE_BYTES) and ends in the next-token loss; then the layers in reverse, each run again
@@ -179,13 +182,16 @@ class Pipeline:
             self.load(unit)
             layer, mods = self.layers[unit.index - 1], dict(self.model.named_modules())
             planned = {n: mods[n] for n in unit.planned}
-            with HessianCapture(planned) as hc, OutputFisher(planned) as fc, torch.enable_grad():
+            with HessianCapture(planned) as hc, OutputFisher(planned, self._groups(planned, grads)) as fc, \
+                    torch.enable_grad():
                 for k, (h, kw) in enumerate(acts):
                     h = h.to(self.device).requires_grad_(grads is not None)
                     out = first_output(layer(h, **to_device(kw, self.device)))
                     if grads is not None:
                         grads[k] = torch.autograd.grad(out, h, grads[k])[0]
             costs.update(weight_costs(self.model, wanted(unit), hc.result(), self.settings, fc.result()))
+            if self.settings.guide_groups and grads is not None:
+                self.guides = {**(self.guides or {}), **fc.saliency()}
             self._release_measured(unit)
         fisher0 = None
         if grads is not None:
@@ -195,6 +201,17 @@ class Pipeline:
         self._release_measured(u0)
         self.acts = None
         return costs
+
+    def _groups(self, planned: dict[str, nn.Module], grads) -> dict[str, int]:
+        """{module: row groups of its guided Hessian}: up to `guide_groups` for a linear (one when the
+        output side is rotated, which mixes the rows), one for fused experts; {} when not guided."""
+        from ..codec.quantizer import row_groups
+
+        g = self.settings.guide_groups
+        if not g or grads is None:
+            return {}
+        return {n: row_groups(m.out_features, g) if isinstance(m, nn.Linear) and not self.settings.codec.rotate_output
+                else 1 for n, m in planned.items()}
 
     def _release_measured(self, unit: Unit):
         if self.get is not None:  # streaming; in memory the model stays
@@ -227,12 +244,12 @@ class Pipeline:
         mods = dict(self.model.named_modules())
         keep = outputs and self.settings.finetune_steps > 0 and unit.index > 0
         targets = [] if keep else None
-        with HessianCapture({n: mods[n] for n in unit.planned}) as cap:
+        with HessianCapture({n: mods[n] for n in unit.planned}, self.guides if unit.index else None) as cap:
             if unit.index == 0:  # vision tower / resampler statistics from the calibration images
                 capture_layer_inputs(self.model, self.layers, self.batches)
             else:
                 layer = self.layers[unit.index - 1]
-                for h, kw in self.acts:
+                for cap.step, (h, kw) in enumerate(self.acts):
                     out = layer(h.to(self.device), **to_device(kw, self.device))
                     if keep:
                         targets.append(first_output(out).detach())
