@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.capture import capture_layer_inputs, first_output, to_device
+from ..calibration.fisher import output_weights
 from ..calibration.hessian import HessianCapture
 from ..models.quantize import quantize_module
 from ..models.settings import QuantSettings
@@ -103,6 +104,7 @@ class Pipeline:
             self.units.append(Unit(i, prefix, names, planned))
         self.acts = None  # the current unit's calibration inputs [(hidden, layer kwargs)]
         self.guides = None  # {module: per-sample token weights of its Hessian}, from `measure`
+        self.out_weights = {}  # {unit index: (per-sample token weights, channel weights)} of its fine-tuning loss
         self.reads = self.writes = None  # the reader and writer threads, while `run` runs
         self.after: dict[int, int] = {}  # unit index -> the unit to read ahead while it runs
         self.reading: tuple[int, Future] | None = None  # (unit index, its weights), read ahead
@@ -145,7 +147,9 @@ class Pipeline:
         """Costs of the modules `names` at each candidate bit width (`allocate.weight_costs`), from the
         16-bit model on the calibration batches; nothing is written, and `run` starts again from unit 0.
         With `settings.guide_groups`, also the decoder layers' token weights (`self.guides`) that the
-        quantizing pass weights their Hessians with (`ccq.calibration.fisher`).
+        quantizing pass weights their Hessians with (`ccq.calibration.fisher`), and the weights of each
+        layer's fine-tuning loss (`self.out_weights`: the squared loss gradient at its outputs, as a
+        token weight times a channel weight).
 
         A forward pass unit by unit keeps every decoder layer's inputs (of the first samples that fit
         in MEASURE_BYTES) and ends in the next-token loss; then the layers in reverse, each run again
@@ -182,6 +186,8 @@ class Pipeline:
             self.load(unit)
             layer, mods = self.layers[unit.index - 1], dict(self.model.named_modules())
             planned = {n: mods[n] for n in unit.planned}
+            if self.settings.guide_groups and grads is not None:
+                self.out_weights[unit.index] = output_weights(grads)
             with HessianCapture(planned) as hc, OutputFisher(planned, self._groups(planned, grads)) as fc, \
                     torch.enable_grad():
                 for k, (h, kw) in enumerate(acts):
@@ -263,7 +269,7 @@ class Pipeline:
 
         inputs = [(h.to(self.device), to_device(kw, self.device)) for h, kw in self.acts]
         stats = finetune_layer(self.layers[unit.index - 1], inputs, targets, steps=self.settings.finetune_steps,
-                               seed=self.settings.seed + unit.index - 1)
+                               seed=self.settings.seed + unit.index - 1, weights=self.out_weights.get(unit.index))
         for e in entries:
             e["layer_finetune"] = stats
 
