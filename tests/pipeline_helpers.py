@@ -31,3 +31,27 @@ def write_remote_flavour(src, dst):
 def files(d) -> dict[str, bytes]:
     """The bytes of every file of a packed folder but the report (which holds timings)."""
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "quantization_report.json"}
+
+
+def crash_then_resume(monkeypatch, src, out, kept: str, **kw):
+    """Quantize src into out, killed at layer 1; check the work folder kept the file `kept`; then resume,
+    failing if the measuring pass runs again."""
+    import pytest
+
+    import ccq
+    from ccq.pipeline import units
+
+    real = units.quantize_module
+
+    def crash(model, name, *a, **k):
+        if ".layers.1." in name:
+            raise KeyboardInterrupt
+        return real(model, name, *a, **k)
+
+    monkeypatch.setattr(units, "quantize_module", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ccq.quantize_model_dir(src, out, **kw)
+    assert (out.parent / f".{out.name}.ccq-partial" / kept).is_file()
+    monkeypatch.setattr(units, "quantize_module", real)
+    monkeypatch.setattr(units.Pipeline, "measure", lambda *a: pytest.fail("measured again on resume"))
+    ccq.quantize_model_dir(src, out, resume=True, **kw)

@@ -11,6 +11,7 @@ from ccq.calibration.hessian import HessianCapture
 from ccq.codec import proxy_loss, quantize_tensor
 from ccq.codec.quantizer import row_groups
 from ccq.models.settings import QuantSettings
+from pipeline_helpers import crash_then_resume
 
 
 def _hessian(g, n):
@@ -162,7 +163,6 @@ def test_guided_streaming_matches_in_memory_and_resumes(tmp_path, monkeypatch):
     from ccq.eval.synthetic import write_text_dataset
     from ccq.format.source import read_json
     from ccq.models.arch import resolve
-    from ccq.pipeline import units
     from ccq.tiny import build_tiny_model
 
     src = build_tiny_model("mixtral", tmp_path / "src")
@@ -188,20 +188,7 @@ def test_guided_streaming_matches_in_memory_and_resumes(tmp_path, monkeypatch):
     differ = {k.split(".layers.")[1].split(".", 1)[1] for k in packed if not torch.equal(plain.state_dict()[k], mem[k])}
     assert {"self_attn.q_proj.trellis", "mlp.experts.gate_up_proj.trellis"} <= differ
 
-    real = units.quantize_module
-
-    def crash(model, name, *a, **k):
-        if ".layers.1." in name:
-            raise KeyboardInterrupt
-        return real(model, name, *a, **k)
-
-    monkeypatch.setattr(units, "quantize_module", crash)
-    with pytest.raises(KeyboardInterrupt):
-        ccq.quantize_model_dir(src, tmp_path / "r", **kw)
-    assert (tmp_path / ".r.ccq-partial" / "calib-guides.pt").is_file()
-    monkeypatch.setattr(units, "quantize_module", real)
-    monkeypatch.setattr(units.Pipeline, "measure", lambda *a: pytest.fail("measured again on resume"))
-    ccq.quantize_model_dir(src, tmp_path / "r", resume=True, **kw)
+    crash_then_resume(monkeypatch, src, tmp_path / "r", "calib-guides.pt", **kw)
     resumed = ccq.load(tmp_path / "r").state_dict()
     for k in streamed:
         assert torch.equal(resumed[k], streamed[k]), k

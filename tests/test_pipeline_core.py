@@ -16,6 +16,7 @@ from ccq.format.source import read_json
 from ccq.models.arch import resolve
 from ccq.models.settings import QuantSettings
 from ccq.tiny import build_tiny_model
+from pipeline_helpers import crash_then_resume
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,6 @@ def test_calibrated_target_bpw_streams_the_in_memory_choice_and_resumes_it(src, 
     """With calibration data, the streaming quantizer costs the modules with the 16-bit model's Hessians
     (a pre-pass, unit by unit), as the in-memory one does from one pass: the same data give the same
     bits, and a resumed run takes the costs it kept instead of measuring again."""
-    from ccq.pipeline import units
-
     data = write_text_dataset(tmp_path / "t.parquet", n_docs=4)
     settings = QuantSettings.of(2, L=8, seed=3, target_bpw=2.6)
     kw = dict(calibration=data, samples=3, seq_len=24, settings=settings, progress=False)
@@ -79,18 +78,5 @@ def test_calibrated_target_bpw_streams_the_in_memory_choice_and_resumes_it(src, 
     assert model.config.quantization_config["modules"] == streamed
     assert len(set(streamed.values())) >= 2
 
-    real = units.quantize_module
-
-    def crash(model, name, *a, **k):
-        if ".layers.1." in name:
-            raise KeyboardInterrupt
-        return real(model, name, *a, **k)
-
-    monkeypatch.setattr(units, "quantize_module", crash)
-    with pytest.raises(KeyboardInterrupt):
-        ccq.quantize_model_dir(src, tmp_path / "r", **kw)
-    assert (tmp_path / ".r.ccq-partial" / "calib-allocation-costs.json").is_file()
-    monkeypatch.setattr(units, "quantize_module", real)
-    monkeypatch.setattr(units.Pipeline, "measure", lambda *a: pytest.fail("measured again on resume"))
-    ccq.quantize_model_dir(src, tmp_path / "r", resume=True, **kw)
+    crash_then_resume(monkeypatch, src, tmp_path / "r", "calib-allocation-costs.json", **kw)
     assert read_json(tmp_path / "r" / "config.json")["quantization_config"]["modules"] == streamed
