@@ -69,7 +69,6 @@ class OutputFisher:
                 out[f"{name}.down_proj"], out[f"{name}.gate_up_proj"] = f, float(f.mean())
         return out
 
-
     def saliency(self) -> dict[str, list[torch.Tensor]]:
         """{name: [[tokens, G] per backward pass, in order]}, each group's weights scaled to mean 1 over
         all passes (so that tokens without a measured weight can count as 1)."""

@@ -39,8 +39,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.capture import capture_layer_inputs, first_output, to_device
-from ..calibration.fisher import output_weights
 from ..calibration.hessian import HessianCapture
+from ..codec.quantizer import row_groups
 from ..models.quantize import quantize_module
 from ..models.settings import QuantSettings
 from ..models.skeleton import decoder_layers, persistent_tensors, retie, tied_targets, unit_params
@@ -157,7 +157,7 @@ class Pipeline:
         Fisher (`ccq.calibration.fisher`). Unit 0's modules (vision tower, resampler) come
         last, weighted by the mean Fisher of layer 0's inputs. A model without an output head: Hessians."""
         from ..calibration.allocate import weight_costs
-        from ..calibration.fisher import OutputFisher, lm_loss
+        from ..calibration.fisher import OutputFisher, lm_loss, output_weights
 
         wanted = lambda unit: [n for n in unit.planned if n in names]  # noqa: E731
         u0 = self.units[0]
@@ -211,8 +211,6 @@ class Pipeline:
     def _groups(self, planned: dict[str, nn.Module], grads) -> dict[str, int]:
         """{module: row groups of its guided Hessian}: up to `guide_groups` for a linear (one when the
         output side is rotated, which mixes the rows), one for fused experts; {} when not guided."""
-        from ..codec.quantizer import row_groups
-
         g = self.settings.guide_groups
         if not g or grads is None:
             return {}
