@@ -100,15 +100,6 @@ def test_measure_weights_tokens_by_the_whole_models_loss_gradients():
 
     for n in plan:
         handles.append(mods[n].register_forward_hook(keep_grad(n)))
-    outs = {i: [] for i in range(len(model.model.layers))}
-
-    def keep_out_grad(i):
-        def hook(mod, args, out):
-            first_output(out).register_hook(lambda g: outs[i].append(g.detach()))
-        return hook
-
-    for i, layer in enumerate(model.model.layers):
-        handles.append(layer.register_forward_hook(keep_out_grad(i)))
     last = []
     handles.append(model.model.layers[-1].register_forward_hook(lambda m, a, o: last.append(first_output(o))))
     for b in batches:
@@ -123,39 +114,11 @@ def test_measure_weights_tokens_by_the_whole_models_loss_gradients():
         assert len(pipe.guides[n]) == 2 and pipe.guides[n][0].shape == (24, groups)
         for got, ref in zip(pipe.guides[n], per):
             torch.testing.assert_close(got.double(), ref / mean, rtol=1e-3, atol=1e-6)
-    # each layer's fine-tuning weights: its outputs' squared loss gradient, a token's mean times a channel's
-    assert set(pipe.out_weights) == {1, 2}
-    for i, g in outs.items():
-        sq = torch.cat([x.reshape(-1, 48) for x in g]).double() ** 2
-        tok, chan = pipe.out_weights[i + 1]
-        torch.testing.assert_close(torch.cat(tok).double(), sq.mean(1) / sq.mean(), rtol=1e-3, atol=1e-6)
-        torch.testing.assert_close(chan.double(), sq.mean(0) / sq.mean(), rtol=1e-3, atol=1e-6)
-
-
-def test_finetune_layer_weighs_each_squared_error():
-    from ccq.calibration.finetune import finetune_layer
-
-    torch.manual_seed(0)
-    layer = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
-    inputs = [(torch.randn(1, 6, 8), {}) for _ in range(3)]
-    targets = [torch.randn(1, 6, 8) for _ in range(3)]
-    fwd = lambda mod, sample: mod(sample[0])  # noqa: E731
-    plain = finetune_layer(layer, inputs, targets, steps=0, forward=fwd)
-    ones = finetune_layer(layer, inputs, targets, steps=0, forward=fwd, weights=([torch.ones(6)] * 2, torch.ones(8)))
-    assert ones["loss_before"] == pytest.approx(plain["loss_before"])  # the third sample past the list weighs 1
-    tok, chan = [torch.rand(6) for _ in range(3)], torch.rand(8)
-    got = finetune_layer(layer, inputs, targets, steps=0, forward=fwd, weights=(tok, chan))["loss_before"]
-    with torch.no_grad():
-        expect = []
-        for (x, _), t, a in zip(inputs, targets, tok):
-            w = a[:, None] * chan[None]
-            expect.append(float((w * (layer(x)[0] - t[0]) ** 2).sum() / (w * t[0] ** 2).sum()))
-    assert got == pytest.approx(sum(expect) / 3, rel=1e-5)
 
 
 def test_guided_streaming_matches_in_memory_and_resumes(tmp_path, monkeypatch):
     """The streaming and in-memory quantizers give the same guided bytes (linears in row groups, fused
-    experts weighted per token, fine-tuning losses weighted), different from the unguided ones; a resumed
+    experts weighted per token; layer-wise fine-tuning on top), different from the unguided ones; a resumed
     run takes the kept weights."""
     from transformers import AutoModelForCausalLM
 

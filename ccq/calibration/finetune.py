@@ -154,15 +154,13 @@ def _tune(root: nn.Module, loss_of, n: int, steps: int, lr: float, seed: int, pr
 
 
 def finetune_layer(layer: nn.Module, inputs: list, targets: list[torch.Tensor], *, steps: int = 200,
-                   lr: float = 1e-3, seed: int = 0, forward=None, weights=None) -> dict:
+                   lr: float = 1e-3, seed: int = 0, forward=None) -> dict:
     """Tune `layer`'s 16-bit parameters in place so forward(layer, inputs[i]) matches targets[i].
 
     inputs: per sample (hidden_states, kwargs) as the streaming loop keeps them; targets: the
     16-bit layer's outputs on them. forward(layer, (h, kw)) -> output tensor (default: the first
-    output of layer(h, **kw)). weights: (per-sample [tokens] weights, [channels] weights) of each
-    squared error (`ccq.calibration.fisher.output_weights`; a sample past the list weighs its tokens
-    1). Returns {"loss_before", "loss_after", "steps", "kept"}: the mean relative (weighted) squared
-    error over all samples before and after.
+    output of layer(h, **kw)). Returns {"loss_before", "loss_after", "steps", "kept"}: the mean
+    relative squared error over all samples before and after.
     """
     if forward is None:
         def forward(mod, sample):
@@ -172,13 +170,7 @@ def finetune_layer(layer: nn.Module, inputs: list, targets: list[torch.Tensor], 
     def loss_of(i):
         y = forward(layer, inputs[i]).float()
         t = targets[i].float()
-        if weights is None:
-            return ((y - t) ** 2).mean() / (t * t).mean().clamp_min(1e-30)
-        tok, chan = weights
-        y, t = y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1])
-        w_tok = tok[i] if i < len(tok) and tok[i].numel() == y.shape[0] else torch.ones(y.shape[0])
-        w = w_tok.to(y.device)[:, None] * chan.to(y.device)[None]
-        return (w * (y - t) ** 2).sum() / (w * t * t).sum().clamp_min(1e-30)
+        return ((y - t) ** 2).mean() / (t * t).mean().clamp_min(1e-30)
 
     return _tune(layer, loss_of, len(inputs), steps, lr, seed)
 

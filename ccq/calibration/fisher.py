@@ -89,17 +89,6 @@ def group_means(sq: torch.Tensor, groups: int) -> torch.Tensor:
     return sums / torch.bincount(idx, minlength=groups).to(sq.dtype)
 
 
-def output_weights(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(per-sample [tokens] weights, [channels] weights) of a layer's fine-tuning loss from the loss
-    gradients at its outputs (one [..., channels] tensor per sample): the squared gradient as the
-    product of a token's mean and a channel's mean, each scaled to mean 1."""
-    sq = [g.detach().reshape(-1, g.shape[-1]).double() ** 2 for g in grads]
-    chan = sum(s.sum(0) for s in sq)
-    tok = [s.mean(1) for s in sq]
-    tok_mean = torch.cat(tok).mean().clamp_min(1e-30)
-    return [(t / tok_mean).float().cpu() for t in tok], (chan / chan.mean().clamp_min(1e-30)).float().cpu()
-
-
 def lm_loss(model: nn.Module, layers_name: str):
     """loss(h, input_ids) -> summed next-token cross-entropy from the last decoder layer's output h
     (the final norm and the output head), or None when the model has no such head (then no Fisher)."""

@@ -106,12 +106,11 @@ def _measure(pipe: Pipeline):
         guided = bool(pipe.settings.guide_groups)
         if costs_path.exists() and (guides_path.exists() or not guided):
             if guided:
-                kept = torch.load(guides_path, weights_only=True)
-                pipe.guides, pipe.out_weights = kept["modules"], kept["outputs"]
+                pipe.guides = torch.load(guides_path, weights_only=True)
             return {k: {int(b): c for b, c in v.items()} for k, v in json.loads(costs_path.read_text()).items()}
         costs = pipe.measure(set(names))
         if guided:  # before the costs, which mark the measurement done
-            torch.save({"modules": pipe.guides, "outputs": pipe.out_weights}, guides_path.with_suffix(".tmp"))
+            torch.save(pipe.guides, guides_path.with_suffix(".tmp"))
             guides_path.with_suffix(".tmp").replace(guides_path)
         write_json_atomic(costs_path, costs)
         return costs

@@ -104,7 +104,6 @@ class Pipeline:
             self.units.append(Unit(i, prefix, names, planned))
         self.acts = None  # the current unit's calibration inputs [(hidden, layer kwargs)]
         self.guides = None  # {module: per-sample token weights of its Hessian}, from `measure`
-        self.out_weights = {}  # {unit index: (per-sample token weights, channel weights)} of its fine-tuning loss
         self.reads = self.writes = None  # the reader and writer threads, while `run` runs
         self.after: dict[int, int] = {}  # unit index -> the unit to read ahead while it runs
         self.reading: tuple[int, Future] | None = None  # (unit index, its weights), read ahead
@@ -147,9 +146,7 @@ class Pipeline:
         """Costs of the modules `names` at each candidate bit width (`allocate.weight_costs`), from the
         16-bit model on the calibration batches; nothing is written, and `run` starts again from unit 0.
         With `settings.guide_groups`, also the decoder layers' token weights (`self.guides`) that the
-        quantizing pass weights their Hessians with (`ccq.calibration.fisher`), and the weights of each
-        layer's fine-tuning loss (`self.out_weights`: the squared loss gradient at its outputs, as a
-        token weight times a channel weight).
+        quantizing pass weights their Hessians with (`ccq.calibration.fisher`).
 
         A forward pass unit by unit keeps every decoder layer's inputs (of the first samples that fit
         in MEASURE_BYTES) and ends in the next-token loss; then the layers in reverse, each run again
@@ -157,7 +154,7 @@ class Pipeline:
         Fisher (`ccq.calibration.fisher`). Unit 0's modules (vision tower, resampler) come
         last, weighted by the mean Fisher of layer 0's inputs. A model without an output head: Hessians."""
         from ..calibration.allocate import weight_costs
-        from ..calibration.fisher import OutputFisher, lm_loss, output_weights
+        from ..calibration.fisher import OutputFisher, lm_loss
 
         wanted = lambda unit: [n for n in unit.planned if n in names]  # noqa: E731
         u0 = self.units[0]
@@ -186,8 +183,6 @@ class Pipeline:
             self.load(unit)
             layer, mods = self.layers[unit.index - 1], dict(self.model.named_modules())
             planned = {n: mods[n] for n in unit.planned}
-            if self.settings.guide_groups and grads is not None:
-                self.out_weights[unit.index] = output_weights(grads)
             with HessianCapture(planned) as hc, OutputFisher(planned, self._groups(planned, grads)) as fc, \
                     torch.enable_grad():
                 for k, (h, kw) in enumerate(acts):
@@ -267,7 +262,7 @@ class Pipeline:
 
         inputs = [(h.to(self.device), to_device(kw, self.device)) for h, kw in self.acts]
         stats = finetune_layer(self.layers[unit.index - 1], inputs, targets, steps=self.settings.finetune_steps,
-                               seed=self.settings.seed + unit.index - 1, weights=self.out_weights.get(unit.index))
+                               seed=self.settings.seed + unit.index - 1)
         for e in entries:
             e["layer_finetune"] = stats
 
