@@ -175,8 +175,11 @@ def demo(bits, size, L, seed, matrix_only):
 @click.option("--guide-groups", type=click.IntRange(0), default=0, show_default=True,
               help="With --calibration: weight each token of the Hessians by the 16-bit model's loss gradient at the "
                    "module's outputs, one Hessian per this many groups of output rows; 0 = off.")
+@click.option("--asymmetric", is_flag=True,
+              help="With --calibration: quantize each linear toward the 16-bit model's outputs on the 16-bit model's "
+                   "inputs (undoing the error of the modules before it), a layer's modules one group at a time.")
 def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device,
-             target_bpw, finetune_steps, damp, guide_groups):
+             target_bpw, finetune_steps, damp, guide_groups, asymmetric):
     """Quantize MODEL_DIR (ERNIE-4.5-VL, Qwen3-MoE, Mixtral, DeepSeek-V3, ... or any nn.Linear transformers
     model) into a packed checkpoint."""
     from .models.policy import parse_override
@@ -185,7 +188,8 @@ def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L
 
     overrides = [run_guarded(parse_override, m) for m in module_bits]
     settings = run_guarded(QuantSettings.of, bits, overrides=overrides, seed=seed, L=L, code=code,
-                           target_bpw=target_bpw, finetune_steps=finetune_steps, damp=damp, guide_groups=guide_groups)
+                           target_bpw=target_bpw, finetune_steps=finetune_steps, damp=damp, guide_groups=guide_groups,
+                           asymmetric=asymmetric)
     report = run_guarded(quantize_model_dir, model_dir, out, calibration=calibration, samples=samples,
                          seq_len=seq_len, resume=resume, overwrite=overwrite, device=default_device(device),
                          settings=settings)

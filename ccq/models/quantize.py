@@ -38,12 +38,14 @@ def _quantize_weight(name, w, bits, hessian, settings: QuantSettings, fallback_r
 
 
 def quantize_module(model: nn.Module, name: str, bits: int, hessians: dict | None,
-                    settings: QuantSettings) -> list[dict]:
+                    settings: QuantSettings, targets: dict | None = None) -> list[dict]:
     """Replace module `name` by its quantized twin; returns report entries (one per weight).
 
     hessians: None for data-free, else the HessianCapture result; a weight whose entry is
-    None (no tokens seen) is quantized data-free and marked as a fallback.
+    None (no tokens seen) is quantized data-free and marked as a fallback. targets: {weight key:
+    tensor} searched in place of the module's own weight (asymmetric calibration).
     """
+    targets = targets or {}
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     mod = getattr(parent, child)
@@ -57,7 +59,7 @@ def quantize_module(model: nn.Module, name: str, bits: int, hessians: dict | Non
 
     if isinstance(mod, nn.Linear):
         hv, why = h(name)
-        qt, entry = _quantize_weight(name, mod.weight, bits, hv, settings, why)
+        qt, entry = _quantize_weight(name, targets.get(name, mod.weight), bits, hv, settings, why)
         new = QuantLinear.like(mod, bits, rotate_output)
         new.load(qt)
         entries = [entry]
@@ -68,7 +70,7 @@ def quantize_module(model: nn.Module, name: str, bits: int, hessians: dict | Non
         entries = []
         for wname, w in kind.dense(mod).items():
             hv, why = h(f"{name}.{wname}")
-            qt, entry = _quantize_weight(f"{name}.{wname}", w, bits, hv, settings, why)
+            qt, entry = _quantize_weight(f"{name}.{wname}", targets.get(f"{name}.{wname}", w), bits, hv, settings, why)
             getattr(new, wname).load(qt)
             entries.append(entry)
     setattr(parent, child, new)

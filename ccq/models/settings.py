@@ -25,7 +25,9 @@ class QuantSettings:
     (ccq.calibration.allocate); finetune_steps: with calibration, Adam steps per decoder layer
     tuning its 16-bit parameters (ccq.calibration.finetune), 0 = off; guide_groups: with calibration,
     weight each token of a layer's Hessians by the 16-bit model's loss gradient at the module's outputs,
-    one Hessian per this many groups of output rows (ccq.calibration.fisher), 0 = off."""
+    one Hessian per this many groups of output rows (ccq.calibration.fisher), 0 = off; asymmetric: with
+    calibration, quantize each linear toward the 16-bit model's outputs on the 16-bit model's inputs, the
+    layer's modules one group after another (ccq.calibration.asymmetric)."""
 
     codec: TrellisConfig = TrellisConfig()
     overrides: tuple[tuple[str, int], ...] = ()
@@ -33,6 +35,7 @@ class QuantSettings:
     target_bpw: float | None = None
     finetune_steps: int = 0
     guide_groups: int = 0
+    asymmetric: bool = False
 
     def __post_init__(self):
         over = tuple((str(p), int(b)) for p, b in self.overrides)
@@ -46,13 +49,16 @@ class QuantSettings:
             raise ValueError(f"finetune steps must be 0 or more, got {self.finetune_steps}")
         if self.guide_groups < 0:
             raise ValueError(f"guide groups must be 0 or more, got {self.guide_groups}")
+        if self.asymmetric and self.guide_groups:
+            raise ValueError("asymmetric calibration and guide groups cannot be combined")
 
     @classmethod
     def of(cls, bits: int = 2, *, overrides=(), seed: int = 0, target_bpw: float | None = None,
-           finetune_steps: int = 0, guide_groups: int = 0, **codec_options) -> "QuantSettings":
+           finetune_steps: int = 0, guide_groups: int = 0, asymmetric: bool = False,
+           **codec_options) -> "QuantSettings":
         """Settings from the keyword form the API and CLI take (codec_options: TrellisConfig fields)."""
         return cls(TrellisConfig(bits=bits, **codec_options), tuple(overrides), seed, target_bpw, finetune_steps,
-                   guide_groups)
+                   guide_groups, bool(asymmetric))
 
     @property
     def bits(self) -> int:
@@ -66,7 +72,8 @@ class QuantSettings:
         """The serialisable form (what `quantization_config` and the run fingerprint hold)."""
         codec = {k: v for k, v in self.codec.to_dict().items() if k not in RUN_ONLY}
         return {**codec, "seed": self.seed, "overrides": [[p, b] for p, b in self.overrides],
-                "target_bpw": self.target_bpw, "finetune_steps": self.finetune_steps, "guide_groups": self.guide_groups}
+                "target_bpw": self.target_bpw, "finetune_steps": self.finetune_steps, "guide_groups": self.guide_groups,
+                "asymmetric": self.asymmetric}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSettings":
@@ -74,4 +81,5 @@ class QuantSettings:
         fields = {f.name for f in dataclasses.fields(TrellisConfig)} - set(RUN_ONLY)
         codec = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
         return cls(TrellisConfig(**codec), tuple(tuple(o) for o in d.get("overrides", ())), int(d.get("seed", 0)),
-                   d.get("target_bpw"), int(d.get("finetune_steps", 0)), int(d.get("guide_groups", 0)))
+                   d.get("target_bpw"), int(d.get("finetune_steps", 0)), int(d.get("guide_groups", 0)),
+                   bool(d.get("asymmetric", False)))

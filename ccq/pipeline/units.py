@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ..calibration.capture import capture_layer_inputs, first_output, to_device
 from ..calibration.hessian import HessianCapture
 from ..codec.quantizer import row_groups
+from ..models.quant_modules import experts_kind
 from ..models.quantize import quantize_module
 from ..models.settings import QuantSettings
 from ..models.skeleton import decoder_layers, persistent_tensors, retie, tied_targets, unit_params
@@ -103,6 +104,7 @@ class Pipeline:
                                            not n.startswith(self.layers_name + "."))]
             self.units.append(Unit(i, prefix, names, planned))
         self.acts = None  # the current unit's calibration inputs [(hidden, layer kwargs)]
+        self.acts_fp = None  # with `asymmetric`: the 16-bit model's hidden states for the same inputs
         self.guides = None  # {module: per-sample token weights of its Hessian}, from `measure`
         self.reads = self.writes = None  # the reader and writer threads, while `run` runs
         self.after: dict[int, int] = {}  # unit index -> the unit to read ahead while it runs
@@ -135,8 +137,11 @@ class Pipeline:
     def step(self, unit: Unit, bar) -> list[dict]:
         """load -> hessians -> quantize -> forward -> write, for one unit."""
         self.load(unit)
-        hessians, targets = self.hessians(unit)
-        entries = self.quantize(unit, hessians, bar)
+        if self.settings.asymmetric and self.batches is not None and unit.index > 0:
+            entries, targets = self.quantize_asymmetric(unit, bar)
+        else:
+            hessians, targets = self.hessians(unit)
+            entries = self.quantize(unit, hessians, bar)
         self.finetune(unit, targets, entries)
         self.forward(unit)
         self.write(unit, entries)
@@ -200,7 +205,7 @@ class Pipeline:
             fisher0 = {k: f for k in hessians0}
         costs.update(weight_costs(self.model, wanted(u0), hessians0, self.settings, fisher0))
         self._release_measured(u0)
-        self.acts = None
+        self.acts = self.acts_fp = None
         return costs
 
     def _groups(self, planned: dict[str, nn.Module], grads) -> dict[str, int]:
@@ -221,6 +226,8 @@ class Pipeline:
     def load(self, unit: Unit):
         if self.batches is not None and unit.index > 0 and self.acts is None:  # resumed mid-model
             self.acts = torch.load(self.writer.path(f"calib-acts-{unit.index - 1}.pt"), weights_only=False)
+            if self.settings.asymmetric:
+                self.acts_fp = torch.load(self.writer.path(f"calib-fp-{unit.index - 1}.pt"), weights_only=True)
         if self.get is None:
             return
         if self.reading is not None and self.reading[0] == unit.index:
@@ -245,7 +252,9 @@ class Pipeline:
         targets = [] if keep else None
         with HessianCapture({n: mods[n] for n in unit.planned}, self.guides if unit.index else None) as cap:
             if unit.index == 0:  # vision tower / resampler statistics from the calibration images
-                capture_layer_inputs(self.model, self.layers, self.batches)
+                acts = capture_layer_inputs(self.model, self.layers, self.batches)
+                if self.settings.asymmetric:
+                    self.acts_fp = [h for h, _ in acts]
             else:
                 layer = self.layers[unit.index - 1]
                 for cap.step, (h, kw) in enumerate(self.acts):
@@ -253,6 +262,55 @@ class Pipeline:
                     if keep:
                         targets.append(first_output(out).detach())
         return cap.result(), targets
+
+    def quantize_asymmetric(self, unit: Unit, bar) -> tuple[list[dict], list | None]:
+        """Quantize a decoder layer's modules toward the 16-bit model (`ccq.calibration.asymmetric`): group
+        by group in call order, each from a pass of the layer as quantized so far on the quantized stream
+        beside its 16-bit twin on the 16-bit stream (the quantized linears decoded once for these passes).
+        Returns the report entries and the 16-bit layer's outputs on the 16-bit stream: the next layer's
+        16-bit inputs and the fine-tuning targets."""
+        import copy
+
+        from ..calibration.asymmetric import PairedCapture, call_groups, decoded_linear, target_weight
+
+        layer, dev = self.layers[unit.index - 1], self.device
+        kws = [to_device(kw, dev) for _, kw in self.acts]
+        with torch.no_grad():
+            fp_out = [first_output(layer(hf.to(dev), **kw)).detach() for hf, kw in zip(self.acts_fp, kws)]
+        entries, packed = [], []
+        if unit.planned:
+            twin = dict(copy.deepcopy(layer).named_modules(prefix=unit.prefix))
+            mods = dict(self.model.named_modules())
+            with torch.no_grad():
+                first = self.acts[0][0].to(dev)
+                groups = call_groups({n: mods[n] for n in unit.planned}, lambda: layer(first, **kws[0]))
+        else:
+            groups = []
+        desc = f"layer {unit.index - 1}/{len(self.layers)}"
+        for group in tqdm(groups, desc=desc, unit="group", leave=False, disable=bar.disable):
+            mods = dict(self.model.named_modules())
+            with PairedCapture({n: mods[n] for n in group}, {n: twin[n] for n in group}) as cap, torch.no_grad():
+                for (h, _), hf, kw in zip(self.acts, self.acts_fp, kws):
+                    cap.run(twin[unit.prefix], hf.to(dev), **kw)
+                    cap.run(layer, h.to(dev), **kw)
+            hessians = cap.hessians()
+            for name in group:
+                bar.set_postfix_str(name[len(unit.prefix) + 1:])
+                mod = mods[name]
+                weights = {name: mod.weight} if isinstance(mod, nn.Linear) else \
+                    {f"{name}.{k}": w for k, w in experts_kind(mod).dense(mod).items()}
+                targets = {k: target_weight(w, hessians[k], cap.cross(k), self.settings.codec.damp)
+                           for k, w in weights.items() if k in hessians}
+                entries += quantize_module(self.model, name, self.plan[name], hessians, self.settings, targets)
+                if isinstance(mod, nn.Linear):  # decoded once for the passes of the groups after it
+                    parent_name, _, child = name.rpartition(".")
+                    parent = self.model.get_submodule(parent_name)
+                    packed.append((parent, child, getattr(parent, child)))
+                    setattr(parent, child, decoded_linear(packed[-1][2], mod.weight.dtype))
+        for parent, child, q in packed:
+            setattr(parent, child, q)
+        self.acts_fp = [o.cpu() for o in fp_out]
+        return entries, (fp_out if self.settings.finetune_steps > 0 else None)
 
     def finetune(self, unit: Unit, targets: list | None, entries: list[dict]):
         """Tune the quantized layer's 16-bit parameters to its 16-bit outputs (ccq.calibration.finetune)."""
@@ -293,7 +351,7 @@ class Pipeline:
             tensors = persistent_tensors(self.layers[unit.index - 1], unit.prefix)
         tensors = {k: v.detach() for k, v in tensors.items()}  # still the unit's data once it is released
         self.wait_write()
-        self.writing = self.writes.submit(self.save, unit.index, tensors, entries, self.acts)
+        self.writing = self.writes.submit(self.save, unit.index, tensors, entries, self.acts, self.acts_fp)
         if not self.overlap:
             self.wait_write()
         self.release(unit)
@@ -307,14 +365,17 @@ class Pipeline:
             writing.result()
         return {name: self.get(name) for name in unit.params}
 
-    def save(self, index: int, tensors: dict[str, torch.Tensor], entries: list[dict], acts):
-        """Unit `index`'s shard, with the activations a resume starts from; in this order, so a
-        shard the writer records as done always has its activations on disk."""
+    def save(self, index: int, tensors: dict[str, torch.Tensor], entries: list[dict], acts, acts_fp=None):
+        """Unit `index`'s shard, with the activations a resume starts from (and the 16-bit stream's, when
+        asymmetric); in this order, so a shard the writer records as done always has its activations on disk."""
+        if acts_fp is not None:
+            torch.save(acts_fp, self.writer.path(f"calib-fp-{index}.pt"))
         if acts is not None:
             torch.save(acts, self.writer.path(f"calib-acts-{index}.pt"))
         self.writer.write_shard(index, tensors, entries)
         if index > 0 and acts is not None:
             self.writer.path(f"calib-acts-{index - 1}.pt").unlink(missing_ok=True)
+            self.writer.path(f"calib-fp-{index - 1}.pt").unlink(missing_ok=True)
 
     def wait_write(self):
         """Wait for the shard write in flight; its error surfaces here."""
