@@ -7,7 +7,7 @@ import torch
 import ccq
 from ccq.calibration.asymmetric import PairedCapture, target_weight
 from ccq.models.settings import QuantSettings
-from pipeline_helpers import crash_then_resume
+from pipeline_helpers import cli_quantize, crash_then_resume, streamed_matches_in_memory
 
 
 def test_target_weight_turns_the_asymmetric_objective_into_the_codecs():
@@ -94,30 +94,9 @@ def test_asymmetric_streaming_matches_in_memory_lowers_the_error_and_resumes(tmp
     the plain run's; a run killed mid-model resumes bit-exactly from the kept 16-bit stream."""
     from transformers import AutoModelForCausalLM
 
-    from ccq.calibration.data import calibration_batches
-    from ccq.eval.synthetic import write_text_dataset
-    from ccq.format.source import read_json
-    from ccq.models.arch import resolve
-    from ccq.tiny import build_tiny_model
-
-    src = build_tiny_model("mixtral", tmp_path / "src")
-    data = write_text_dataset(tmp_path / "t.parquet", n_docs=4)
     settings = QuantSettings.of(2, L=8, seed=3, asymmetric=True, finetune_steps=3)
-    kw = dict(calibration=data, samples=3, seq_len=24, settings=settings, progress=False)
-    ccq.quantize_model_dir(src, tmp_path / "q", **kw)
-    assert read_json(tmp_path / "q" / "config.json")["quantization_config"]["asymmetric"] is True
-    assert not list((tmp_path / "q").glob("calib-*"))
-    streamed = ccq.load(tmp_path / "q").state_dict()
-    packed = [k for k in streamed if k.endswith(".trellis")]
-    assert any("experts" in k for k in packed) and any("q_proj" in k for k in packed)
-
-    arch = resolve(read_json(src / "config.json"))
-    batches = calibration_batches(data, src, arch.config, 3, 24, arch.adapter)
-    model = AutoModelForCausalLM.from_pretrained(str(src)).eval()
-    ccq.quantize_model(model, calibration=batches, settings=settings)
-    mem = model.state_dict()
-    for k in packed + [k.replace(".trellis", ".scales") for k in packed]:
-        assert torch.equal(streamed[k], mem[k]), k
+    src, kw, streamed, packed, batches, mem, qcfg = streamed_matches_in_memory(tmp_path, settings)
+    assert qcfg["asymmetric"] is True
     plain = AutoModelForCausalLM.from_pretrained(str(src)).eval()
     ccq.quantize_model(plain, calibration=batches, settings=QuantSettings.of(2, L=8, seed=3, finetune_steps=3))
     same = {k.split(".layers.")[1] for k in packed if torch.equal(plain.state_dict()[k], mem[k])}
@@ -130,7 +109,7 @@ def test_asymmetric_streaming_matches_in_memory_lowers_the_error_and_resumes(tmp
     with torch.no_grad():
         def err(m):
             return sum(float((m(**b).logits - ref(**b).logits).norm() / ref(**b).logits.norm()) for b in batches)
-        assert err(model) < err(plain)
+        assert err(ccq.load(tmp_path / "q").eval()) < err(plain)
 
     crash_then_resume(monkeypatch, src, tmp_path / "r", "calib-fp-1.pt", **kw)
     resumed = ccq.load(tmp_path / "r").state_dict()
@@ -139,19 +118,8 @@ def test_asymmetric_streaming_matches_in_memory_lowers_the_error_and_resumes(tmp
 
 
 def test_cli_asymmetric(tmp_path):
-    import json
-
-    from click.testing import CliRunner
-
-    from ccq.cli import main
-    from ccq.eval.synthetic import write_text_dataset
-    from ccq.tiny import build_tiny_model
-
-    src = build_tiny_model("mixtral", tmp_path / "src")
-    data = write_text_dataset(tmp_path / "t.parquet", n_docs=2)
-    args = ["quantize", str(src), "--calibration", str(data), "--samples", "2", "--seq-len", "16", "--L", "8"]
-    r = CliRunner().invoke(main, args + ["-o", str(tmp_path / "q"), "--asymmetric"])
+    r, qcfg = cli_quantize(tmp_path, "q", "--asymmetric")
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["asymmetric"] is True
-    r = CliRunner().invoke(main, args + ["-o", str(tmp_path / "bad"), "--asymmetric", "--guide-groups", "2"])
+    assert qcfg["asymmetric"] is True
+    r, _ = cli_quantize(tmp_path, "bad", "--asymmetric", "--guide-groups", "2")
     assert r.exit_code != 0 and "cannot be combined" in r.output and not (tmp_path / "bad").exists()

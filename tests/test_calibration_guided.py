@@ -11,7 +11,7 @@ from ccq.calibration.hessian import HessianCapture
 from ccq.codec import proxy_loss, quantize_tensor
 from ccq.codec.quantizer import row_groups
 from ccq.models.settings import QuantSettings
-from pipeline_helpers import crash_then_resume
+from pipeline_helpers import cli_quantize, crash_then_resume, streamed_matches_in_memory
 
 
 def _hessian(g, n):
@@ -122,30 +122,9 @@ def test_guided_streaming_matches_in_memory_and_resumes(tmp_path, monkeypatch):
     run takes the kept weights."""
     from transformers import AutoModelForCausalLM
 
-    from ccq.calibration.data import calibration_batches
-    from ccq.eval.synthetic import write_text_dataset
-    from ccq.format.source import read_json
-    from ccq.models.arch import resolve
-    from ccq.tiny import build_tiny_model
-
-    src = build_tiny_model("mixtral", tmp_path / "src")
-    data = write_text_dataset(tmp_path / "t.parquet", n_docs=4)
     settings = QuantSettings.of(2, L=8, seed=3, guide_groups=2, finetune_steps=3)
-    kw = dict(calibration=data, samples=3, seq_len=24, settings=settings, progress=False)
-    ccq.quantize_model_dir(src, tmp_path / "q", **kw)
-    assert read_json(tmp_path / "q" / "config.json")["quantization_config"]["guide_groups"] == 2
-    assert not list((tmp_path / "q").glob("calib-*"))
-    streamed = ccq.load(tmp_path / "q").state_dict()
-    packed = [k for k in streamed if k.endswith(".trellis")]
-    assert any("experts" in k for k in packed) and any("q_proj" in k for k in packed)
-
-    arch = resolve(read_json(src / "config.json"))
-    batches = calibration_batches(data, src, arch.config, 3, 24, arch.adapter)
-    model = AutoModelForCausalLM.from_pretrained(str(src)).eval()
-    ccq.quantize_model(model, calibration=batches, settings=settings)
-    mem = model.state_dict()
-    for k in packed + [k.replace(".trellis", ".scales") for k in packed]:
-        assert torch.equal(streamed[k], mem[k]), k
+    src, kw, streamed, packed, batches, mem, qcfg = streamed_matches_in_memory(tmp_path, settings)
+    assert qcfg["guide_groups"] == 2
     plain = AutoModelForCausalLM.from_pretrained(str(src)).eval()
     ccq.quantize_model(plain, calibration=batches, settings=QuantSettings.of(2, L=8, seed=3, finetune_steps=3))
     differ = {k.split(".layers.")[1].split(".", 1)[1] for k in packed if not torch.equal(plain.state_dict()[k], mem[k])}
@@ -158,19 +137,8 @@ def test_guided_streaming_matches_in_memory_and_resumes(tmp_path, monkeypatch):
 
 
 def test_cli_guide_groups(tmp_path):
-    import json
-
-    from click.testing import CliRunner
-
-    from ccq.cli import main
-    from ccq.eval.synthetic import write_text_dataset
-    from ccq.tiny import build_tiny_model
-
-    src = build_tiny_model("mixtral", tmp_path / "src")
-    data = write_text_dataset(tmp_path / "t.parquet", n_docs=2)
-    args = ["quantize", str(src), "--calibration", str(data), "--samples", "2", "--seq-len", "16", "--L", "8"]
-    r = CliRunner().invoke(main, args + ["-o", str(tmp_path / "q"), "--guide-groups", "2"])
+    r, qcfg = cli_quantize(tmp_path, "q", "--guide-groups", "2")
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["guide_groups"] == 2
-    r = CliRunner().invoke(main, args + ["-o", str(tmp_path / "bad"), "--guide-groups", "-1"])
+    assert qcfg["guide_groups"] == 2
+    r, _ = cli_quantize(tmp_path, "bad", "--guide-groups", "-1")
     assert r.exit_code != 0 and "--guide-groups" in r.output and not (tmp_path / "bad").exists()

@@ -313,8 +313,9 @@ class Pipeline:
         return entries, (fp_out if self.settings.finetune_steps > 0 else None)
 
     def finetune(self, unit: Unit, targets: list | None, entries: list[dict]):
-        """Tune the quantized layer's 16-bit parameters to its 16-bit outputs (ccq.calibration.finetune)."""
-        if targets is None:
+        """Tune the quantized layer's 16-bit parameters to its 16-bit outputs (ccq.calibration.finetune); a
+        layer with nothing quantized is left as it is."""
+        if targets is None or not unit.planned:
             return
         from ..calibration.finetune import finetune_layer
 
