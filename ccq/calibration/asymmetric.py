@@ -23,7 +23,6 @@ from torch import nn
 from ..models.quant_modules import experts_kind
 
 
-
 def target_weight(w: torch.Tensor, h: torch.Tensor, g: torch.Tensor, damp: float) -> torch.Tensor:
     """W' = W + W (G^T - H) (H + damp * mean(diag H) I)^-1 in float32: the weight whose H-distance to a
     quantized Q is E||W x - Q x_q||^2 up to a constant (G = E[x_q x^T]); W itself when the streams agree.
