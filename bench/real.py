@@ -16,8 +16,9 @@ calibrated on random token ids), ccq-syn:BITS (no data: `calibration="synthetic"
 sequences of at most --seq-len tokens, the shortest --min-len), ccq:t2.1 / ccq-df:t2.1 / ccq-rt:t2.1 /
 ccq-syn:t2.1 (bits chosen per module for a target bpw), rtn:BITS:gGROUP, gptq:BITS:gGROUP. A `:ft` suffix
 adds layer-wise fine-tuning (--finetune-steps per layer; ccq:2:ft, ccq-syn:t2.1:ft), a `:gN` suffix Hessians
-guided by the loss in N row groups (`guide_groups=N`; ccq:t2.1:g4:ft), `:asym` asymmetric calibration
-(`asymmetric=True`; ccq:t2.1:asym:ft), an `:e2e` suffix (last)
+guided by the loss in N row groups (`guide_groups=N`; ccq:t2.1:g4:ft), `:sym` the plain objective
+(`asymmetric=False`; the default with calibration is asymmetric since the results of December 8; the rows
+before it ran the plain objective unless marked `:asym`), an `:e2e` suffix (last)
 end-to-end fine-tuning afterwards (--e2e-steps, --e2e-lr; the lm through `ccq finetune`'s
 `finetune_model_dir` on the calibration text, minilm in memory, on synthetic words for the methods without
 data; ccq:t2.1:ft:e2e). For the lm, the ccq
@@ -83,9 +84,10 @@ def random_token_batches(vocab_size: int, samples: int, seq_len: int, seed: int 
 
 
 def guided(flags: list[str]) -> dict:
-    """{"guide_groups": N} for a `gN` flag, {"asymmetric": True} for `asym`; else {}."""
+    """{"guide_groups": N} for a `gN` flag, {"asymmetric": True / False} for `asym` / `sym`; else {} (the
+    library's default: asymmetric with calibration, unless guided)."""
     return {**{"guide_groups": int(f[1:]) for f in flags if re.fullmatch(r"g\d+", f)},
-            **({"asymmetric": True} if "asym" in flags else {})}
+            **({"asymmetric": True} if "asym" in flags else {}), **({"asymmetric": False} if "sym" in flags else {})}
 
 
 def quantize(model, method, calib, L, keep=KEEP, damp=None, syn=None, finetune_steps=200, seed=0):

@@ -175,9 +175,10 @@ def demo(bits, size, L, seed, matrix_only):
 @click.option("--guide-groups", type=click.IntRange(0), default=0, show_default=True,
               help="With --calibration: weight each token of the Hessians by the 16-bit model's loss gradient at the "
                    "module's outputs, one Hessian per this many groups of output rows; 0 = off.")
-@click.option("--asymmetric", is_flag=True,
+@click.option("--asymmetric/--no-asymmetric", default=None,
               help="With --calibration: quantize each linear toward the 16-bit model's outputs on the 16-bit model's "
-                   "inputs (undoing the error of the modules before it), a layer's modules one group at a time.")
+                   "inputs (undoing the error of the modules before it), a layer's modules one group at a time "
+                   "[default: on, off with --guide-groups or --calibration synthetic].")
 def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L, code, seed, resume, overwrite, device,
              target_bpw, finetune_steps, damp, guide_groups, asymmetric):
     """Quantize MODEL_DIR (ERNIE-4.5-VL, Qwen3-MoE, Mixtral, DeepSeek-V3, ... or any nn.Linear transformers
@@ -187,6 +188,8 @@ def quantize(model_dir, out, bits, calibration, samples, seq_len, module_bits, L
     from .pipeline import quantize_model_dir
 
     overrides = [run_guarded(parse_override, m) for m in module_bits]
+    if asymmetric is None and calibration == "synthetic":  # vocabulary words: the plain objective paid more
+        asymmetric = False
     settings = run_guarded(QuantSettings.of, bits, overrides=overrides, seed=seed, L=L, code=code,
                            target_bpw=target_bpw, finetune_steps=finetune_steps, damp=damp, guide_groups=guide_groups,
                            asymmetric=asymmetric)

@@ -98,7 +98,8 @@ def test_asymmetric_streaming_matches_in_memory_lowers_the_error_and_resumes(tmp
     src, kw, streamed, packed, batches, mem, qcfg = streamed_matches_in_memory(tmp_path, settings)
     assert qcfg["asymmetric"] is True
     plain = AutoModelForCausalLM.from_pretrained(str(src)).eval()
-    ccq.quantize_model(plain, calibration=batches, settings=QuantSettings.of(2, L=8, seed=3, finetune_steps=3))
+    ccq.quantize_model(plain, calibration=batches,
+                        settings=QuantSettings.of(2, L=8, seed=3, finetune_steps=3, asymmetric=False))
     same = {k.split(".layers.")[1] for k in packed if torch.equal(plain.state_dict()[k], mem[k])}
     assert {f"0.self_attn.{p}_proj.trellis" for p in "qkv"} <= same
     assert "0.self_attn.o_proj.trellis" not in same and "1.self_attn.q_proj.trellis" not in same
@@ -117,9 +118,21 @@ def test_asymmetric_streaming_matches_in_memory_lowers_the_error_and_resumes(tmp
         assert torch.equal(resumed[k], streamed[k]), k
 
 
+def test_asymmetric_is_the_default_unless_guided():
+    assert QuantSettings.of(2).asymmetric and not QuantSettings.of(2, asymmetric=False).asymmetric
+    assert not QuantSettings.of(2, guide_groups=2).asymmetric
+    assert not QuantSettings.from_dict(QuantSettings.of(2, guide_groups=2).to_dict()).asymmetric
+    assert not QuantSettings.from_dict({"bits": 2}).asymmetric  # configs written before it existed
+    with pytest.raises(ValueError, match="turn it off"):
+        QuantSettings.of(2, guide_groups=2, asymmetric=True)
+
+
 def test_cli_asymmetric(tmp_path):
-    r, qcfg = cli_quantize(tmp_path, "q", "--asymmetric")
+    r, qcfg = cli_quantize(tmp_path, "q")
     assert r.exit_code == 0, r.output
     assert qcfg["asymmetric"] is True
+    r, qcfg = cli_quantize(tmp_path, "plain", "--no-asymmetric")
+    assert r.exit_code == 0, r.output
+    assert qcfg["asymmetric"] is False
     r, _ = cli_quantize(tmp_path, "bad", "--asymmetric", "--guide-groups", "2")
     assert r.exit_code != 0 and "cannot be combined" in r.output and not (tmp_path / "bad").exists()

@@ -102,6 +102,7 @@ def test_quantize_model_synthetic_calibrates_every_module():
                            overrides=[("pooler.*", 16)])
     assert len(m.ccq_report) == 12 and all(e["hessian"] for e in m.ccq_report)
     assert m.config.quantization_config["damp"] == 0.1  # synthetic Hessians are damped harder by default
+    assert m.config.quantization_config["asymmetric"] is False  # and keep the plain objective
     m = ccq.quantize_model(copy.deepcopy(ref), 2, "synthetic", tokenizer=tok, samples=2, seq_len=16, L=8,
                            overrides=[("pooler.*", 16)], damp=0.01, finetune_steps=3)
     assert m.config.quantization_config["damp"] == 0.01
@@ -118,6 +119,7 @@ def test_quantize_model_synthetic_samples_a_causal_lm_at_the_codec_damping():
     m = ccq.quantize_model(_tiny_llama(tok), 2, "synthetic", tokenizer=tok, samples=2, seq_len=8, L=8)
     assert all(e["hessian"] for e in m.ccq_report)
     assert m.config.quantization_config["damp"] == 0.01  # the 0.1 default is for vocabulary words only
+    assert m.config.quantization_config["asymmetric"] is True  # sampled text is calibrated as real text
 
 
 def test_cli_synthetic_calibration(tmp_path):
@@ -137,7 +139,7 @@ def test_cli_synthetic_calibration(tmp_path):
                                   "--calibration", "synthetic", "--samples", "2", "--seq-len", "16", "--damp", "0.1"])
     assert r.exit_code == 0, r.output
     rep = ccq.load(tmp_path / "q").config.quantization_config
-    assert rep["bits"] == 2 and rep["damp"] == 0.1
+    assert rep["bits"] == 2 and rep["damp"] == 0.1 and rep["asymmetric"] is False
     import json
 
     report = json.loads((tmp_path / "q" / "quantization_report.json").read_text())

@@ -22,11 +22,16 @@ from torch import nn
 
 from ..models.quant_modules import experts_kind
 
+# Damping of the correction W' - W, relative to H's mean diagonal: G and H come from a few thousand tokens per
+# module, and a weakly damped solve fits their noise (0.01, the codec's damping of H, lost to plain calibration on
+# MiniLM). 0.1 was best of 0.01 / 0.1 / 1 on SmolLM2's first 5 layers and near the best on MiniLM (docs/QUALITY.md).
+CORRECTION_DAMP = 0.1
 
-def target_weight(w: torch.Tensor, h: torch.Tensor, g: torch.Tensor, damp: float) -> torch.Tensor:
+
+def target_weight(w: torch.Tensor, h: torch.Tensor, g: torch.Tensor, damp: float = CORRECTION_DAMP) -> torch.Tensor:
     """W' = W + W (G^T - H) (H + damp * mean(diag H) I)^-1 in float32: the weight whose H-distance to a
     quantized Q is E||W x - Q x_q||^2 up to a constant (G = E[x_q x^T]); W itself when the streams agree.
-    Written as a correction of W so that the damping (as the codec damps H) shrinks only the correction.
+    Written as a correction of W so that the damping shrinks only the correction.
     w [out, in] or an expert stack [E, out, in]; h and g [in, in], or [E, in, in] one per expert."""
     h, g, w64 = h.double(), g.double(), w.double()
     scale = damp * h.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]

@@ -27,7 +27,8 @@ class QuantSettings:
     weight each token of a layer's Hessians by the 16-bit model's loss gradient at the module's outputs,
     one Hessian per this many groups of output rows (ccq.calibration.fisher), 0 = off; asymmetric: with
     calibration, quantize each linear toward the 16-bit model's outputs on the 16-bit model's inputs, the
-    layer's modules one group after another (ccq.calibration.asymmetric)."""
+    layer's modules one group after another (ccq.calibration.asymmetric); on by default (`of`) unless
+    guide_groups asks for the plain objective's weighted Hessians."""
 
     codec: TrellisConfig = TrellisConfig()
     overrides: tuple[tuple[str, int], ...] = ()
@@ -35,7 +36,7 @@ class QuantSettings:
     target_bpw: float | None = None
     finetune_steps: int = 0
     guide_groups: int = 0
-    asymmetric: bool = False
+    asymmetric: bool = True
 
     def __post_init__(self):
         over = tuple((str(p), int(b)) for p, b in self.overrides)
@@ -50,15 +51,18 @@ class QuantSettings:
         if self.guide_groups < 0:
             raise ValueError(f"guide groups must be 0 or more, got {self.guide_groups}")
         if self.asymmetric and self.guide_groups:
-            raise ValueError("asymmetric calibration and guide groups cannot be combined")
+            raise ValueError("asymmetric calibration and guide groups cannot be combined (asymmetric is the default "
+                             "with calibration: turn it off to use guide groups)")
 
     @classmethod
     def of(cls, bits: int = 2, *, overrides=(), seed: int = 0, target_bpw: float | None = None,
-           finetune_steps: int = 0, guide_groups: int = 0, asymmetric: bool = False,
+           finetune_steps: int = 0, guide_groups: int = 0, asymmetric: bool | None = None,
            **codec_options) -> "QuantSettings":
-        """Settings from the keyword form the API and CLI take (codec_options: TrellisConfig fields)."""
+        """Settings from the keyword form the API and CLI take (codec_options: TrellisConfig fields);
+        asymmetric None: on, unless guide_groups."""
+        asymmetric = not guide_groups if asymmetric is None else bool(asymmetric)
         return cls(TrellisConfig(bits=bits, **codec_options), tuple(overrides), seed, target_bpw, finetune_steps,
-                   guide_groups, bool(asymmetric))
+                   guide_groups, asymmetric)
 
     @property
     def bits(self) -> int:

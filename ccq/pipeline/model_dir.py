@@ -56,6 +56,8 @@ def quantize_model_dir(model_dir, out_dir, bits: int = 2, *, calibration=None, s
     """
     t_start = time.perf_counter()
     if settings is None:  # bad codec options fail before any output
+        if calibration == SYNTHETIC:  # vocabulary words: the plain objective (as quantize_model)
+            options.setdefault("asymmetric", False)
         settings = QuantSettings.of(bits, overrides=overrides, seed=seed, rotate_output=rotate_output, **options)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():

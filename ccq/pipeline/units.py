@@ -299,7 +299,7 @@ class Pipeline:
                 mod = mods[name]
                 weights = {name: mod.weight} if isinstance(mod, nn.Linear) else \
                     {f"{name}.{k}": w for k, w in experts_kind(mod).dense(mod).items()}
-                targets = {k: target_weight(w, hessians[k], cap.cross(k), self.settings.codec.damp)
+                targets = {k: target_weight(w, hessians[k], cap.cross(k))
                            for k, w in weights.items() if k in hessians}
                 entries += quantize_module(self.model, name, self.plan[name], hessians, self.settings, targets)
                 if isinstance(mod, nn.Linear):  # decoded once for the passes of the groups after it
